@@ -1,0 +1,1 @@
+"""The contract: API types, sleep levels, and every label and annotation key, apart from controllers."""

@@ -1,0 +1,51 @@
+"""Every name that crosses a process boundary: API group, labels, annotations, reasons.
+
+One file, so that the operator, the agent, the gateway and the tests agree by construction.
+"""
+
+from typing import Final
+
+GROUP: Final = "hibernate.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "ModelDeployment"
+PLURAL: Final = "modeldeployments"
+SINGULAR: Final = "modeldeployment"
+SHORT_NAMES: Final = ("md",)
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+
+# Labels the operator puts on every pod it owns.
+LABEL_MODEL: Final = f"{GROUP}/model"
+LABEL_MANAGED: Final = f"{GROUP}/managed"
+
+# Pod annotations: the agent's interface (design.md, "Pod annotations").
+ANN_SLEEP_LEVEL: Final = f"{GROUP}/sleep-level"
+ANN_STATE: Final = f"{GROUP}/state"
+ANN_OBSERVED_LEVEL: Final = f"{GROUP}/observed-sleep-level"
+ANN_LAST_OPERATION: Final = f"{GROUP}/last-operation"
+# Operator bookkeeping on pods: which spec generation wrote the desired level. A person's
+# annotation on one pod leaves this stale, which is how the operator knows to honour it.
+ANN_LEVEL_GENERATION: Final = f"{GROUP}/sleep-level-generation"
+
+# Operator bookkeeping on the Deployment: the replica count before Stop scaled it to zero.
+ANN_REPLICAS_BEFORE_STOP: Final = f"{GROUP}/replicas-before-stop"
+
+# Activity mark written by the gateway on the ModelDeployment (RFC 3339 timestamp).
+ANN_LAST_ACTIVITY: Final = f"{GROUP}/last-activity"
+# Who asked for the current spec.sleepLevel ("gateway", "idle", or absent for a person).
+ANN_LEVEL_SOURCE: Final = f"{GROUP}/sleep-level-source"
+
+# kopf keeps its own progress here, never in the user's status.
+KOPF_PREFIX: Final = f"kopf.{GROUP}"
+FINALIZER: Final = f"{GROUP}/cleanup"
+
+# Pod states written by the agent into ANN_STATE.
+STATE_AWAKE: Final = "Awake"
+STATE_SLEEPING: Final = "Sleeping"
+STATE_ASLEEP: Final = "Asleep"
+STATE_WAKING: Final = "Waking"
+STATE_FAILED: Final = "Failed"
+POD_STATES: Final = (STATE_AWAKE, STATE_SLEEPING, STATE_ASLEEP, STATE_WAKING, STATE_FAILED)
+
+DEFAULT_CHECKPOINT_DIR: Final = "/var/lib/hibernate/checkpoints"
+ENGINE_CONTAINER: Final = "engine"

@@ -1,0 +1,173 @@
+"""ModelDeployment `hibernate.dev/v1alpha1`: the single source of the CRD schema (crds/ is generated).
+
+Field names are the API's camelCase; Python attributes are snake_case through aliases.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from hibernate.api import constants as c
+from hibernate.api.levels import STRING_PATTERN, SleepLevel
+
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+# The wire form of a level: 0-5 or a name. The schema checks it at admission (anyOf below).
+LevelValue = Annotated[
+    int | str,
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": 5},
+                {"type": "string", "pattern": STRING_PATTERN},
+            ],
+        }
+    ),
+]
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN, examples=["10m", "1h30m"])]
+# Kubernetes objects we pass through untouched (tolerations, volumes, env valueFrom …).
+KubeObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+
+
+def parse_duration(text: str) -> timedelta:
+    """`1h30m` → 5400 s. The pattern above already guarantees the form."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(f"invalid duration {text!r}: use a number with ms, s, m, h or d, like 10m or 1h30m")
+    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text)))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_api(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class EnvVar(_Model):
+    name: str
+    value: str | None = None
+    value_from: KubeObject | None = None
+
+
+class Resources(_Model):
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class EngineSpec(_Model):
+    """The engine container: vLLM's OpenAI server unless `command` says otherwise."""
+
+    image: str = "vllm/vllm-openai:latest"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    command: list[str] | None = Field(
+        default=None, description="Replaces the default `python3 -m vllm.entrypoints.openai.api_server`."
+    )
+    args: list[str] = Field(default_factory=list, description="Extra engine arguments, after the ones we add.")
+    env: list[EnvVar] = Field(default_factory=list)
+    port: int = Field(default=8000, ge=1, le=65535)
+    resources: Resources = Field(default_factory=Resources)
+    volume_mounts: list[KubeObject] = Field(default_factory=list)
+    volumes: list[KubeObject] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[KubeObject] = Field(default_factory=list)
+    affinity: KubeObject | None = None
+    runtime_class_name: str | None = None
+    service_account_name: str | None = None
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+    startup_seconds: int = Field(
+        default=1800, ge=1, description="How long the engine may take to become ready after a cold start."
+    )
+
+
+class CheckpointSpec(_Model):
+    directory: str = Field(
+        default=c.DEFAULT_CHECKPOINT_DIR, description="Where level-4 images go on the node."
+    )
+
+
+class IdleStep(_Model):
+    after: Duration = Field(description="Time without requests, counted from the last activity.")
+    level: LevelValue
+
+
+class IdleSpec(_Model):
+    """Auto-sleep: after `after` without requests go to `level`, then down the `ladder`."""
+
+    after: Duration
+    level: LevelValue = "L1"
+    ladder: list[IdleStep] = Field(default_factory=list, description="Later, deeper steps.")
+
+    def steps(self) -> list[tuple[timedelta, SleepLevel]]:
+        """All steps in order of time; validated to be increasing in both time and depth."""
+        out = [(parse_duration(self.after), SleepLevel.parse(self.level))]
+        out += [(parse_duration(s.after), SleepLevel.parse(s.level)) for s in self.ladder]
+        return out
+
+
+class ModelDeploymentSpec(_Model):
+    model: str = Field(min_length=1, description="What the engine serves (a model name or path).")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas while awake.")
+    sleep_level: LevelValue = Field(
+        default="Awake", description="Desired level: 0-5 or Awake, L1, L2, CudaSuspend, Checkpoint, Stop."
+    )
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    idle: IdleSpec | None = None
+
+    @field_validator("sleep_level")
+    @classmethod
+    def _level_is_valid(cls, v: int | str) -> int | str:
+        SleepLevel.parse(v)
+        return v
+
+    @property
+    def level(self) -> SleepLevel:
+        return SleepLevel.parse(self.sleep_level)
+
+
+Phase = Literal["Pending", "Awake", "Sleeping", "Asleep", "Waking", "Stopped", "Failed"]
+ConditionType = Literal["Ready", "Asleep", "Progressing", "Degraded"]
+
+
+class Condition(_Model):
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class Transition(_Model):
+    from_: str | None = Field(default=None, alias="from")
+    to: str
+    started: str
+    finished: str | None = None
+    seconds: float | None = None
+
+
+class IdleStatus(_Model):
+    last_activity: str | None = None
+    next_level: str | None = None
+    next_at: str | None = None
+
+
+class ModelDeploymentStatus(_Model):
+    phase: Phase | None = None
+    sleep_level: str | None = Field(default=None, description="The level every replica has reached.")
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    last_transition: Transition | None = None
+    observed_generation: int | None = None
+    idle: IdleStatus | None = None
