@@ -23,9 +23,10 @@ ANN_SLEEP_LEVEL: Final = f"{GROUP}/sleep-level"
 ANN_STATE: Final = f"{GROUP}/state"
 ANN_OBSERVED_LEVEL: Final = f"{GROUP}/observed-sleep-level"
 ANN_LAST_OPERATION: Final = f"{GROUP}/last-operation"
-# Operator bookkeeping on pods: which spec generation wrote the desired level. A person's
-# annotation on one pod leaves this stale, which is how the operator knows to honour it.
-ANN_LEVEL_GENERATION: Final = f"{GROUP}/sleep-level-generation"
+# Operator bookkeeping on pods: the spec level the operator last wrote onto this pod. While the spec
+# keeps that level, the pod's own sleep-level is left alone, so a person's override of one pod holds
+# until the spec's level changes again.
+ANN_SPEC_LEVEL: Final = f"{GROUP}/spec-sleep-level"
 
 # Operator bookkeeping on the Deployment: the replica count before Stop scaled it to zero.
 ANN_REPLICAS_BEFORE_STOP: Final = f"{GROUP}/replicas-before-stop"

@@ -19,22 +19,25 @@ DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
-# The wire form of a level: 0-5 or a name. The schema checks it at admission (anyOf below).
+# The wire form of a level: 0-5 or a name, checked at admission without CEL (Kubernetes 1.20):
+# `minimum`/`maximum` only constrain integers and `pattern` only strings, so side by side they
+# accept exactly the valid values. (Typed anyOf branches are not structural; see api/crd.py.)
 LevelValue = Annotated[
     int | str,
     Field(
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
-            "anyOf": [
-                {"type": "integer", "minimum": 0, "maximum": 5},
-                {"type": "string", "pattern": STRING_PATTERN},
-            ],
+            "minimum": 0,
+            "maximum": 5,
+            "pattern": STRING_PATTERN,
         }
     ),
 ]
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, examples=["10m", "1h30m"])]
 # Kubernetes objects we pass through untouched (tolerations, volumes, env valueFrom …).
-KubeObject = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+KubeObject = Annotated[
+    dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+]
 Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 
 
@@ -71,7 +74,9 @@ class EngineSpec(_Model):
     command: list[str] | None = Field(
         default=None, description="Replaces the default `python3 -m vllm.entrypoints.openai.api_server`."
     )
-    args: list[str] = Field(default_factory=list, description="Extra engine arguments, after the ones we add.")
+    args: list[str] = Field(
+        default_factory=list, description="Extra engine arguments, after the ones we add."
+    )
     env: list[EnvVar] = Field(default_factory=list)
     port: int = Field(default=8000, ge=1, le=65535)
     resources: Resources = Field(default_factory=Resources)

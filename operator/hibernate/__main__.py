@@ -1,0 +1,5 @@
+import sys
+
+from hibernate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""Generate the ModelDeployment CRD from the pydantic types (kubebuilder's `controller-gen`, in Python).
+
+The output must be a *structural* schema that Kubernetes 1.20 accepts (no CEL): every node typed,
+no `$ref`, no `title`, nullable options collapsed, and `x-kubernetes-*` markers kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from hibernate.api import constants as c
+from hibernate.api.v1alpha1 import ModelDeploymentSpec, ModelDeploymentStatus
+
+_DROP = {"title", "examples"}
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_resolve(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+        extra = {k: v for k, v in node.items() if k != "$ref"}
+        return _resolve({**target, **extra}, defs)
+    return {k: _resolve(v, defs) for k, v in node.items() if k not in _DROP and k != "$defs"}
+
+
+def _structural(node: Any) -> Any:
+    """Rewrite pydantic's JSON schema into what the API server calls structural."""
+    if isinstance(node, list):
+        return [_structural(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _structural(v) for k, v in node.items()}
+    if node.get("x-kubernetes-int-or-string"):
+        # int-or-string carries no type and no typed branches; its checks sit beside the marker.
+        node.pop("type", None)
+        node.pop("anyOf", None)
+        if node.get("default", 0) is None:
+            node.pop("default")
+        return node
+    branches = node.get("anyOf")
+    if branches is not None:
+        typed = [b for b in branches if b.get("type") != "null"]
+        if len(typed) == 1:  # `X | None`: optional, not nullable; the API server omits nulls
+            node.pop("anyOf")
+            if node.get("default", 0) is None:
+                node.pop("default")
+            node = {**typed[0], **node}
+    if node.get("type") == "object" and node.get("additionalProperties") is True:
+        node.pop("additionalProperties")
+        node["x-kubernetes-preserve-unknown-fields"] = True
+    if node.get("default", 0) is None:
+        node.pop("default")
+    return node
+
+
+def openapi_schema(model: type[Any]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    result: dict[str, Any] = _structural(_resolve(raw, raw.get("$defs", {})))
+    return result
+
+
+def _spec_schema() -> dict[str, Any]:
+    schema = openapi_schema(ModelDeploymentSpec)
+    # Defaults of nested objects would be written into every stored object; keep only leaf defaults.
+    for key in ("engine", "checkpoint"):
+        schema["properties"][key].pop("default", None)
+    return schema
+
+
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_without_defaults(n) for n in node]
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    return node
+
+
+def _status_schema() -> dict[str, Any]:
+    # Only the operator writes status, always whole; server-side defaults there would only mislead.
+    schema: dict[str, Any] = _without_defaults(openapi_schema(ModelDeploymentStatus))
+    schema["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
+    schema["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
+    return schema
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": c.CRD_NAME, "labels": {"app.kubernetes.io/part-of": "hibernate"}},
+        "spec": {
+            "group": c.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": c.KIND,
+                "plural": c.PLURAL,
+                "singular": c.SINGULAR,
+                "shortNames": list(c.SHORT_NAMES),
+                "listKind": f"{c.KIND}List",
+                "categories": ["all", "hibernate"],
+            },
+            "versions": [
+                {
+                    "name": c.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
+                        {"name": "Desired", "type": "string", "jsonPath": ".spec.sleepLevel"},
+                        {"name": "Level", "type": "string", "jsonPath": ".status.sleepLevel"},
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A model served by an engine that hibernate can put to sleep.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": _spec_schema(),
+                                "status": _status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    header = "# Generated from operator/hibernate/api/v1alpha1.py by `hibernate crds`. Do not edit.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)

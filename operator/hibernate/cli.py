@@ -1,0 +1,98 @@
+"""`hibernate` console script: one entry point, a subcommand per component."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from hibernate.api.crd import crd_yaml
+
+    text = crd_yaml()
+    if args.check:
+        current = Path(args.output).read_text() if Path(args.output).exists() else ""
+        if current != text:
+            print(f"{args.output} is stale: run `hibernate crds -o {args.output}`", file=sys.stderr)
+            return 1
+        return 0
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from hibernate.controller.main import run
+
+    return run(args)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from hibernate.agent.main import run
+
+    return run(args)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from hibernate.gateway.main import run
+
+    return run(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hibernate.demo import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hibernate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("crds", help="print or write the ModelDeployment CRD generated from the API types")
+    p.add_argument("-o", "--output", default="-", help="file to write, - for stdout")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the generated CRD")
+    p.set_defaults(func=_crds)
+
+    p = sub.add_parser("operator", help="run the operator (reconciles ModelDeployments)")
+    p.add_argument("--namespace", action="append", help="watch only these namespaces (default: all)")
+    p.add_argument(
+        "--tools-image", default="", help="image whose init container brings the pod init and CRIU"
+    )
+    p.add_argument("--liveness", default="", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
+    p.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_operator)
+
+    p = sub.add_parser("agent", help="run the node agent (performs levels 1-4 on this node's pods)")
+    p.add_argument("--node-name", default=None, help="default: $NODE_NAME (downward API)")
+    p.add_argument("--metrics-port", type=int, default=9400)
+    p.add_argument("--proc-root", default="/proc")
+    p.add_argument("--log-format", choices=["plain", "json"], default="plain")
+    p.set_defaults(func=_agent)
+
+    p = sub.add_parser("gateway", help="run the wake-on-request OpenAI-compatible gateway")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--namespace", action="append")
+    p.add_argument("--hold-timeout", type=float, default=300.0)
+    p.set_defaults(func=_gateway)
+
+    p = sub.add_parser("demo", help="a local demo: control plane, operator, agent, fake engine, every level")
+    p.add_argument("--keep", action="store_true", help="leave the cluster running at the end")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The operator: reconciles ModelDeployments into a Deployment, a Service and pod annotations."""

@@ -1,0 +1,140 @@
+"""kopf handlers: one small handler per reaction; the work is in `reconcile`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+import kopf
+
+from hibernate.api import constants as c
+from hibernate.api.levels import InvalidSleepLevel
+from hibernate.api.v1alpha1 import ModelDeploymentSpec
+from hibernate.controller import kube, reconcile
+from hibernate.controller.reconcile import OperatorContext
+from hibernate.controller.status import PodView
+
+MD = (c.GROUP, c.VERSION, c.PLURAL)
+MANAGED = {c.LABEL_MANAGED: "true"}
+RESYNC_SECONDS = 30.0
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # kopf's bookkeeping goes to annotations with our prefix, never into the user's status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.KOPF_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=c.KOPF_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = c.FINALIZER
+    settings.posting.level = logging.WARNING  # our own events say what happened; kopf's would repeat it
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.batching.batch_window = 0.05
+
+
+def _spec(spec: Any) -> ModelDeploymentSpec:
+    try:
+        return ModelDeploymentSpec.model_validate(dict(spec))
+    except (ValueError, InvalidSleepLevel) as e:
+        # The schema refuses these at admission; reaching here means an old or hand-edited object.
+        raise kopf.PermanentError(f"invalid spec: {e}") from e
+
+
+def _md_ref(md: dict[str, Any]) -> dict[str, Any]:
+    meta = md["metadata"]
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid")},
+    }
+
+
+def _refresh(md: dict[str, Any], pods: list[PodView], memo: Any) -> None:
+    ctx: OperatorContext = memo.ctx
+    meta = md["metadata"]
+    with ctx.lock_for((meta["namespace"], meta["name"])):
+        result = reconcile.compute_status(md, _spec(md["spec"]), pods, ctx)
+        if reconcile.write_status(md, result, ctx):
+            for kind, reason, message in result.events:
+                kopf.event(cast(kopf.Body, _md_ref(md)), type=kind, reason=reason, message=message)
+
+
+@kopf.index(*MD)
+def models(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (namespace or "", name): {
+            "metadata": dict(body.metadata),
+            "spec": dict(body.spec),
+            "status": dict(body.status),
+        }
+    }
+
+
+@kopf.index("pods", labels=MANAGED)
+def pods_by_model(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], PodView]:
+    return {(namespace or "", labels.get(c.LABEL_MODEL, "")): PodView.from_pod(dict(body))}
+
+
+@kopf.on.resume(*MD)
+@kopf.on.create(*MD)
+@kopf.on.update(*MD, field="spec")
+def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    """Owned objects, then the level on every pod, then the status."""
+    namespace = namespace or ""
+    md = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+    spec = _spec(md["spec"])
+    reconcile.apply_workload(md, spec, memo.ctx)
+    pods = kube.list_pods(namespace, name)
+    reconcile.propagate_level(namespace, name, spec.level, pods)
+    _refresh(md, [PodView.from_pod(p) for p in kube.list_pods(namespace, name)], memo)
+
+
+@kopf.timer(*MD, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    """Level-based safety net: a missed pod event is caught here."""
+    namespace = namespace or ""
+    md = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+    spec = _spec(md["spec"])
+    pods = kube.list_pods(namespace, name)
+    if reconcile.propagate_level(namespace, name, spec.level, pods):
+        pods = kube.list_pods(namespace, name)
+    _refresh(md, [PodView.from_pod(p) for p in pods], memo)
+
+
+@kopf.on.event("pods", labels=MANAGED)
+def pod_changed(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str | None,
+    labels: kopf.Labels,
+    memo: Any,
+    **kwargs: Any,
+) -> None:
+    """A pod appeared or the agent reported: give it its level, fold the pods into the status."""
+    models: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["models"]
+    pods_by_model: kopf.Index[tuple[str, str], PodView] = kwargs["pods_by_model"]
+    namespace = namespace or ""
+    key = (namespace, labels.get(c.LABEL_MODEL, ""))
+    if key not in models:
+        return
+    md = next(iter(models[key]))
+    spec = _spec(md["spec"])
+    if event.get("type") != "DELETED":
+        patch = reconcile.level_patch(dict(body), spec.level)
+        if patch is not None:
+            kube.annotate_pod(namespace, body.metadata["name"], patch)
+    pods = list(pods_by_model.get(key, []))
+    if event.get("type") == "DELETED":
+        pods = [p for p in pods if p.name != body.metadata.get("name")]
+    _refresh(md, pods, memo)
+
+
+@kopf.on.delete(*MD, optional=True)
+def forget(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    """Children go by owner reference (the garbage collector); checkpoint images go with their pods."""
+    memo.ctx.forget((namespace or "", name))

@@ -1,0 +1,99 @@
+# mypy: disallow-untyped-calls=False
+# (the official client ships no type hints; this module is the typed boundary around it)
+"""The few Kubernetes API calls the operator makes, over the official client (blocking: call from
+plain `def` kopf handlers, which kopf runs in threads)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from hibernate.api import constants as c
+
+FIELD_MANAGER = "hibernate-operator"
+
+
+@functools.cache
+def client() -> kubernetes.client.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
+def core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(client())
+
+
+def apps() -> kubernetes.client.AppsV1Api:
+    return kubernetes.client.AppsV1Api(client())
+
+
+def custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(client())
+
+
+def server_side_apply(obj: dict[str, Any]) -> dict[str, Any]:
+    """Create or update `obj` by server-side apply: idempotent, and a no-op apply writes nothing."""
+    meta = obj["metadata"]
+    kwargs: dict[str, Any] = {
+        "field_manager": FIELD_MANAGER,
+        "force": True,
+        "_content_type": "application/apply-patch+yaml",
+    }
+    result: Any
+    if obj["kind"] == "Deployment":
+        result = apps().patch_namespaced_deployment(meta["name"], meta["namespace"], obj, **kwargs)
+    elif obj["kind"] == "Service":
+        result = core().patch_namespaced_service(meta["name"], meta["namespace"], obj, **kwargs)
+    else:
+        raise ValueError(f"no apply for kind {obj['kind']}")
+    out: dict[str, Any] = client().sanitize_for_serialization(result)
+    return out
+
+
+def read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        result = apps().read_namespaced_deployment(name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    out: dict[str, Any] = client().sanitize_for_serialization(result)
+    return out
+
+
+def list_pods(namespace: str, model: str) -> list[dict[str, Any]]:
+    result = core().list_namespaced_pod(namespace, label_selector=f"{c.LABEL_MODEL}={model}")
+    items: list[dict[str, Any]] = client().sanitize_for_serialization(result).get("items", [])
+    return items
+
+
+def annotate_pod(namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+    try:
+        core().patch_namespaced_pod(name, namespace, {"metadata": {"annotations": annotations}})
+    except ApiException as e:
+        if e.status != 404:  # a pod that is gone needs no level
+            raise
+
+
+def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    custom().patch_namespaced_custom_object_status(
+        c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"status": status}
+    )
+
+
+def patch_spec_level(namespace: str, name: str, level: str, source: str) -> None:
+    """Set spec.sleepLevel (used by the gateway and the idle ladder), recording who asked."""
+    custom().patch_namespaced_custom_object(
+        c.GROUP,
+        c.VERSION,
+        namespace,
+        c.PLURAL,
+        name,
+        {"metadata": {"annotations": {c.ANN_LEVEL_SOURCE: source}}, "spec": {"sleepLevel": level}},
+    )

@@ -1,0 +1,108 @@
+"""Reconciliation steps, as plain functions over the API (called from the kopf handlers)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from hibernate.api import constants as c
+from hibernate.api.levels import SleepLevel
+from hibernate.api.v1alpha1 import ModelDeploymentSpec
+from hibernate.controller import kube, workload
+from hibernate.controller.status import Fold, PodView, fold
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OperatorContext:
+    """Configuration plus the small in-memory caches one operator process keeps (kopf's memo)."""
+
+    tools_image: str = ""
+    locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    last_status: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock_for(self, key: tuple[str, str]) -> threading.Lock:
+        with self.guard:
+            return self.locks.setdefault(key, threading.Lock())
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self.guard:
+            self.locks.pop(key, None)
+            self.last_status.pop(key, None)
+
+
+def awake_replicas(spec: ModelDeploymentSpec) -> int:
+    return 0 if spec.level == SleepLevel.STOP else spec.replicas
+
+
+def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorContext) -> None:
+    """Deployment and Service, owned by the ModelDeployment. Stop scales to zero and records the count."""
+    dep = workload.deployment(md, spec, awake_replicas(spec), ctx.tools_image)
+    if spec.level == SleepLevel.STOP:
+        dep["metadata"]["annotations"] = {c.ANN_REPLICAS_BEFORE_STOP: str(spec.replicas)}
+    kube.server_side_apply(dep)
+    kube.server_side_apply(workload.service(md, spec))
+
+
+def level_patch(pod: dict[str, Any], level: SleepLevel) -> dict[str, str | None] | None:
+    """The annotations to write on one pod so that it carries the spec's level; None if nothing to do.
+
+    A pod whose recorded spec level equals the current one keeps its own sleep-level, which may be a
+    person's override; a change of the spec's level overrides everyone again.
+    """
+    meta = pod.get("metadata") or {}
+    if meta.get("deletionTimestamp") or level == SleepLevel.STOP:
+        return None  # Stop is the operator's scaling; the agent never sees level 5
+    annotations = meta.get("annotations") or {}
+    if annotations.get(c.ANN_SPEC_LEVEL) == level.label and c.ANN_SLEEP_LEVEL in annotations:
+        return None
+    return {c.ANN_SLEEP_LEVEL: level.label, c.ANN_SPEC_LEVEL: level.label}
+
+
+def propagate_level(namespace: str, name: str, level: SleepLevel, pods: list[dict[str, Any]]) -> int:
+    """Write the desired level onto every pod that needs it; returns how many were patched."""
+    patched = 0
+    for pod in pods:
+        patch = level_patch(pod, level)
+        if patch is not None:
+            kube.annotate_pod(namespace, pod["metadata"]["name"], patch)
+            patched += 1
+    if patched:
+        log.info("level %s written on %d pod(s) of %s/%s", level.label, patched, namespace, name)
+    return patched
+
+
+def compute_status(
+    md: dict[str, Any], spec: ModelDeploymentSpec, pods: list[PodView], ctx: OperatorContext
+) -> Fold:
+    meta = md["metadata"]
+    key = (meta["namespace"], meta["name"])
+    previous = ctx.last_status.get(key) or md.get("status") or {}
+    return fold(
+        desired=spec.level,
+        replicas=awake_replicas(spec),
+        generation=int(meta.get("generation") or 0),
+        pods=pods,
+        previous=previous,
+    )
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keep = ("idle",)  # owned by the idle timer, not by the fold
+    return {k: v for k, v in a.items() if k not in keep} == {k: v for k, v in b.items() if k not in keep}
+
+
+def write_status(md: dict[str, Any], result: Fold, ctx: OperatorContext) -> bool:
+    """Patch the status subresource when it changed; returns whether it did."""
+    meta = md["metadata"]
+    key = (meta["namespace"], meta["name"])
+    previous = ctx.last_status.get(key) or md.get("status") or {}
+    if _same(previous, result.status):
+        return False
+    kube.patch_status(meta["namespace"], meta["name"], result.status)
+    ctx.last_status[key] = {**previous, **result.status}
+    return True

@@ -1,0 +1,229 @@
+"""Fold the pods' agent-written annotations into a ModelDeployment status. Pure: no API calls.
+
+The agent reports per pod (`state`, `observed-sleep-level`, `last-operation`); the operator's job is
+to say, for the whole model, what phase it is in, which level every replica has reached, and to
+keep conditions and the last transition honest across restarts (they are recomputed, not stored).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from hibernate.api import constants as c
+from hibernate.api.levels import InvalidSleepLevel, SleepLevel
+
+
+def now_iso(now: datetime | None = None) -> str:
+    """RFC 3339 in UTC with milliseconds: transitions of a second or less must still be measurable."""
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the operator needs to know of one pod."""
+
+    name: str
+    annotations: dict[str, str] = field(default_factory=dict)
+    ready: bool = False
+    terminating: bool = False
+
+    @classmethod
+    def from_pod(cls, pod: dict[str, Any]) -> PodView:
+        meta = pod.get("metadata") or {}
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        ready = any(x.get("type") == "Ready" and x.get("status") == "True" for x in conditions)
+        return cls(
+            name=meta.get("name", ""),
+            annotations=dict(meta.get("annotations") or {}),
+            ready=ready,
+            terminating=bool(meta.get("deletionTimestamp")),
+        )
+
+    def desired(self, default: SleepLevel) -> SleepLevel | None:
+        """The pod's own desired level (a person may override one pod); None when unparseable."""
+        raw = self.annotations.get(c.ANN_SLEEP_LEVEL)
+        if raw is None:
+            return default
+        try:
+            return SleepLevel.parse(raw)
+        except InvalidSleepLevel:
+            return None
+
+    @property
+    def observed(self) -> SleepLevel:
+        try:
+            return SleepLevel.parse(self.annotations.get(c.ANN_OBSERVED_LEVEL, 0))
+        except InvalidSleepLevel:
+            return SleepLevel.AWAKE
+
+    @property
+    def state(self) -> str | None:
+        return self.annotations.get(c.ANN_STATE)
+
+    def failure(self) -> str | None:
+        if self.state != c.STATE_FAILED:
+            raw = self.annotations.get(c.ANN_SLEEP_LEVEL)
+            if raw is not None and self.desired(SleepLevel.AWAKE) is None:
+                return f"pod {self.name}: annotation {c.ANN_SLEEP_LEVEL}={raw!r} is not a sleep level"
+            return None
+        try:
+            op = json.loads(self.annotations.get(c.ANN_LAST_OPERATION, "{}"))
+        except json.JSONDecodeError:
+            op = {}
+        error = op.get("error") if isinstance(op, dict) else None
+        return f"pod {self.name}: {error or 'the agent reports Failed'}"
+
+    def settled(self, desired: SleepLevel) -> bool:
+        """The agent has brought this pod to its desired level and is not working on it."""
+        if self.state in (c.STATE_SLEEPING, c.STATE_WAKING, c.STATE_FAILED):
+            return False
+        return self.observed == desired
+
+
+@dataclass
+class Fold:
+    status: dict[str, Any]
+    events: list[tuple[str, str, str]]  # (type, reason, message)
+
+
+def _condition(
+    prev: dict[str, dict[str, Any]], ctype: str, ok: bool, reason: str, message: str, gen: int, now: str
+) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    old = prev.get(ctype)
+    since = old["lastTransitionTime"] if old and old.get("status") == status else now
+    return {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": gen,
+    }
+
+
+def fold(
+    *,
+    desired: SleepLevel,
+    replicas: int,
+    generation: int,
+    pods: list[PodView],
+    previous: dict[str, Any] | None,
+    now: datetime | None = None,
+) -> Fold:
+    """Compute the status for a model whose spec asks for `desired` and whose live pods are `pods`."""
+    previous = previous or {}
+    stamp = now_iso(now)
+    live = [p for p in pods if not p.terminating]
+    ready = sum(1 for p in live if p.ready)
+    failures = [f for f in (p.failure() for p in live) if f]
+    reached: SleepLevel | None
+
+    if desired == SleepLevel.STOP:
+        reached = SleepLevel.STOP if not pods else None
+        phase = "Stopped" if not pods else "Sleeping"
+    else:
+        targets = [(p, p.desired(desired)) for p in live]
+        settled = all(t is not None and p.settled(t) for p, t in targets)
+        reached = min((p.observed for p in live), default=None)
+        if failures:
+            phase = "Failed"
+        elif len(live) < replicas or (desired == SleepLevel.AWAKE and ready < replicas):
+            # Pods still starting (a cold start, or waking from Stop).
+            waking = previous.get("sleepLevel") not in (None, SleepLevel.AWAKE.label)
+            phase = "Waking" if waking else "Pending"
+        elif settled:
+            phase = "Awake" if desired == SleepLevel.AWAKE else "Asleep"
+            reached = desired if not live else reached
+        elif any(p.state == c.STATE_WAKING for p in live):
+            phase = "Waking"
+        elif any(p.state == c.STATE_SLEEPING for p in live):
+            phase = "Sleeping"
+        else:  # the agent has not picked the change up yet
+            deeper = any(t is not None and t > p.observed for p, t in targets)
+            phase = "Sleeping" if deeper else "Waking"
+        if desired == SleepLevel.AWAKE and not live and replicas == 0:
+            reached = SleepLevel.AWAKE
+
+    level_name = reached.label if reached is not None else None
+    done = phase in ("Awake", "Asleep", "Stopped") and reached == desired
+    gen = generation
+    prev_conditions = {x["type"]: x for x in previous.get("conditions", []) if "type" in x}
+    in_transit = "Transitioning to " + desired.label
+    conditions = [
+        _condition(
+            prev_conditions,
+            "Ready",
+            phase == "Awake",
+            {"Awake": "Serving", "Asleep": "Asleep", "Stopped": "Stopped", "Failed": "Failed"}.get(
+                phase, "NotReady"
+            ),
+            f"{ready}/{replicas} replicas ready" if phase != "Failed" else "; ".join(failures),
+            gen,
+            stamp,
+        ),
+        _condition(
+            prev_conditions,
+            "Asleep",
+            phase in ("Asleep", "Stopped"),
+            "ReachedLevel" if phase in ("Asleep", "Stopped") else "NotAsleep",
+            f"every replica is at {level_name}" if phase in ("Asleep", "Stopped") else "",
+            gen,
+            stamp,
+        ),
+        _condition(
+            prev_conditions,
+            "Progressing",
+            phase in ("Pending", "Sleeping", "Waking"),
+            phase if phase in ("Pending", "Sleeping", "Waking") else "Settled",
+            in_transit if phase in ("Pending", "Sleeping", "Waking") else "",
+            gen,
+            stamp,
+        ),
+        _condition(
+            prev_conditions,
+            "Degraded",
+            bool(failures),
+            "SleepOrWakeFailed" if failures else "AsExpected",
+            "; ".join(failures),
+            gen,
+            stamp,
+        ),
+    ]
+
+    events: list[tuple[str, str, str]] = []
+    transition = dict(previous.get("lastTransition") or {})
+    if transition.get("to") != desired.label:
+        transition = {"from": previous.get("sleepLevel"), "to": desired.label, "started": stamp}
+        origin = previous.get("sleepLevel") or "nothing"
+        events.append(("Normal", "Transition", f"Moving from {origin} to {desired.label}"))
+    if done and not transition.get("finished"):
+        started = _parse_time(transition.get("started")) or (now or datetime.now(UTC))
+        seconds = max(0.0, ((now or datetime.now(UTC)) - started).total_seconds())
+        transition.update(finished=stamp, seconds=round(seconds, 3))
+        events.append(("Normal", "Reached", f"Every replica reached {desired.label} in {seconds:.1f} s"))
+    if failures and previous.get("phase") != "Failed":
+        events.append(("Warning", "Failed", "; ".join(failures)))
+
+    status: dict[str, Any] = {
+        "phase": phase,
+        "sleepLevel": level_name,
+        "replicas": len(live),
+        "readyReplicas": ready,
+        "conditions": conditions,
+        "lastTransition": transition,
+        "observedGeneration": gen,
+    }
+    return Fold(status=status, events=events)

@@ -1,0 +1,139 @@
+"""The objects a ModelDeployment owns, as pure functions of its spec (no API calls here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hibernate.api import constants as c
+from hibernate.api.v1alpha1 import ModelDeploymentSpec
+
+VLLM_COMMAND = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+TOOLS_VOLUME = "hibernate-tools"
+TOOLS_DIR = "/.hibernate"  # where the init container puts the pod init and the CRIU bundle
+PORT_NAME = "http"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {c.LABEL_MODEL: name}
+
+
+def owner_reference(md: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": md["metadata"]["name"],
+        "uid": md["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def engine_command(spec: ModelDeploymentSpec, tools_image: str) -> tuple[list[str], list[str]]:
+    """Command and args: vLLM's server with the flags sleep mode needs, wrapped by our init for level 4."""
+    command = list(spec.engine.command or VLLM_COMMAND)
+    args = ["--model", spec.model, "--port", str(spec.engine.port), "--enable-sleep-mode", *spec.engine.args]
+    if tools_image:
+        # The init is PID 1 of the container and outlives the engine, so CRIU can restore in place.
+        command = ["python3", f"{TOOLS_DIR}/podinit.py", "--log", f"{TOOLS_DIR}/engine.log", "--", *command]
+    return command, args
+
+
+def pod_template(name: str, spec: ModelDeploymentSpec, tools_image: str) -> dict[str, Any]:
+    engine = spec.engine
+    command, args = engine_command(spec, tools_image)
+    env = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}]
+    env += [e.to_api() for e in engine.env if e.name != "VLLM_SERVER_DEV_MODE"]
+    container: dict[str, Any] = {
+        "name": c.ENGINE_CONTAINER,
+        "image": engine.image,
+        "command": command,
+        "args": args,
+        "env": env,
+        "ports": [{"name": PORT_NAME, "containerPort": engine.port, "protocol": "TCP"}],
+        "resources": engine.resources.to_api(),
+        # /health answers 200 while asleep, so readiness survives sleep; no liveness probe on purpose:
+        # a checkpointed engine answers nothing and must not be killed for it.
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": PORT_NAME},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": PORT_NAME},
+            "periodSeconds": 5,
+            "failureThreshold": max(1, engine.startup_seconds // 5),
+        },
+        "volumeMounts": list(engine.volume_mounts),
+    }
+    if engine.image_pull_policy:
+        container["imagePullPolicy"] = engine.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": list(engine.volumes),
+        "enableServiceLinks": False,
+    }
+    if tools_image:
+        container["volumeMounts"].append({"name": TOOLS_VOLUME, "mountPath": TOOLS_DIR})
+        pod_spec["volumes"].append({"name": TOOLS_VOLUME, "emptyDir": {}})
+        pod_spec["initContainers"] = [
+            {
+                "name": "hibernate-tools",
+                "image": tools_image,
+                "command": ["hibernate-install-tools", TOOLS_DIR],
+                "volumeMounts": [{"name": TOOLS_VOLUME, "mountPath": TOOLS_DIR}],
+            }
+        ]
+    for key, value in (
+        ("nodeSelector", engine.node_selector),
+        ("tolerations", engine.tolerations),
+        ("affinity", engine.affinity),
+        ("runtimeClassName", engine.runtime_class_name),
+        ("serviceAccountName", engine.service_account_name),
+    ):
+        if value:
+            pod_spec[key] = value
+    labels = {**engine.pod_labels, **selector_labels(name), c.LABEL_MANAGED: "true"}
+    return {"metadata": {"labels": labels, "annotations": dict(engine.pod_annotations)}, "spec": pod_spec}
+
+
+def deployment(
+    md: dict[str, Any], spec: ModelDeploymentSpec, replicas: int, tools_image: str
+) -> dict[str, Any]:
+    name = md["metadata"]["name"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": md["metadata"]["namespace"],
+            "labels": selector_labels(name),
+            "ownerReferences": [owner_reference(md)],
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            # A GPU node rarely has room for a surge pod; replace in place.
+            "strategy": {"type": "Recreate"},
+            "template": pod_template(name, spec, tools_image),
+        },
+    }
+
+
+def service(md: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any]:
+    name = md["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": md["metadata"]["namespace"],
+            "labels": selector_labels(name),
+            "ownerReferences": [owner_reference(md)],
+        },
+        "spec": {
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": PORT_NAME, "port": spec.engine.port, "targetPort": PORT_NAME, "protocol": "TCP"}
+            ],
+        },
+    }

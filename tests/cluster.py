@@ -1,0 +1,150 @@
+"""A real Kubernetes control plane for tests (etcd, kube-apiserver, controller-manager, scheduler).
+
+Started once per test session on loopback by hack/start-control-plane.sh from binaries that
+hack/install-k8s-test-assets.sh builds and caches in $KUBE_TEST_ASSETS. No mocked API anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+ROOT = Path(__file__).resolve().parent.parent
+HACK = ROOT / "hack"
+CRD_FILE = ROOT / "crds" / "modeldeployments.hibernate.dev.yaml"
+
+
+def assets_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "k8s-test-assets" / "1.20"
+    return Path(os.environ.get("KUBE_TEST_ASSETS", default))
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    kubeconfig: str
+    api: kubernetes.client.ApiClient
+
+    @property
+    def core(self) -> kubernetes.client.CoreV1Api:
+        return kubernetes.client.CoreV1Api(self.api)
+
+    @property
+    def apps(self) -> kubernetes.client.AppsV1Api:
+        return kubernetes.client.AppsV1Api(self.api)
+
+    @property
+    def custom(self) -> kubernetes.client.CustomObjectsApi:
+        return kubernetes.client.CustomObjectsApi(self.api)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(assets_dir() / "kubectl"), "--kubeconfig", self.kubeconfig, *args]
+        result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1"}
+
+
+def start_cluster(workdir: Path) -> Cluster:
+    subprocess.run([str(HACK / "install-k8s-test-assets.sh")], check=True)
+    out = subprocess.run(
+        [str(HACK / "start-control-plane.sh"), "--controllers", str(workdir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    kubeconfig = out.stdout.strip().splitlines()[-1]
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+    return Cluster(dir=workdir, kubeconfig=kubeconfig, api=kubernetes.client.ApiClient(config))
+
+
+def stop_cluster(cluster: Cluster) -> None:
+    subprocess.run([str(HACK / "start-control-plane.sh"), "stop", str(cluster.dir)], check=False)
+
+
+def install_crd(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "-f", str(CRD_FILE))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.hibernate.dev", "--timeout=30s")
+
+
+def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
+    """Poll `check` until it returns a truthy value (returned) or raises no AssertionError."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except (AssertionError, ApiException, KeyError) as e:
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check.__name__}: {last!r}")
+
+
+def new_namespace(cluster: Cluster) -> str:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.core.create_namespace({"metadata": {"name": name}})
+    # Pods in a namespace need its default ServiceAccount (made by the controller-manager).
+    eventually(lambda: cluster.core.read_namespaced_service_account("default", name), what="default SA")
+    return name
+
+
+@dataclass
+class Process:
+    """A component (operator, agent, gateway) run as a real subprocess, as users run it."""
+
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> Process:
+        handle = self.log.open("ab")
+        self.popen = subprocess.Popen(self.argv, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, like an OOM kill or a node crash."""
+        if self.popen and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def hibernate_process(cluster: Cluster, log: Path, *args: str) -> Process:
+    return Process([sys.executable, "-m", "hibernate", *args], cluster.env(), log)
+
+
+def running(process: Process) -> Iterator[Process]:
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
