@@ -1,0 +1,244 @@
+"""The agent's engine client: whole sleep/wake transitions against the fake engine, and clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from hibernate.agent.engine_client import EngineClient, EngineError
+from tests.engine_fixtures import FakeEngine, free_port, start_fake_engine
+
+T = TypeVar("T")
+PROMPT = "Sleep well, little model"
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def complete(engine: FakeEngine) -> str:
+    body = httpx.post(f"{engine.url}/v1/completions", json={"prompt": PROMPT}, timeout=10).json()
+    text: str = body["choices"][0]["text"]
+    return text
+
+
+def device_bytes(engine: FakeEngine) -> int:
+    value: int = httpx.get(f"{engine.url}/debug/memory", timeout=10).json()["device_bytes"]
+    return value
+
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def mocked(handler: Handler, **options: Any) -> tuple[EngineClient, list[str]]:
+    """A client whose engine is `handler`; the list records "METHOD /path?query" of every request."""
+    seen: list[str] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        query = request.url.query.decode()
+        seen.append(f"{request.method} {request.url.path}" + (f"?{query}" if query else ""))
+        return handler(request)
+
+    options = {"retries": 2, "backoff": 0.01, "timeout": 2.0, **options}
+    return EngineClient("http://engine.test:8000", transport=httpx.MockTransport(record), **options), seen
+
+
+def answer(body: object = None, status: int = 200, text: str | None = None) -> Handler:
+    content = text if text is not None else ("" if body is None else json.dumps(body))
+    return lambda request: httpx.Response(status, text=content)
+
+
+# --- whole transitions against the fake engine --------------------------------------------------
+
+
+def test_level1_sleep_and_wake_free_the_device_memory_and_keep_the_answer() -> None:
+    with start_fake_engine(weights_mib=16, kv_mib=4) as engine:
+        before = complete(engine)
+
+        async def cycle() -> None:
+            async with EngineClient(engine.url, timeout=5) as client:
+                await client.sleep_level(1)
+                assert await client.is_sleeping()
+                assert device_bytes(engine) == 0
+                await client.wake(1)
+                assert not await client.is_sleeping()
+
+        run(cycle())
+        assert complete(engine) == before
+
+
+def test_wake_from_level2_reloads_the_weights_and_resets_the_prefix_cache() -> None:
+    with start_fake_engine(weights_mib=16, kv_mib=4) as engine:
+        before = complete(engine)  # now also in the prefix cache
+
+        async def cycle() -> None:
+            async with EngineClient(engine.url, timeout=5) as client:
+                await client.sleep_level(2)
+                await client.wake(2)
+
+        run(cycle())
+        assert complete(engine) == before
+
+
+def test_api_030_empty_bodies_are_accepted() -> None:
+    with start_fake_engine("--api", "0.30", weights_mib=4, kv_mib=1) as engine:
+
+        async def cycle() -> None:
+            async with EngineClient(engine.url, timeout=5) as client:
+                assert await client.sleep(1) is None
+                assert await client.wake_up() is None
+                await client.sleep_level(2)
+                await client.wake(2)
+
+        run(cycle())
+
+
+def test_an_engine_that_fails_to_sleep_is_reported_with_its_status_and_message() -> None:
+    with start_fake_engine("--fail-sleep", weights_mib=4, kv_mib=1) as engine:
+        with pytest.raises(EngineError) as failure:
+            run(EngineClient(engine.url, timeout=5, retries=1, backoff=0.01).sleep_level(1))
+        assert failure.value.status == 500
+        assert "HTTP 500" in str(failure.value)
+        assert "injected fault" in str(failure.value)
+        assert "after 2 attempts" in str(failure.value)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_a_refused_connection_is_retried_then_named_in_the_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    client = EngineClient(url, timeout=2, retries=2, backoff=0.01)
+    with pytest.raises(EngineError) as failure:
+        run(client.sleep(1))
+    message = str(failure.value)
+    assert url in message
+    assert "POST /sleep?level=1&mode=abort" in message
+    assert "connection refused (after 3 attempts)" in message
+    assert (failure.value.url, failure.value.step) == (url, "POST /sleep?level=1&mode=abort")
+    assert run(EngineClient(url, timeout=2).health()) is False
+
+
+def test_a_hanging_engine_times_out_instead_of_hanging_the_agent() -> None:
+    with start_fake_engine("--hang-sleep", weights_mib=4, kv_mib=1) as engine:
+        client = EngineClient(engine.url, timeout=0.5, retries=3, backoff=0.01)
+        started = time.monotonic()
+        with pytest.raises(EngineError, match=r"no answer within 0.5s \(timeout\)"):
+            run(client.sleep(1))
+        assert time.monotonic() - started < 1.5  # a stuck engine is not asked again
+        assert run(EngineClient(engine.url, timeout=2).health()) is True
+
+
+def test_garbage_answers_are_errors_that_quote_the_answer() -> None:
+    client, _ = mocked(answer(text="<html>502 Bad Gateway</html>"))
+    with pytest.raises(EngineError, match=r"GET /is_sleeping failed: garbage answer, not JSON: '<html>502"):
+        run(client.is_sleeping())
+    client, _ = mocked(answer({"sleeping": "yes"}))
+    with pytest.raises(EngineError, match="unexpected answer"):
+        run(client.is_sleeping())
+    client, _ = mocked(answer(["sleeping"]))
+    with pytest.raises(EngineError, match="unexpected answer"):
+        run(client.sleep(1))
+
+
+def test_5xx_answers_are_retried_with_backoff_then_reported() -> None:
+    client, seen = mocked(answer({"error": {"message": "EngineCore died"}}, status=500), retries=2)
+    with pytest.raises(EngineError) as failure:
+        run(client.wake_up(["weights"]))
+    assert seen == ["POST /wake_up?tags=weights"] * 3
+    assert failure.value.status == 500
+    assert "HTTP 500" in str(failure.value)
+    assert "EngineCore died" in str(failure.value)
+
+
+def test_a_5xx_followed_by_an_answer_recovers() -> None:
+    answers = iter([httpx.Response(503, text="busy"), httpx.Response(200, json={"is_sleeping": True})])
+    client, seen = mocked(lambda request: next(answers))
+    assert run(client.is_sleeping()) is True
+    assert len(seen) == 2
+
+
+def test_4xx_is_not_retried_and_404_points_at_dev_mode() -> None:
+    client, seen = mocked(answer({"detail": "Not Found"}, status=404))
+    with pytest.raises(EngineError, match="VLLM_SERVER_DEV_MODE=1") as failure:
+        run(client.sleep(2))
+    assert failure.value.status == 404
+    assert len(seen) == 1
+
+
+def test_reset_prefix_cache_is_repeated_while_the_engine_answers_success_false() -> None:
+    answers = iter([{"success": False}, {"success": False}, {"success": True}])
+    client, seen = mocked(lambda request: httpx.Response(200, json=next(answers)), retries=3)
+    run(client.reset_prefix_cache())
+    assert len(seen) == 3
+
+    client, seen = mocked(answer({"success": False}), retries=2)
+    with pytest.raises(EngineError, match="success false after 3 attempts"):
+        run(client.reset_prefix_cache())
+
+
+def test_wake_from_level2_calls_the_documented_sequence_in_order() -> None:
+    bodies: list[Any] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/collective_rpc":
+            bodies.append(json.loads(request.content))
+            return httpx.Response(200, json={"results": [None]})
+        if request.url.path == "/is_sleeping":
+            return httpx.Response(200, json={"is_sleeping": False})
+        return httpx.Response(200, json={"success": True} if "reset" in request.url.path else {})
+
+    client, seen = mocked(engine)
+    run(client.wake(2))
+    assert seen == [
+        "POST /wake_up?tags=weights",
+        "POST /collective_rpc",
+        "POST /wake_up?tags=kv_cache",
+        "POST /reset_prefix_cache",
+        "GET /is_sleeping",
+    ]
+    assert bodies == [{"method": "reload_weights"}]
+
+
+def test_a_wake_that_leaves_the_engine_sleeping_is_an_error() -> None:
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/is_sleeping":
+            return httpx.Response(200, json={"is_sleeping": True})
+        return httpx.Response(200)
+
+    client, _ = mocked(engine)
+    with pytest.raises(EngineError, match=r"wake from level 1 failed: .*/is_sleeping is true"):
+        run(client.wake(1))
+
+
+def test_a_sleep_the_engine_does_not_report_is_an_error() -> None:
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/is_sleeping":
+            return httpx.Response(200, json={"is_sleeping": False})
+        return httpx.Response(200, json={"status": "sleeping", "level": 1})
+
+    client, _ = mocked(engine)
+    with pytest.raises(EngineError, match="sleep level 1 failed"):
+        run(client.sleep_level(1))
+
+
+def test_collective_rpc_returns_the_results_or_none_for_an_empty_answer() -> None:
+    client, _ = mocked(answer({"results": ["ok", None]}))
+    assert run(client.collective_rpc("ping", args=["a"], kwargs={"k": "v"})) == ["ok", None]
+    client, _ = mocked(answer(None))
+    assert run(client.collective_rpc("ping")) is None
+
+
+def test_levels_outside_the_engine_api_are_refused_before_any_request() -> None:
+    client, seen = mocked(answer({}))
+    with pytest.raises(ValueError):
+        run(client.sleep_level(3))
+    with pytest.raises(ValueError):
+        run(client.wake(4))
+    assert seen == []
