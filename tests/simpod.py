@@ -1,0 +1,390 @@
+"""A simulated Kubernetes pod for CRIU tests, without Kubernetes (root only).
+
+    from tests.simpod import SimPod
+
+    with SimPod.start([sys.executable, "/.hibernate/engine.py"], files={"engine.py": src}) as pod:
+        pod.http_get("/state")            # HTTP from the test process, inside the pod's netns
+        dump(image, pod.engine_ns_pid(), criu.Pod(pod.init_pid))
+
+What a container runtime would give the engine container, per shared/notes/checkpointing.md:
+new pid, mount, net, ipc and uts namespaces; an overlay of the host's / (tmpfs upper) as its root,
+entered with pivot_root; its own proc, sysfs, a tmpfs /dev with the usual nodes, a tmpfs /dev/shm, a
+bind-mounted /etc/hosts; lo up; the hostname set; the cgroup
+/sys/fs/cgroup/<ctrl>/kubepods/besteffort/pod<uid>/<container id> in every mounted hierarchy. PID 1 is
+hibernate/podinit.py, copied into the pod's emptyDir (mounted at /.hibernate) as the operator does.
+
+How the test reaches the engine: no veth and no routed addresses (private ranges are off limits
+as traffic targets here). A helper thread of the test process joins the pod's network namespace with
+setns(2) (which affects only that thread), creates and connects a TCP socket to 127.0.0.1 there, and
+hands it back: a socket stays in the namespace it was created in. The test then speaks HTTP on it
+from its own threads. This also gives an established connection from outside the engine's process
+tree, which is what a kubelet probe or the gateway would hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+PODINIT = Path(__file__).resolve().parents[1] / "operator" / "hibernate" / "podinit.py"
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+# Runs as PID 1 of the new namespaces (under `unshare --fork`), sets up the pod, then execs podinit.
+# Kept to plain ctypes calls so it needs nothing but the Python that runs the tests.
+_SETUP = r"""
+import ctypes, fcntl, json, os, socket, stat, struct, sys
+cfg = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}[os.uname().machine]
+
+def mount(src, dst, fstype, flags=0, data=None):
+    if libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None, flags,
+                  data.encode() if data else None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {src} on {dst} ({fstype}): {os.strerror(e)}")
+
+# Join the pod's cgroups first, so everything below (and every later child) is charged there.
+for procs in cfg["cgroup_procs"]:
+    with open(procs, "w") as f:
+        f.write("0")
+base = cfg["base"]
+mount("tmpfs", base, "tmpfs", 0, "mode=0755")
+for d in ("upper", "work", "root"):
+    os.mkdir(f"{base}/{d}")
+root = f"{base}/root"
+mount("overlay", root, "overlay", 0, f"lowerdir=/,upperdir={base}/upper,workdir={base}/work")
+mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+mount("sysfs", f"{root}/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID, "mode=0755")
+for name, major, minor in (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
+                           ("tty", 5, 0)):
+    os.mknod(f"{root}/dev/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    os.chmod(f"{root}/dev/{name}", 0o666)
+os.mkdir(f"{root}/dev/shm")
+mount("shm", f"{root}/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+os.symlink("/proc/self/fd", f"{root}/dev/fd")
+mount(cfg["hosts"], f"{root}/etc/hosts", None, MS_BIND)
+os.makedirs(f"{root}/.hibernate", exist_ok=True)
+mount(cfg["emptydir"], f"{root}/.hibernate", None, MS_BIND)
+os.makedirs(f"{root}/.oldroot", exist_ok=True)
+if libc.syscall(SYS_PIVOT_ROOT, root.encode(), f"{root}/.oldroot".encode()) != 0:
+    raise OSError(ctypes.get_errno(), "pivot_root")
+os.chdir("/")
+if libc.umount2(b"/.oldroot", MNT_DETACH) != 0:
+    raise OSError(ctypes.get_errno(), "umount /.oldroot")
+os.rmdir("/.oldroot")
+socket.sethostname(cfg["hostname"])
+# lo up: SIOCGIFFLAGS / SIOCSIFFLAGS on struct ifreq, IFF_UP | IFF_RUNNING
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    req = struct.pack("16sH14x", b"lo", 0)
+    flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, req))[1]
+    fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 0x1 | 0x40))
+os.execv(cfg["python"], [cfg["python"], "/.hibernate/podinit.py", "--", *cfg["command"]])
+"""
+
+
+def _cgroup_mounts() -> list[Path]:
+    """Mount points of every cgroup hierarchy (v1 controllers, named ones, the v2 one)."""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split()[0] in ("cgroup", "cgroup2"):
+            out.append(Path(left.split()[4]))
+    return out
+
+
+def _make_cgroup(mount: Path, rel: Path) -> Path:
+    path = mount
+    for part in rel.parts:
+        parent, path = path, path / part
+        path.mkdir(exist_ok=True)
+        # A new v1 cpuset has no cpus or mems, and a task cannot join it until it has them.
+        for knob in ("cpuset.cpus", "cpuset.mems"):
+            if (path / knob).exists() and not (path / knob).read_text().strip():
+                (path / knob).write_text((parent / knob).read_text())
+    return path
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += [int(p) for p in (task / "children").read_text().split()]
+    return kids
+
+
+def ns_pid(host_pid: int) -> int:
+    """The pid inside the innermost pid namespace (last NSpid field)."""
+    for line in Path(f"/proc/{host_pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    raise LookupError(host_pid)
+
+
+def _in_netns(ns_path: str, fn: Callable[[], T]) -> T:
+    """Runs fn in a fresh thread that has joined the namespace at ns_path; returns its result."""
+    box: dict[str, T] = {}
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(ns_path, os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {ns_path}")
+            finally:
+                os.close(fd)
+            box["result"] = fn()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=body, name="pod-netns")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return box["result"]
+
+
+class SimPod:
+    """One running simulated pod. Use SimPod.start(...) and close() (or a with block)."""
+
+    def __init__(
+        self,
+        uid: str,
+        container_id: str,
+        base: Path,
+        proc: subprocess.Popen[bytes],
+        cgroups: list[Path],
+        port: int,
+    ) -> None:
+        self.uid = uid
+        self.container_id = container_id
+        self.base = base  # host temp dir: emptydir/, pod.log, hosts
+        self.proc = proc  # the `unshare` process; its only child is the pod's PID 1
+        self.cgroups = cgroups
+        self.port = port
+        self.init_pid = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        command: Sequence[str],
+        *,
+        files: Mapping[str, bytes | str] | None = None,
+        port: int = 8000,
+        ready_path: str | None = "/",
+        timeout: float = 20.0,
+    ) -> SimPod:
+        """Starts a pod whose engine is `command`, run by podinit; waits until it answers HTTP.
+
+        `files` are written into the emptyDir, visible in the pod under /.hibernate/.
+        """
+        uid = str(uuid.uuid4())
+        container_id = uuid.uuid4().hex + uuid.uuid4().hex
+        rel = Path("kubepods", "besteffort", f"pod{uid}", container_id)
+        cgroups = [_make_cgroup(m, rel) for m in _cgroup_mounts()]
+        base = Path(tempfile.mkdtemp(prefix="simpod-"))
+        emptydir = base / "emptydir"
+        emptydir.mkdir()
+        (base / "rootfs").mkdir()
+        shutil.copy(PODINIT, emptydir / "podinit.py")
+        for name, data in (files or {}).items():
+            (emptydir / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        hostname = f"simpod-{uid[:8]}"
+        (base / "hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n")
+        cfg = {
+            "base": str(base / "rootfs"),
+            "emptydir": str(emptydir),
+            "hosts": str(base / "hosts"),
+            "hostname": hostname,
+            "python": sys.executable,
+            "command": list(command),
+            "cgroup_procs": [str(c / "cgroup.procs") for c in cgroups],
+        }
+        with open(base / "pod.log", "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    "unshare",
+                    "--pid",
+                    "--fork",
+                    "--kill-child",
+                    "--mount",
+                    "--net",
+                    "--ipc",
+                    "--uts",
+                    "--propagation",
+                    "private",
+                    "--",
+                    sys.executable,
+                    "-c",
+                    _SETUP,
+                    json.dumps(cfg),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        pod = cls(uid, container_id, base, proc, cgroups, port)
+        try:
+            pod._wait_ready(ready_path, timeout)
+        except BaseException:
+            pod.close()
+            raise
+        return pod
+
+    def _wait_ready(self, ready_path: str | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pod exited with {self.proc.returncode}:\n{self.log()}")
+            kids = _children(self.proc.pid)
+            if kids and not self.init_pid:
+                self.init_pid = kids[0]
+            if self.init_pid and self.engine_host_pid():
+                if ready_path is None:
+                    return
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    self.http_get(ready_path, timeout=1.0)
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"pod not ready after {timeout} s:\n{self.log()}")
+
+    def close(self) -> None:
+        """Kills everything in the pod and removes its cgroups and files."""
+        if self.init_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.init_pid, signal.SIGKILL)  # ends the whole pid namespace
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        # A restored tree is in the pod's pid namespace too, so it died with the init; cgroups
+        # empty a moment after the last task is reaped.
+        for cg in self.cgroups:
+            for path in (cg, cg.parent):
+                for _ in range(100):
+                    try:
+                        path.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.02)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> SimPod:
+        return self
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.close()
+
+    # -- processes -------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        """The pod's root file system as the host sees it."""
+        return Path(f"/proc/{self.init_pid}/root")
+
+    @property
+    def emptydir(self) -> Path:
+        """The host directory mounted at /.hibernate in the pod."""
+        return self.base / "emptydir"
+
+    def init_alive(self) -> bool:
+        try:
+            state = Path(f"/proc/{self.init_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    def engine_host_pid(self) -> int | None:
+        """Host pid of the engine: the init's first living child, or None while it is gone."""
+        for kid in _children(self.init_pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{kid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    return kid
+        return None
+
+    def engine_ns_pid(self) -> int:
+        pid = self.engine_host_pid()
+        if pid is None:
+            raise LookupError("the engine is not running")
+        return ns_pid(pid)
+
+    def cgroup(self, controller: str) -> Path:
+        """The container's cgroup directory of one v1 controller (or "unified")."""
+        for cg in self.cgroups:
+            if cg.parents[3].name == controller:
+                return cg
+        raise LookupError(controller)
+
+    def log(self) -> str:
+        """What the pod's PID 1 printed: its own lines and the engine's log it copies."""
+        try:
+            return (self.base / "pod.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- network ---------------------------------------------------------------------------------
+
+    def connect(self, port: int | None = None, timeout: float = 5.0) -> socket.socket:
+        """A TCP socket connected to 127.0.0.1:port inside the pod's network namespace."""
+        target = ("127.0.0.1", port or self.port)
+
+        def dial() -> socket.socket:
+            return socket.create_connection(target, timeout=timeout)
+
+        return _in_netns(f"/proc/{self.init_pid}/ns/net", dial)
+
+    def http_connection(self, port: int | None = None, timeout: float = 5.0) -> http.client.HTTPConnection:
+        """A keep-alive HTTP connection into the pod (reusable across requests)."""
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
+        conn.sock = self.connect(port, timeout)
+        return conn
+
+    def http_get(self, path: str, port: int | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+        conn = self.http_connection(port, timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def get_json(self, path: str, port: int | None = None, timeout: float = 5.0) -> object:
+        status, body = self.http_get(path, port, timeout)
+        if status != 200:
+            raise RuntimeError(f"GET {path}: {status} {body[:200]!r}")
+        return json.loads(body)
+
+
+def processes_in(cgroup: Path) -> Iterator[int]:
+    """Host pids of the tasks in a cgroup directory."""
+    with contextlib.suppress(OSError):
+        for line in (cgroup / "cgroup.procs").read_text().split():
+            yield int(line)
