@@ -48,7 +48,9 @@ class Cluster:
     def custom(self) -> kubernetes.client.CustomObjectsApi:
         return kubernetes.client.CustomObjectsApi(self.api)
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [str(assets_dir() / "kubectl"), "--kubeconfig", self.kubeconfig, *args]
         result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60)
         if check and result.returncode != 0:
@@ -79,7 +81,9 @@ def stop_cluster(cluster: Cluster) -> None:
 
 def install_crd(cluster: Cluster) -> None:
     cluster.kubectl("apply", "-f", str(CRD_FILE))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.hibernate.dev", "--timeout=30s")
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/modeldeployments.hibernate.dev", "--timeout=30s"
+    )
 
 
 def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:

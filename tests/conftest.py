@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster, Process, hibernate_process, install_crd, new_namespace, start_cluster, stop_cluster
+from tests.cluster import (
+    Cluster,
+    Process,
+    hibernate_process,
+    install_crd,
+    new_namespace,
+    start_cluster,
+    stop_cluster,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -20,11 +20,15 @@ def model(name: str, level: object = "Awake", **spec: object) -> dict[str, objec
 
 
 def test_checked_in_crd_is_generated_from_the_types() -> None:
-    assert CRD_FILE.read_text() == crd_yaml(), "crds/ is stale: run `hibernate crds -o crds/modeldeployments.hibernate.dev.yaml`"
+    assert CRD_FILE.read_text() == crd_yaml(), (
+        "crds/ is stale: run `hibernate crds -o crds/modeldeployments.hibernate.dev.yaml`"
+    )
 
 
 @pytest.mark.parametrize("level", [0, 5, "3", "Awake", "l1", "L2", "cudasuspend", "CHECKPOINT", "Stop"])
-def test_api_server_accepts_every_level_as_integer_or_name(cluster: Cluster, namespace: str, level: object) -> None:
+def test_api_server_accepts_every_level_as_integer_or_name(
+    cluster: Cluster, namespace: str, level: object
+) -> None:
     result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("ok", level)))
     assert "created" in result.stdout
 
@@ -33,25 +37,35 @@ def test_api_server_accepts_every_level_as_integer_or_name(cluster: Cluster, nam
 def test_api_server_refuses_invalid_levels_with_the_valid_values(
     cluster: Cluster, namespace: str, level: object
 ) -> None:
-    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("bad", level)), check=False)
+    result = cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(model("bad", level)), check=False
+    )
     assert result.returncode != 0
     assert "sleepLevel" in result.stderr
     # The message names what is allowed: the numeric range or the names.
-    assert "cudasuspend" in result.stderr.lower() or "less than or equal to 5" in result.stderr or (
-        "greater than or equal to 0" in result.stderr
+    assert (
+        "cudasuspend" in result.stderr.lower()
+        or "less than or equal to 5" in result.stderr
+        or ("greater than or equal to 0" in result.stderr)
     )
     assert cluster.kubectl("get", "md", "-n", namespace, "-o", "name").stdout.strip() == ""
 
 
 def test_api_server_refuses_a_level_of_the_wrong_type(cluster: Cluster, namespace: str) -> None:
-    result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("bad", True)), check=False)
+    result = cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(model("bad", True)), check=False
+    )
     assert result.returncode != 0
     assert "spec.sleepLevel in body must be of type integer,string" in result.stderr
 
 
 def test_defaults_are_applied_by_the_api_server(cluster: Cluster, namespace: str) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({**model("d"), "spec": {"model": "m"}}))
-    obj = cluster.custom.get_namespaced_custom_object("hibernate.dev", "v1alpha1", namespace, "modeldeployments", "d")
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps({**model("d"), "spec": {"model": "m"}})
+    )
+    obj = cluster.custom.get_namespaced_custom_object(
+        "hibernate.dev", "v1alpha1", namespace, "modeldeployments", "d"
+    )
     assert obj["spec"]["sleepLevel"] == "Awake"
     assert obj["spec"]["replicas"] == 1
 
@@ -66,7 +80,9 @@ def test_get_md_shows_model_desired_level_phase_age(cluster: Cluster, namespace:
     "spec",
     [{"replicas": -1}, {"engine": {"port": 0}}, {"idle": {"after": "soon"}}, {"model": ""}],
 )
-def test_api_server_refuses_other_bad_fields(cluster: Cluster, namespace: str, spec: dict[str, object]) -> None:
+def test_api_server_refuses_other_bad_fields(
+    cluster: Cluster, namespace: str, spec: dict[str, object]
+) -> None:
     body = model("bad")
     body["spec"] = {**body["spec"], **spec}  # type: ignore[dict-item]
     result = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body), check=False)

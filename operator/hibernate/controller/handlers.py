@@ -17,6 +17,7 @@ from hibernate.controller.status import PodView
 MD = (c.GROUP, c.VERSION, c.PLURAL)
 MANAGED = {c.LABEL_MANAGED: "true"}
 RESYNC_SECONDS = 30.0
+RETRY_SECONDS = 5.0  # an API error is retried this soon, not after kopf's default minute
 
 
 @kopf.on.startup()
@@ -80,9 +81,9 @@ def pods_by_model(
     return {(namespace or "", labels.get(c.LABEL_MODEL, "")): PodView.from_pod(dict(body))}
 
 
-@kopf.on.resume(*MD)
-@kopf.on.create(*MD)
-@kopf.on.update(*MD, field="spec")
+@kopf.on.resume(*MD, backoff=RETRY_SECONDS)
+@kopf.on.create(*MD, backoff=RETRY_SECONDS)
+@kopf.on.update(*MD, field="spec", backoff=RETRY_SECONDS)
 def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     """Owned objects, then the level on every pod, then the status."""
     namespace = namespace or ""
@@ -125,9 +126,7 @@ def pod_changed(
     md = next(iter(models[key]))
     spec = _spec(md["spec"])
     if event.get("type") != "DELETED":
-        patch = reconcile.level_patch(dict(body), spec.level)
-        if patch is not None:
-            kube.annotate_pod(namespace, body.metadata["name"], patch)
+        reconcile.ensure_pod_level(namespace, dict(body), spec.level)
     pods = list(pods_by_model.get(key, []))
     if event.get("type") == "DELETED":
         pods = [p for p in pods if p.name != body.metadata.get("name")]

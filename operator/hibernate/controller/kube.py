@@ -73,12 +73,35 @@ def list_pods(namespace: str, model: str) -> list[dict[str, Any]]:
     return items
 
 
-def annotate_pod(namespace: str, name: str, annotations: dict[str, str | None]) -> None:
+class Conflict(Exception):
+    """The object changed since it was read; re-read and decide again."""
+
+
+def annotate_pod(
+    namespace: str, name: str, annotations: dict[str, str | None], resource_version: str | None = None
+) -> None:
+    """Merge annotations into a pod. With `resource_version`, only if nobody wrote it since (409 → Conflict)."""
+    meta: dict[str, Any] = {"annotations": annotations}
+    if resource_version:
+        meta["resourceVersion"] = resource_version
     try:
-        core().patch_namespaced_pod(name, namespace, {"metadata": {"annotations": annotations}})
+        core().patch_namespaced_pod(name, namespace, {"metadata": meta})
     except ApiException as e:
+        if e.status == 409:
+            raise Conflict(f"pod {namespace}/{name} changed") from e
         if e.status != 404:  # a pod that is gone needs no level
             raise
+
+
+def read_pod(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        result = core().read_namespaced_pod(name, namespace)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    out: dict[str, Any] = client().sanitize_for_serialization(result)
+    return out
 
 
 def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:

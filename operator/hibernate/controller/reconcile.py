@@ -12,6 +12,7 @@ from hibernate.api.levels import SleepLevel
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.controller import kube, workload
 from hibernate.controller.status import Fold, PodView, fold
+from hibernate.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorC
     if spec.level == SleepLevel.STOP:
         dep["metadata"]["annotations"] = {c.ANN_REPLICAS_BEFORE_STOP: str(spec.replicas)}
     kube.server_side_apply(dep)
+    fault_point("operator.after-deployment")
     kube.server_side_apply(workload.service(md, spec))
 
 
@@ -63,13 +65,33 @@ def level_patch(pod: dict[str, Any], level: SleepLevel) -> dict[str, str | None]
     return {c.ANN_SLEEP_LEVEL: level.label, c.ANN_SPEC_LEVEL: level.label}
 
 
+def ensure_pod_level(namespace: str, pod: dict[str, Any] | None, level: SleepLevel) -> bool:
+    """Give one pod the spec's level unless it already has it (or a person's override of it).
+
+    The write is conditional on the pod's resourceVersion: decided on a stale copy, it could undo a
+    person's annotation made a moment ago. On a conflict, read the pod again and decide again.
+    """
+    for _ in range(5):
+        if pod is None:
+            return False
+        patch = level_patch(pod, level)
+        if patch is None:
+            return False
+        meta = pod["metadata"]
+        try:
+            kube.annotate_pod(namespace, meta["name"], patch, meta.get("resourceVersion"))
+            fault_point("operator.mid-propagate")
+            return True
+        except kube.Conflict:
+            pod = kube.read_pod(namespace, meta["name"])
+    raise RuntimeError(f"pod {namespace}/{pod and pod['metadata']['name']} keeps changing; will retry")
+
+
 def propagate_level(namespace: str, name: str, level: SleepLevel, pods: list[dict[str, Any]]) -> int:
     """Write the desired level onto every pod that needs it; returns how many were patched."""
     patched = 0
     for pod in pods:
-        patch = level_patch(pod, level)
-        if patch is not None:
-            kube.annotate_pod(namespace, pod["metadata"]["name"], patch)
+        if ensure_pod_level(namespace, pod, level):
             patched += 1
     if patched:
         log.info("level %s written on %d pod(s) of %s/%s", level.label, patched, namespace, name)

@@ -104,14 +104,16 @@ def _condition(
     status = "True" if ok else "False"
     old = prev.get(ctype)
     since = old["lastTransitionTime"] if old and old.get("status") == status else now
-    return {
+    condition: dict[str, Any] = {
         "type": ctype,
         "status": status,
         "reason": reason,
-        "message": message,
         "lastTransitionTime": since,
         "observedGeneration": gen,
     }
+    if message:  # the API client drops empty strings to null, which the schema refuses
+        condition["message"] = message
+    return condition
 
 
 def fold(

@@ -50,7 +50,10 @@ def pod_template(name: str, spec: ModelDeploymentSpec, tools_image: str) -> dict
         "args": args,
         "env": env,
         "ports": [{"name": PORT_NAME, "containerPort": engine.port, "protocol": "TCP"}],
-        "resources": engine.resources.to_api(),
+        # Quantities are strings in the API ("1", "16Gi"); server-side apply refuses bare integers.
+        "resources": {
+            k: {r: str(q) for r, q in v.items()} for k, v in engine.resources.to_api().items() if v
+        },
         # /health answers 200 while asleep, so readiness survives sleep; no liveness probe on purpose:
         # a checkpointed engine answers nothing and must not be killed for it.
         "readinessProbe": {
