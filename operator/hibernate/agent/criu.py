@@ -487,7 +487,9 @@ def dump(
     the image is verified complete (criu exited 0, its log ends with success, the core, pstree,
     mm and pagemap images are there and nonempty) and metadata.json is written; only then is
     the image renamed to `image`, replacing an older one. On any failure the partial image is
-    removed, the tree keeps running, and CriuError carries the log's errors.
+    removed and CriuError carries the log's errors; when criu itself failed (disk full, timeout)
+    the tree keeps running and the pod's marker is removed. Should criu report success for an
+    image that then fails verification, the tree has already ended: the error says so.
 
     tcp_established: connections to the engine (probes, the gateway) are dumped and restored
     instead of failing the dump; the network is locked with nftables, which criu links in, so
