@@ -198,13 +198,19 @@ class SimPod:
         port: int = 8000,
         ready_path: str | None = "/",
         timeout: float = 20.0,
+        uid: str | None = None,
+        container_id: str | None = None,
+        host_network: bool = False,
     ) -> SimPod:
         """Starts a pod whose engine is `command`, run by podinit; waits until it answers HTTP.
 
-        `files` are written into the emptyDir, visible in the pod under /.hibernate/.
+        `files` are written into the emptyDir, visible in the pod under /.hibernate/. `uid` and
+        `container_id` name its cgroup (give the UID of a real Pod object to tie the two together).
+        `host_network` keeps the host's network namespace, like a hostNetwork pod, so that a process
+        on the host (the agent) reaches the engine at 127.0.0.1 without any routed address.
         """
-        uid = str(uuid.uuid4())
-        container_id = uuid.uuid4().hex + uuid.uuid4().hex
+        uid = uid or str(uuid.uuid4())
+        container_id = container_id or uuid.uuid4().hex + uuid.uuid4().hex
         rel = Path("kubepods", "besteffort", f"pod{uid}", container_id)
         cgroups = [_make_cgroup(m, rel) for m in _cgroup_mounts()]
         base = Path(tempfile.mkdtemp(prefix="simpod-"))
@@ -233,7 +239,7 @@ class SimPod:
                     "--fork",
                     "--kill-child",
                     "--mount",
-                    "--net",
+                    *([] if host_network else ["--net"]),
                     "--ipc",
                     "--uts",
                     "--propagation",

@@ -33,7 +33,9 @@ def _operator(args: argparse.Namespace) -> int:
 
 def _agent(args: argparse.Namespace) -> int:
     from hibernate.agent.main import run
+    from hibernate.api.constants import DEFAULT_CHECKPOINT_DIR
 
+    args.checkpoint_root = args.checkpoint_root or [DEFAULT_CHECKPOINT_DIR]
     return run(args)
 
 
@@ -71,8 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agent", help="run the node agent (performs levels 1-4 on this node's pods)")
     p.add_argument("--node-name", default=None, help="default: $NODE_NAME (downward API)")
-    p.add_argument("--metrics-port", type=int, default=9400)
-    p.add_argument("--proc-root", default="/proc")
+    p.add_argument("--metrics-port", type=int, default=9400, help="/metrics and /healthz (0: off)")
+    p.add_argument("--bind", default="0.0.0.0", help="address of the metrics server")
+    p.add_argument("--proc-root", default="/proc", help="the host's /proc (hostPID)")
+    p.add_argument(
+        "--checkpoint-root",
+        action="append",
+        default=None,
+        help="directory under which level-4 images may go (repeatable; default /var/lib/hibernate/checkpoints)",
+    )
+    p.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for CUDA locks")
+    p.add_argument("--engine-timeout", type=float, default=300.0, help="seconds one engine call may take")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=600.0, help="seconds to finish operations on SIGTERM"
+    )
     p.add_argument("--log-format", choices=["plain", "json"], default="plain")
     p.set_defaults(func=_agent)
 

@@ -28,6 +28,10 @@ ANN_LAST_OPERATION: Final = f"{GROUP}/last-operation"
 # until the spec's level changes again.
 ANN_SPEC_LEVEL: Final = f"{GROUP}/spec-sleep-level"
 
+# Written by the operator into the pod template: where this model's level-4 images go on the node
+# (spec.checkpoint.directory). The agent only accepts directories under its own allowed roots.
+ANN_CHECKPOINT_DIR: Final = f"{GROUP}/checkpoint-dir"
+
 # Operator bookkeeping on the Deployment: the replica count before Stop scaled it to zero.
 ANN_REPLICAS_BEFORE_STOP: Final = f"{GROUP}/replicas-before-stop"
 

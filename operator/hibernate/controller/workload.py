@@ -96,7 +96,8 @@ def pod_template(name: str, spec: ModelDeploymentSpec, tools_image: str) -> dict
         if value:
             pod_spec[key] = value
     labels = {**engine.pod_labels, **selector_labels(name), c.LABEL_MANAGED: "true"}
-    return {"metadata": {"labels": labels, "annotations": dict(engine.pod_annotations)}, "spec": pod_spec}
+    annotations = {**engine.pod_annotations, c.ANN_CHECKPOINT_DIR: spec.checkpoint.directory}
+    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
 
 
 def deployment(

@@ -1,0 +1,102 @@
+"""What the agent needs to know of one pod, read from the Pod object (a plain dict from the API)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hibernate.api import constants as c
+from hibernate.api.levels import InvalidSleepLevel, SleepLevel
+
+
+@dataclass(frozen=True)
+class PodRef:
+    namespace: str
+    name: str
+    uid: str
+    ip: str | None
+    port: int
+    container: str
+    container_id: str | None
+    annotations: dict[str, str]
+    checkpoint_dir: str
+    deleting: bool
+
+    @classmethod
+    def from_pod(cls, pod: dict[str, Any]) -> PodRef:
+        meta = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        annotations = dict(meta.get("annotations") or {})
+        containers = spec.get("containers") or [{}]
+        engine = next((x for x in containers if x.get("name") == c.ENGINE_CONTAINER), containers[0])
+        ports = engine.get("ports") or []
+        port = next((p["containerPort"] for p in ports if p.get("name") == "http"), None)
+        if port is None:
+            port = ports[0]["containerPort"] if ports else 8000
+        statuses = status.get("containerStatuses") or []
+        cid = next((s.get("containerID") for s in statuses if s.get("name") == engine.get("name")), None)
+        return cls(
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            ip=status.get("podIP"),
+            port=int(port),
+            container=engine.get("name", c.ENGINE_CONTAINER),
+            container_id=cid or None,
+            annotations=annotations,
+            checkpoint_dir=annotations.get(c.ANN_CHECKPOINT_DIR, c.DEFAULT_CHECKPOINT_DIR),
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def engine_url(self) -> str:
+        if not self.ip:
+            raise LookupError(f"pod {self.namespace}/{self.name} has no IP yet")
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"http://{host}:{self.port}"
+
+    def desired(self) -> SleepLevel | None:
+        """The level asked for; None when no level is asked. InvalidSleepLevel for garbage."""
+        raw = self.annotations.get(c.ANN_SLEEP_LEVEL)
+        return None if raw is None else SleepLevel.parse(raw)
+
+    def observed(self) -> SleepLevel | None:
+        raw = self.annotations.get(c.ANN_OBSERVED_LEVEL)
+        if raw is None:
+            return None
+        try:
+            return SleepLevel.parse(raw)
+        except InvalidSleepLevel:
+            return None
+
+    @property
+    def state(self) -> str | None:
+        return self.annotations.get(c.ANN_STATE)
+
+    def last_operation(self) -> dict[str, Any]:
+        try:
+            op = json.loads(self.annotations.get(c.ANN_LAST_OPERATION, "{}"))
+        except json.JSONDecodeError:
+            return {}
+        return op if isinstance(op, dict) else {}
+
+    def image_dir(self, roots: tuple[Path, ...]) -> Path:
+        """<checkpoint dir>/<namespace>/<pod>/<container>, refusing a directory outside the allowed roots.
+
+        The directory comes from a pod annotation and the agent writes there as root: a pod must not
+        be able to point it at /etc.
+        """
+        base = Path(self.checkpoint_dir).resolve()
+        if not any(base == r.resolve() or r.resolve() in base.parents for r in roots):
+            allowed = ", ".join(str(r) for r in roots)
+            raise PermissionError(
+                f"checkpoint directory {base} is outside the agent's allowed roots ({allowed})"
+            )
+        return base / self.namespace / self.name / self.container

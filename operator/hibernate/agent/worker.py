@@ -1,0 +1,275 @@
+"""Per-pod convergence: one operation per pod at a time, from any level 0-4 to any other.
+
+The pods' annotations are the interface (design.md): `sleep-level` is the wish, `state`,
+`observed-sleep-level` and `last-operation` are the agent's report. The report is written before
+(Sleeping/Waking) and after each step, so a crash leaves a trace that the next run verifies
+against the real processes before it acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from hibernate.agent import kube
+from hibernate.agent.levels import LevelError, Levels
+from hibernate.agent.metrics import AgentMetrics
+from hibernate.agent.podref import PodRef
+from hibernate.api import constants as c
+from hibernate.api.levels import InvalidSleepLevel, SleepLevel
+from hibernate.faults import fault_point
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+SETTLED = (c.STATE_AWAKE, c.STATE_ASLEEP)
+
+
+@dataclass
+class Reporter:
+    """How results reach the API; a seam so that the same worker serves tests and the DaemonSet."""
+
+    node: str
+    annotate: Callable[[str, str, dict[str, str]], bool] = kube.report
+    post_event: Callable[[dict[str, Any], str, str, str, str], None] = kube.event
+
+    async def write(self, pod: dict[str, Any], annotations: dict[str, str]) -> None:
+        meta = pod["metadata"]
+        await asyncio.to_thread(self.annotate, meta["namespace"], meta["name"], annotations)
+
+    async def event(self, pod: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        await asyncio.to_thread(self.post_event, pod, self.node, kind, reason, message)
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass
+class Agent:
+    levels: Levels
+    reporter: Reporter
+    metrics: AgentMetrics = field(default_factory=AgentMetrics)
+    max_wake_backoff_s: float = 60.0
+    pods: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    workers: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    dirty: dict[Key, asyncio.Event] = field(default_factory=dict)
+    verified: set[Key] = field(default_factory=set)
+    wake_failures: dict[Key, int] = field(default_factory=dict)
+    seen_at: dict[Key, float] = field(default_factory=dict)
+
+    # -- events from the watch -------------------------------------------------------------------
+
+    def observe(self, kind: str, pod: dict[str, Any]) -> None:
+        """Called for every watch event of a managed pod on this node (in the event loop)."""
+        ref = PodRef.from_pod(pod)
+        key = ref.key
+        if kind == "DELETED":
+            self.pods.pop(key, None)
+            self.dirty.pop(key, None)
+            self.verified.discard(key)
+            self.wake_failures.pop(key, None)
+            asyncio.get_running_loop().create_task(self._forget_images(ref))
+            return
+        previous = self.pods.get(key)
+        self.pods[key] = pod
+        if previous is None or PodRef.from_pod(previous).annotations.get(
+            c.ANN_SLEEP_LEVEL
+        ) != ref.annotations.get(c.ANN_SLEEP_LEVEL):
+            self.seen_at[key] = time.monotonic()
+        self.kick(key)
+
+    def kick(self, key: Key) -> None:
+        task = self.workers.get(key)
+        if task is not None and not task.done():
+            self.dirty.setdefault(key, asyncio.Event()).set()  # served when the current operation ends
+            return
+        self.workers[key] = asyncio.get_running_loop().create_task(self._work(key), name=f"pod {key}")
+
+    def update_gauges(self) -> None:
+        counts: dict[str, int] = dict.fromkeys((*c.POD_STATES, "Unknown"), 0)
+        for pod in self.pods.values():
+            state = PodRef.from_pod(pod).state or "Unknown"
+            counts[state if state in counts else "Unknown"] += 1
+        for state, n in counts.items():
+            self.metrics.pods.labels(state).set(n)
+
+    async def _forget_images(self, ref: PodRef) -> None:
+        """A deleted pod's checkpoint images go with it (also when its ModelDeployment is deleted)."""
+        try:
+            pod_dir = ref.image_dir(self.levels.host.checkpoint_roots).parent
+        except PermissionError:
+            return
+        if pod_dir.exists():
+            await asyncio.to_thread(shutil.rmtree, pod_dir, True)
+            log.info("removed checkpoint images of deleted pod %s/%s", ref.namespace, ref.name)
+
+    async def _work(self, key: Key) -> None:
+        changed = self.dirty.setdefault(key, asyncio.Event())
+        while True:
+            changed.clear()
+            pod = self.pods.get(key)
+            if pod is None:
+                return
+            try:
+                retry = await self.converge(pod)
+            except Exception:  # never let one pod kill the agent; verify it again next time
+                log.exception("unexpected error on pod %s/%s", *key)
+                self.verified.discard(key)
+                retry = 5.0
+            self.update_gauges()
+            if retry is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), retry)
+                continue
+            if not changed.is_set():
+                return
+
+    # -- one pass --------------------------------------------------------------------------------
+
+    async def converge(self, pod: dict[str, Any]) -> float | None:
+        """Take one pod one step nearer its desired level. Returns seconds to wait before retrying."""
+        ref = PodRef.from_pod(pod)
+        if ref.deleting:
+            return None
+        try:
+            desired = ref.desired()
+        except InvalidSleepLevel as e:
+            await self._refuse(pod, ref, str(e))
+            return None
+        if desired is None or desired == SleepLevel.STOP or not ref.ip:
+            return None  # Stop is the operator's; a pod without IP has no engine to talk to yet
+        observed = ref.observed()
+        if ref.key not in self.verified or observed is None or ref.state not in (*SETTLED, c.STATE_FAILED):
+            observed = await self._verify(pod, ref, observed)
+        if observed == desired:
+            if ref.state != self._state_of(desired):
+                await self.reporter.write(pod, kube.state_annotations(self._state_of(desired), int(desired)))
+            return None
+        last = ref.last_operation()
+        if (
+            ref.state == c.STATE_FAILED
+            and last.get("action") == "sleep"
+            and last.get("target") == desired.label
+            and observed == SleepLevel.AWAKE
+        ):
+            return None  # a failed sleep is not retried until someone asks for another level
+        started_at = self.seen_at.pop(ref.key, None)
+        if started_at is not None:
+            self.metrics.reaction_seconds.observe(time.monotonic() - started_at)
+        if observed != SleepLevel.AWAKE:
+            if not await self._step(pod, ref, "wake", observed):
+                failures = self.wake_failures[ref.key] = self.wake_failures.get(ref.key, 0) + 1
+                return float(min(self.max_wake_backoff_s, 2 ** (failures - 1)))
+            self.wake_failures.pop(ref.key, None)
+            latest = self.pods.get(ref.key)
+            if latest is not None and PodRef.from_pod(latest).annotations.get(
+                c.ANN_SLEEP_LEVEL
+            ) != ref.annotations.get(c.ANN_SLEEP_LEVEL):
+                return 0.0  # a change of mind during the wake: decide again on the newest wish
+        if desired != SleepLevel.AWAKE:
+            await self._step(pod, ref, "sleep", desired)
+        return None
+
+    @staticmethod
+    def _state_of(level: SleepLevel) -> str:
+        return c.STATE_AWAKE if level == SleepLevel.AWAKE else c.STATE_ASLEEP
+
+    async def _verify(self, pod: dict[str, Any], ref: PodRef, claimed: SleepLevel | None) -> SleepLevel:
+        """After a restart or a crash mid-operation: trust the processes, not the annotations."""
+        truth = await self.levels.probe(ref, claimed)
+        self.verified.add(ref.key)
+        if truth != claimed or ref.state not in (*SETTLED, c.STATE_FAILED):
+            log.info(
+                "pod %s/%s is really at %s (annotations said %s, %s)",
+                *ref.key,
+                truth.label,
+                claimed,
+                ref.state,
+            )
+            await self.reporter.write(pod, kube.state_annotations(self._state_of(truth), int(truth)))
+        return truth
+
+    async def _refuse(self, pod: dict[str, Any], ref: PodRef, message: str) -> None:
+        if ref.state == c.STATE_FAILED and ref.last_operation().get("error") == message:
+            return
+        observed = ref.observed() or SleepLevel.AWAKE
+        op = {"action": "none", "level": int(observed), "started": _stamp(), "seconds": 0.0, "error": message}
+        await self.reporter.write(pod, kube.state_annotations(c.STATE_FAILED, int(observed), op))
+        await self.reporter.event(pod, "Warning", "InvalidSleepLevel", message)
+
+    async def _step(self, pod: dict[str, Any], ref: PodRef, action: str, level: SleepLevel) -> bool:
+        """One sleep (awake → level) or wake (level → awake), reported before and after."""
+        going = c.STATE_SLEEPING if action == "sleep" else c.STATE_WAKING
+        here = SleepLevel.AWAKE if action == "sleep" else level
+        await self.reporter.write(pod, kube.state_annotations(going, int(here)))
+        await self.reporter.event(
+            pod, "Normal", going, f"{going} {'to' if action == 'sleep' else 'from'} {level.label}"
+        )
+        stamp, t0 = _stamp(), time.monotonic()
+        op: dict[str, Any] = {"action": action, "level": int(level), "target": level.label, "started": stamp}
+        try:
+            details = await (
+                self.levels.sleep(ref, level) if action == "sleep" else self.levels.wake(ref, level)
+            )
+        except LevelError as e:
+            return await self._failed(pod, ref, action, level, op, t0, e)
+        seconds = time.monotonic() - t0
+        op.update(details, seconds=round(seconds, 3), error=None)
+        if "image_bytes" in details:
+            self.metrics.checkpoint_bytes.inc(details["image_bytes"])
+        self.metrics.operation_seconds.labels(level.label, action).observe(seconds)
+        self.metrics.operations.labels(level.label, action, "ok").inc()
+        fault_point("agent.before-report")
+        now = level if action == "sleep" else SleepLevel.AWAKE
+        await self.reporter.write(pod, kube.state_annotations(self._state_of(now), int(now), op))
+        verb = f"Slept at {level.label}" if action == "sleep" else f"Woke from {level.label}"
+        await self.reporter.event(pod, "Normal", self._state_of(now), f"{verb} in {seconds:.2f} s")
+        log.info("%s/%s: %s in %.3f s %s", *ref.key, verb, seconds, details)
+        return True
+
+    async def _failed(
+        self,
+        pod: dict[str, Any],
+        ref: PodRef,
+        action: str,
+        level: SleepLevel,
+        op: dict[str, Any],
+        t0: float,
+        e: LevelError,
+    ) -> bool:
+        message = str(e)
+        result = "failed"
+        if action == "wake":
+            where = level  # still asleep there; retried with backoff
+        elif e.rolled_back:
+            where, result = SleepLevel.AWAKE, "rolled_back"
+        else:
+            where, message, result = await self._escalate(ref, level, message)
+        op.update(seconds=round(time.monotonic() - t0, 3), error=message)
+        self.metrics.operations.labels(level.label, action, result).inc()
+        await self.reporter.write(pod, kube.state_annotations(c.STATE_FAILED, int(where), op))
+        await self.reporter.event(pod, "Warning", "Failed", f"{action} {level.label} failed: {message}")
+        log.warning("%s/%s: %s %s failed: %s", *ref.key, action, level.label, message)
+        return False
+
+    async def _escalate(self, ref: PodRef, level: SleepLevel, message: str) -> tuple[SleepLevel, str, str]:
+        """The engine could not be woken back: free the GPU at a deeper level rather than leave it held."""
+        for deeper in (SleepLevel.CUDA_SUSPEND, SleepLevel.CHECKPOINT):
+            if deeper <= level:
+                continue
+            try:
+                await self.levels.sleep(ref, deeper)
+            except LevelError as again:
+                message = f"{message}; escalation to {deeper.label} failed: {again}"
+                continue
+            return deeper, f"{message}; escalated to {deeper.label} to free the GPU", "escalated"
+        self.verified.discard(ref.key)  # unknown: read the truth before the next step
+        truth = await self.levels.probe(ref, None)
+        return truth, message, "failed"

@@ -1,0 +1,221 @@
+"""The node agent against a real API server and real fake-engine processes, driven by pod annotations.
+
+Each test binds pods to a node named for the test session (no kubelet runs: the tests report the pod
+IP themselves) and runs `hibernate agent` as users do, as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hibernate.api import constants as c
+from tests.cluster import Cluster, Process, eventually, hibernate_process
+from tests.engine_fixtures import FakeEngine, start_fake_engine
+from tests.pods import annotate, annotations, create_engine_pod, ensure_node, pod_events, reached, start_pod
+
+NODE = "agent-test-node"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def complete(url: str, prompt: str = "The capital of France is") -> str:
+    r = httpx.post(
+        f"{url}/v1/completions", json={"model": "fake-model", "prompt": prompt, "max_tokens": 8}, timeout=30
+    )
+    r.raise_for_status()
+    text: str = r.json()["choices"][0]["text"]
+    return text
+
+
+def memory(url: str) -> dict[str, int]:
+    data: dict[str, int] = httpx.get(f"{url}/debug/memory", timeout=10).json()
+    return data
+
+
+def start_agent(cluster: Cluster, tmp_path: Path, *extra: str, faults: str = "") -> Process:
+    proc = hibernate_process(
+        cluster,
+        tmp_path / f"agent-{time.monotonic_ns()}.log",
+        "agent",
+        "--node-name",
+        NODE,
+        "--metrics-port",
+        str(free_port()),
+        "--checkpoint-root",
+        str(tmp_path / "checkpoints"),
+        *extra,
+    )
+    if faults:
+        proc.env["HIBERNATE_FAULTS"] = faults
+    return proc.start()
+
+
+@pytest.fixture
+def agent(cluster: Cluster, tmp_path: Path) -> Iterator[Process]:
+    ensure_node(cluster, NODE)
+    proc = start_agent(cluster, tmp_path, "--engine-timeout", "5")
+    yield proc
+    proc.stop()
+    print(proc.output()[-4000:])
+
+
+@pytest.fixture
+def engine() -> Iterator[FakeEngine]:
+    with start_fake_engine(weights_mib=64, kv_mib=16) as e:
+        yield e
+
+
+def engine_pod(cluster: Cluster, namespace: str, engine: FakeEngine, **kw: object) -> str:
+    port = int(engine.url.rsplit(":", 1)[1])
+    pod = create_engine_pod(cluster, namespace, NODE, port, **kw)  # type: ignore[arg-type]
+    start_pod(cluster, namespace, pod["name"])
+    return str(pod["name"])
+
+
+def test_level_1_cycle_frees_the_engine_memory_and_answers_the_same(
+    cluster: Cluster, namespace: str, agent: Process, engine: FakeEngine
+) -> None:
+    before = complete(engine.url)
+    pod = engine_pod(cluster, namespace, engine, level="Awake")
+    reached(cluster, namespace, pod, 0, "Awake")
+    held = memory(engine.url)["device_bytes"]
+
+    annotate(cluster, namespace, pod, "L1")
+    op = reached(cluster, namespace, pod, 1, "Asleep")
+    assert (op["action"], op["level"], op["error"]) == ("sleep", 1, None) and op["seconds"] >= 0
+    asleep = memory(engine.url)
+    assert asleep["device_bytes"] <= held - 64 * 2**20, "the weights left the 'GPU'"
+    assert httpx.get(f"{engine.url}/is_sleeping").json() == {"is_sleeping": True}
+
+    annotate(cluster, namespace, pod, 0)
+    op = reached(cluster, namespace, pod, 0, "Awake")
+    assert (op["action"], op["level"]) == ("wake", 1)
+    assert memory(engine.url)["device_bytes"] == held
+    assert complete(engine.url) == before
+    eventually(
+        lambda: (
+            {"Sleeping", "Asleep", "Waking", "Awake"}
+            <= {e.reason for e in pod_events(cluster, namespace, pod)}
+        ),
+        what="an event for each transition",
+    )
+
+
+def test_level_2_cycle_reloads_the_weights_so_the_answer_is_right(
+    cluster: Cluster, namespace: str, agent: Process, engine: FakeEngine
+) -> None:
+    before = complete(engine.url)
+    pod = engine_pod(cluster, namespace, engine, level="l2")
+    reached(cluster, namespace, pod, 2, "Asleep")
+    assert memory(engine.url)["device_bytes"] < 16 * 2**20
+
+    annotate(cluster, namespace, pod, "Awake")
+    reached(cluster, namespace, pod, 0, "Awake")
+    assert complete(engine.url) == before, "a level-2 wake without reload answers garbage"
+
+
+def test_any_level_to_any_other_goes_through_awake(
+    cluster: Cluster, namespace: str, agent: Process, engine: FakeEngine
+) -> None:
+    before = complete(engine.url)
+    pod = engine_pod(cluster, namespace, engine, level="L2")
+    reached(cluster, namespace, pod, 2, "Asleep")
+    annotate(cluster, namespace, pod, "L1")
+    op = reached(cluster, namespace, pod, 1, "Asleep")
+    assert (op["action"], op["level"]) == ("sleep", 1)
+    annotate(cluster, namespace, pod, "Awake")
+    reached(cluster, namespace, pod, 0, "Awake")
+    assert complete(engine.url) == before
+
+
+def test_an_invalid_level_is_refused_with_the_valid_values_and_changes_nothing(
+    cluster: Cluster, namespace: str, agent: Process, engine: FakeEngine
+) -> None:
+    pod = engine_pod(cluster, namespace, engine, level="deep")
+    op = reached(cluster, namespace, pod, 0, "Failed")
+    assert "invalid sleep level 'deep'" in op["error"] and "CudaSuspend" in op["error"]
+    assert httpx.get(f"{engine.url}/is_sleeping").json() == {"is_sleeping": False}
+    eventually(
+        lambda: any(e.reason == "InvalidSleepLevel" for e in pod_events(cluster, namespace, pod)),
+        what="event",
+    )
+
+
+def test_a_sleep_the_engine_refuses_is_rolled_back_and_reported(
+    cluster: Cluster, namespace: str, agent: Process
+) -> None:
+    with start_fake_engine("--fail-sleep") as engine:
+        pod = engine_pod(cluster, namespace, engine, level="L1")
+        op = reached(cluster, namespace, pod, 0, "Failed")
+        assert op["action"] == "sleep" and "500" in op["error"]
+        assert httpx.get(f"{engine.url}/is_sleeping").json() == {"is_sleeping": False}
+        assert complete(engine.url)  # still serving
+        warnings = eventually(lambda: [e for e in pod_events(cluster, namespace, pod) if e.type == "Warning"])
+        assert "sleep L1 failed" in warnings[0].message
+
+
+def test_an_engine_that_hangs_gives_a_clear_failure_not_a_hung_agent(
+    cluster: Cluster, namespace: str, agent: Process
+) -> None:
+    with start_fake_engine("--hang-sleep") as engine:
+        pod = engine_pod(cluster, namespace, engine, level="L1")
+        op = reached(cluster, namespace, pod, 0, "Failed", timeout=60)
+        assert "timed out" in op["error"] or "timeout" in op["error"].lower()
+
+
+def test_an_agent_killed_before_reporting_finds_the_truth_after_restart(
+    cluster: Cluster, namespace: str, tmp_path: Path, engine: FakeEngine
+) -> None:
+    ensure_node(cluster, NODE)
+    first = start_agent(cluster, tmp_path, faults="agent.before-report")
+    try:
+        pod = engine_pod(cluster, namespace, engine, level="L1")
+        assert first.popen is not None
+        first.popen.wait(30)
+        assert "agent.before-report armed" in first.output()
+        assert annotations(cluster, namespace, pod)[c.ANN_STATE] == "Sleeping", "it died mid-operation"
+        assert httpx.get(f"{engine.url}/is_sleeping").json() == {"is_sleeping": True}
+    finally:
+        first.stop()
+    second = start_agent(cluster, tmp_path)
+    try:
+        reached(cluster, namespace, pod, 1, "Asleep")
+        # Read from the engine, not repeated: the engine was asleep already and was not slept twice.
+        assert "sleep" not in json.loads(
+            annotations(cluster, namespace, pod).get(c.ANN_LAST_OPERATION, "{}")
+        ).get("action", "")
+    finally:
+        second.stop()
+
+
+def test_metrics_and_health_are_served(
+    cluster: Cluster, namespace: str, tmp_path: Path, engine: FakeEngine
+) -> None:
+    ensure_node(cluster, NODE)
+    port = free_port()
+    proc = hibernate_process(
+        cluster, tmp_path / "agent.log", "agent", "--node-name", NODE, "--metrics-port", str(port)
+    )
+    proc.start()
+    try:
+        pod = engine_pod(cluster, namespace, engine, level="L1")
+        reached(cluster, namespace, pod, 1, "Asleep")
+        eventually(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200, what="healthz")
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'hibernate_agent_operations_total{action="sleep",level="L1",result="ok"} 1.0' in text
+        assert "hibernate_agent_operation_seconds_bucket" in text
+        assert "hibernate_agent_reaction_seconds_count" in text
+    finally:
+        proc.stop()
