@@ -219,3 +219,73 @@ def test_metrics_and_health_are_served(
         assert "hibernate_agent_reaction_seconds_count" in text
     finally:
         proc.stop()
+
+
+# -- level 4: real CRIU on a simulated pod whose cgroup carries the real Pod's UID ----------------
+
+
+@pytest.fixture
+def criu_bundle() -> object:
+    import os
+    import shutil
+
+    from hibernate.agent import criu
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("level 4 needs root and util-linux")
+    try:
+        bundle = criu.locate()
+        criu.version(bundle)
+    except criu.CriuError as e:
+        pytest.skip(f"no CRIU 4.2 bundle (hack/build-criu.sh): {e}")
+    return bundle
+
+
+@pytest.mark.criu
+def test_level_4_checkpoints_the_engine_in_its_pod_and_restores_it_in_place(
+    cluster: Cluster, namespace: str, agent: Process, tmp_path: Path, criu_bundle: object
+) -> None:
+    import sys
+    import uuid
+
+    from tests.simpod import SimPod
+
+    port = free_port()
+    checkpoints = tmp_path / "checkpoints"
+    created = create_engine_pod(
+        cluster, namespace, NODE, port, level="Awake", checkpoint_dir=str(checkpoints)
+    )
+    name, cid = created["name"], uuid.uuid4().hex * 2
+    cmd = [sys.executable, "-m", "hibernate.engine.fake", "--model", "fake-model", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--weights-mib", "64", "--kv-mib", "16", "--enable-sleep-mode"]
+    with SimPod.start(
+        cmd, uid=created["uid"], container_id=cid, host_network=True, port=port, ready_path="/health"
+    ) as pod:
+        start_pod(cluster, namespace, name, container_id=cid)
+        url = f"http://127.0.0.1:{port}"
+        before, engine_pid = complete(url), pod.engine_ns_pid()
+        reached(cluster, namespace, name, 0, "Awake")
+
+        annotate(cluster, namespace, name, "Checkpoint")
+        op = reached(cluster, namespace, name, 4, "Asleep", timeout=60)
+        image = checkpoints / namespace / name / "engine"
+        assert op["image"] == str(image) and op["image_bytes"] > 0
+        assert pod.engine_host_pid() is None, "the engine's processes ended"
+        assert pod.init_alive(), "the pod stays: its init outlives the engine"
+        meta = json.loads((image / "metadata.json").read_text())
+        assert meta["criu_version"].startswith("4.") and meta["kernel_release"]
+        # The engine slept at level 2 first, so the image holds no weights.
+        assert op["image_bytes"] < 64 * 2**20 + 40 * 2**20
+
+        annotate(cluster, namespace, name, "Awake")
+        reached(cluster, namespace, name, 0, "Awake", timeout=60)
+        assert pod.engine_ns_pid() == engine_pid, "restored in place with the same pid"
+        assert complete(url) == before, "same answer after a level-4 cycle"
+        assert not image.exists(), "the image is removed once the engine runs again"
+
+        annotate(cluster, namespace, name, 4)
+        reached(cluster, namespace, name, 4, "Asleep", timeout=60)
+        cluster.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+        eventually(
+            lambda: not (checkpoints / namespace / name).exists(), what="images of a deleted pod removed"
+        )

@@ -40,7 +40,7 @@ class PodWatch(threading.Thread):
         return self.is_alive() and time.monotonic() - self.last_contact < max_silence_s
 
     def run(self) -> None:
-        known: set[tuple[str, str]] = set()
+        known: dict[tuple[str, str], dict[str, Any]] = {}
         while not self.stopping.is_set():
             try:
                 known = self._list_and_watch(known)
@@ -48,18 +48,20 @@ class PodWatch(threading.Thread):
                 log.warning("pod watch interrupted (%s); listing again", e)
                 self.stopping.wait(1.0)
 
-    def _list_and_watch(self, known: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    def _list_and_watch(
+        self, known: dict[tuple[str, str], dict[str, Any]]
+    ) -> dict[tuple[str, str], dict[str, Any]]:
         api: Any = kube.core()  # the generated signatures do not know the legacy `_preload_content`
         response = api.list_pod_for_all_namespaces(**self.selectors, _preload_content=False)
         listing = json.loads(response.data)
         self.last_contact = time.monotonic()
-        current: set[tuple[str, str]] = set()
+        current: dict[tuple[str, str], dict[str, Any]] = {}
         for pod in listing.get("items", []):
             meta = pod["metadata"]
-            current.add((meta["namespace"], meta["name"]))
+            current[(meta["namespace"], meta["name"])] = pod
             self.on_event("ADDED", pod)
-        for namespace, name in known - current:  # deleted while we were not watching
-            self.on_event("DELETED", {"metadata": {"namespace": namespace, "name": name}})
+        for key in known.keys() - current.keys():  # deleted while we were not watching
+            self.on_event("DELETED", known[key])
         known = current
         stream = watch.Watch().stream(
             api.list_pod_for_all_namespaces,
@@ -73,12 +75,15 @@ class PodWatch(threading.Thread):
             if self.stopping.is_set():
                 break
             self.last_contact = time.monotonic()
-            kind, pod = event["type"], event["raw_object"]
+            kind, pod = event["type"], event["object"]  # deserialize=False: the plain JSON event
             if kind == "ERROR":
                 raise RuntimeError(f"watch error: {pod.get('message', pod)}")
             if kind == "BOOKMARK":
                 continue
             key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
-            (known.discard if kind == "DELETED" else known.add)(key)
+            if kind == "DELETED":
+                known.pop(key, None)
+            else:
+                known[key] = pod
             self.on_event(kind, pod)
         return known
