@@ -248,7 +248,7 @@ def test_level_4_checkpoints_the_engine_in_its_pod_and_restores_it_in_place(
     import sys
     import uuid
 
-    from tests.simpod import SimPod
+    from hibernate.localnode.simpod import SimPod
 
     port = free_port()
     checkpoints = tmp_path / "checkpoints"

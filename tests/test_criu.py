@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from hibernate.agent import criu
-from tests.simpod import SimPod
+from hibernate.localnode.simpod import SimPod
 
 PODINIT = Path(criu.__file__).resolve().parents[1] / "podinit.py"
 ENGINE_MIB = 256

@@ -42,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-PODINIT = Path(__file__).resolve().parents[1] / "operator" / "hibernate" / "podinit.py"
+PODINIT = Path(__file__).resolve().parents[1] / "podinit.py"
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
@@ -201,6 +201,7 @@ class SimPod:
         uid: str | None = None,
         container_id: str | None = None,
         host_network: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> SimPod:
         """Starts a pod whose engine is `command`, run by podinit; waits until it answers HTTP.
 
@@ -254,6 +255,7 @@ class SimPod:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
         pod = cls(uid, container_id, base, proc, cgroups, port)
         try:
