@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# hack/setup.sh: everything a fresh Debian 12 machine needs for the demo and the tests, idempotent.
+#   - Debian packages: python3-venv, util-linux (unshare/nsenter), openssl, iproute2
+#   - .venv with the project installed (editable) and its dev tools
+#   - Kubernetes 1.20 test binaries (hack/install-k8s-test-assets.sh, cached in ~/.cache; ~5 min once)
+#   - CRIU 4.2 with its CUDA plugin (hack/build-criu.sh, cached in ~/.cache; ~40 s once; root only)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+log() { printf '[setup %4ds] %s\n' "$SECONDS" "$*" >&2; }
+
+need=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v unshare >/dev/null || need+=(util-linux)
+command -v openssl >/dev/null || need+=(openssl)
+command -v ip >/dev/null || need+=(iproute2)
+if [ "${#need[@]}" -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { echo "missing packages ${need[*]}: install them (apt-get install ${need[*]})" >&2; exit 1; }
+  log "apt-get install ${need[*]}"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/hibernate ] || [ pyproject.toml -nt .venv/.installed ]; then
+  log "python environment in .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[dev]'
+  touch .venv/.installed
+fi
+
+log "Kubernetes test binaries"
+hack/install-k8s-test-assets.sh
+if [ "$(id -u)" = 0 ]; then
+  log "CRIU 4.2 bundle"
+  hack/build-criu.sh
+else
+  log "not root: skipping CRIU (level 4 needs root)"
+fi
+log "ready"
