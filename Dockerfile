@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+# One image for every hibernate component:
+#   hibernate operator | agent | gateway      (ENTRYPOINT hibernate; the chart sets the subcommand)
+#   hibernate-install-tools /.hibernate       (the engine pods' init container: pod init + CRIU)
+#   python -m hibernate.engine.fake           (the fake vLLM engine, examples/fake-engine.yaml)
+#
+#   docker build -t ghcr.io/hibernate-dev/hibernate:0.1.0 .
+#
+# CRIU 4.2+ is built from source (bookworm's 3.17 fails on recent kernels and no Debian package
+# ships the CUDA plugin: shared/notes/checkpointing.md) by hack/build-criu.sh, into a bundle with
+# its own libraries (RPATH $ORIGIN/../lib) that runs here, in the agent, and inside engine pods.
+# The image runs as a non-root user; the chart's agent DaemonSet runs it as root, privileged.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- CRIU bundle --------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS criu
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# The build dependencies hack/build-criu.sh would install (its BUILD_DEPS), installed here as root,
+# so the script, run unprivileged below, finds them all and installs nothing. It runs unprivileged
+# because as root it ends with `criu check`, which needs capabilities a build container lacks.
+# sudo is only there because the script looks for it when not root; the builder has no sudo rights.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        gcc make pkg-config libc6-dev xz-utils debian-archive-keyring \
+        libcap-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev \
+        libnl-3-dev libnet1-dev libnftables-dev libbsd-dev libaio-dev sudo \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10002 --user-group builder
+COPY --chmod=0755 hack/build-criu.sh /usr/local/bin/build-criu.sh
+USER 10002
+# Fetches criu's upstream tarball through the Debian mirror (apt source, private apt state), builds
+# criu and its cuda plugin, bundles the libraries and checks `criu --version` is 4.2 or newer.
+RUN HOME=/home/builder PYTHON=/usr/local/bin/python3 build-criu.sh /home/builder/criu-bundle \
+    && /home/builder/criu-bundle/bin/criu --version
+
+# ---- the hibernate wheel ------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml ./
+COPY operator ./operator
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+
+# ---- the image ----------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="hibernate" \
+      org.opencontainers.image.description="Kubernetes operator, node agent and gateway that put GPU model servers to sleep and wake them" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HIBERNATE_CRIU_BUNDLE=/opt/hibernate/criu
+# nsenter and setsid (util-linux) are in the base image already; the agent runs criu through them.
+COPY --from=criu /home/builder/criu-bundle /opt/hibernate/criu
+COPY --from=wheel /dist/ /tmp/dist/
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
+    && groupadd --gid 10001 hibernate \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin hibernate \
+    && hibernate-install-tools --help >/dev/null \
+    && /opt/hibernate/criu/bin/criu --version
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+ENTRYPOINT ["hibernate"]
+CMD ["--help"]
