@@ -424,3 +424,19 @@ def test_podinit_outlives_a_checkpointed_engine(tmp_path: Path) -> None:
     (tmp_path / "mark").unlink()
     init.communicate(timeout=10)  # marker gone and no engine: the container ends
     assert init.returncode == 0
+
+
+def test_bundle_copies_carry_a_cuda_checkpoint_for_the_cuda_plugin(
+    bundle: criu.Bundle, tmp_path: Path
+) -> None:
+    """CRIU's cuda plugin execs `cuda-checkpoint -h` and disables itself unless it mentions --action."""
+    dest = criu.copy_bundle_into(tmp_path / "criu", bundle)
+    shim = dest / "bin" / "cuda-checkpoint"
+    out = subprocess.run(
+        [str(shim), "-h"], capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}
+    )
+    assert out.returncode == 0 and "--action" in out.stdout, out.stderr
+    state = subprocess.run(
+        [str(shim), "--get-state", "--pid", "1"], capture_output=True, text=True, timeout=30
+    )
+    assert state.returncode != 0 and state.stderr.strip(), "no driver here: a clear error, not a crash"

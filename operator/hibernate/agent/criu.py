@@ -180,6 +180,38 @@ def _cached_bundle_id(root: Path, mtime_ns: int) -> str:
     return _bundle_id(root)
 
 
+_SHIM_MODULES = ("agent/cuda.py", "agent/cuda_checkpoint_cli.py")
+_SHIM = """#!/bin/sh
+# cuda-checkpoint for CRIU's cuda plugin: hibernate's stand-in over the driver API (stdlib only,
+# so any python3 runs it; inside a pod, the engine image's).
+here=$(dirname "$0")
+exec python3 -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); \
+from hibernate.agent.cuda_checkpoint_cli import main; sys.exit(main())' "$here/../py" "$@"
+"""
+
+
+def install_cuda_shim(root: Path) -> None:
+    """Put a `cuda-checkpoint` into a bundle's bin/ for CRIU's cuda plugin, which execs it from $PATH.
+
+    NVIDIA's binary is rarely installed (it is not on our GPU machine); the stand-in speaks its command
+    line over the same driver calls the agent makes. Idempotent: files are rewritten only if they differ.
+    """
+    package = Path(__file__).resolve().parents[1]
+    files = {f"py/hibernate/{m}": (package / m).read_bytes() for m in _SHIM_MODULES}
+    files["py/hibernate/__init__.py"] = b""
+    files["py/hibernate/agent/__init__.py"] = b""
+    files["bin/cuda-checkpoint"] = _SHIM.encode()
+    for rel, data in files.items():
+        path = root / rel
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == data:
+                continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if rel.startswith("bin/"):
+            path.chmod(0o755)
+
+
 def copy_bundle_into(dest: Path, bundle: Bundle | None = None) -> Path:
     """Makes `dest` (the pod's emptyDir as the host sees it, e.g. /proc/<init>/root/.hibernate/criu)
     a copy of the bundle, unless an identical copy is already there. Returns dest.
@@ -199,6 +231,7 @@ def copy_bundle_into(dest: Path, bundle: Bundle | None = None) -> Path:
     old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         shutil.copytree(bundle.root, tmp, symlinks=True)
+        install_cuda_shim(tmp)
         (tmp / _BUNDLE_STAMP).write_text(want + "\n")
         if dest.exists():
             dest.rename(old)
@@ -420,6 +453,8 @@ def _criu_command(
     if pod is None:
         # On the host: criu leads its own session (start_new_session) for --shell-job.
         plugins = bundle.plugins
+        if plugins is not None and bundle.root is not None:
+            install_cuda_shim(bundle.root)
         cmd = [str(bundle.criu), action]
         bin_dir: PurePosixPath | Path = bundle.criu.parent
     else:
