@@ -92,8 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gateway", help="run the wake-on-request OpenAI-compatible gateway")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--namespace", action="append")
-    p.add_argument("--hold-timeout", type=float, default=300.0)
+    p.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--namespace", action="append", help="serve only these namespaces (default: all)")
+    p.add_argument(
+        "--hold-timeout", type=float, default=300.0, help="seconds a request may wait for its model to wake"
+    )
+    p.add_argument("--max-held", type=int, default=1024, help="requests held per model; beyond it 503")
+    p.add_argument(
+        "--upstream-template",
+        default="http://{name}.{namespace}.svc:{port}",
+        help="a model's base URL from its ModelDeployment's name, namespace and engine port",
+    )
+    p.add_argument(
+        "--activity-interval",
+        type=float,
+        default=10.0,
+        help="at most one last-activity write per model per this many seconds",
+    )
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect to an engine")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=15.0, help="seconds for requests in flight on SIGTERM"
+    )
+    p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_gateway)
 
     p = sub.add_parser("demo", help="a local demo: control plane, operator, agent, fake engine, every level")

@@ -1,0 +1,431 @@
+# mypy: disallow-untyped-calls=False
+# (the official client ships no type hints)
+"""The gateway's HTTP server: route by `model`, hold while the model wakes, forward, stream back.
+
+One wake per model at a time: the first request for a sleeping model starts it (one spec patch),
+later ones join it. Each held request waits at most --hold-timeout seconds; a full queue, a failed
+wake or a timeout is answered 503 with Retry-After and an OpenAI-style error body. Nothing hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, cast
+
+import aiohttp
+from aiohttp import web
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from hibernate.api import constants as c
+from hibernate.api.levels import SleepLevel
+from hibernate.controller import kube
+from hibernate.controller.idle import format_time
+from hibernate.gateway import metrics as m
+from hibernate.gateway.activity import ActivityRecorder
+from hibernate.gateway.registry import ANN_WAKE_ON_REQUEST, Key, ModelView, Registry
+
+log = logging.getLogger("hibernate.gateway")
+
+SOURCE: Final = "gateway"  # recorded in ANN_LEVEL_SOURCE for the wakes the gateway asks for
+POLL_SECONDS: Final = 2.0  # while holding, read the object directly this often (in case the watch lags)
+# Request headers that belong to one connection, not to the request (RFC 9110 §7.6.1), plus the ones
+# the client library sets itself.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_RESPONSE_HEADERS: Final = ("Content-Type", "Content-Encoding", "Cache-Control", "X-Request-Id")
+
+
+@dataclass(frozen=True)
+class Options:
+    hold_timeout: float = 300.0  # seconds a request may be held for its model to wake
+    max_held: int = 1024  # requests held per model; beyond it 503 at once
+    activity_interval: float = 10.0  # at most one last-activity write per model per this many seconds
+    connect_timeout: float = 10.0  # seconds to connect to an engine
+    connect_retries: int = 3  # connection attempts (a Service whose endpoints are just coming back)
+    retry_after_busy: int = 5  # Retry-After of a full queue
+    retry_after_timeout: int = 10  # Retry-After of a hold timeout (the wake goes on)
+    retry_after_failed: int = 30  # Retry-After of a failed wake
+    retry_after_disabled: int = 60  # Retry-After of a sleeping model with wake-on-request "false"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a hold ended: `ok`, or the refusal to send (metric result, message, Retry-After)."""
+
+    ok: bool
+    result: str = m.RESULT_OK
+    message: str = ""
+    retry_after: int = 0
+
+
+OK: Final = Outcome(ok=True)
+
+
+@dataclass
+class _Wake:
+    task: asyncio.Task[Outcome]
+
+
+def error_body(message: str, status: int, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def _error(message: str, status: int, kind: str, retry_after: int = 0) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return web.json_response(error_body(message, status, kind), status=status, headers=headers)
+
+
+class Gateway:
+    def __init__(self, registry: Registry, options: Options, metrics: m.GatewayMetrics) -> None:
+        self.registry = registry
+        self.options = options
+        self.metrics = metrics
+        self.activity = ActivityRecorder(self._write_activity, options.activity_interval)
+        self.held: dict[Key, int] = {}
+        self.wakes: dict[Key, _Wake] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self._background: list[asyncio.Task[None]] = []
+
+    # --- application --------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.prometheus)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/completions", self.proxy)
+        app.router.add_post("/v1/chat/completions", self.proxy)
+        app.router.add_post("/v1/{tail:.+}", self.proxy)  # embeddings and the like: routed the same way
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout),
+            auto_decompress=False,
+        )
+        self._background.append(asyncio.create_task(self.activity.keep_marking()))
+
+    async def _stop(self, app: web.Application) -> None:
+        for task in self._background:
+            task.cancel()
+        for wake in list(self.wakes.values()):
+            wake.task.cancel()
+        await self.activity.close()
+        if self.session is not None:
+            await self.session.close()
+
+    # --- plain endpoints ----------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "synced": self.registry.synced, "models": len(self.registry.models)}
+        )
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        synced = self.registry.synced
+        return web.json_response({"synced": synced}, status=200 if synced else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """Every ModelDeployment's model, awake or not: a request for any of them is served."""
+        data = [
+            {
+                "id": view.model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "hibernate",
+                "root": view.model,
+                "parent": None,
+                "hibernate": {
+                    "namespace": view.namespace,
+                    "name": view.name,
+                    "sleepLevel": view.desired.label if view.desired is not None else None,
+                    "reached": view.reached,
+                    "phase": view.phase,
+                    "ready": view.serving,
+                    "wakeOnRequest": view.wake_on_request,
+                },
+            }
+            for view in self.registry.listing()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    # --- inference ----------------------------------------------------------------------------
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
+            self.metrics.requests.labels(result=m.RESULT_BAD_REQUEST).inc()
+            return _error("the body must be a JSON object with a string 'model'", 400, "BadRequestError")
+        asked = payload["model"]
+        view = self.registry.lookup(asked)
+        if view is None:
+            self.metrics.requests.labels(result=m.RESULT_UNKNOWN_MODEL).inc()
+            known = ", ".join(v.model for v in self.registry.listing()) or "none"
+            return _error(f"The model `{asked}` does not exist. Known models: {known}.", 404, "NotFoundError")
+        if asked != view.model:  # asked by ModelDeployment name: the engine knows its served name
+            payload["model"] = view.model
+            body = json.dumps(payload).encode()
+        key = view.key
+        self.activity.started(key)
+        try:
+            if not view.serving:
+                outcome = await self.hold(view)
+                if not outcome.ok:
+                    self.metrics.requests.labels(result=outcome.result).inc()
+                    return _error(outcome.message, 503, "ServiceUnavailableError", outcome.retry_after)
+                view = self.registry.get(key) or view
+            return await self.forward(request, view, body)
+        finally:
+            self.activity.finished(key)
+
+    async def hold(self, view: ModelView) -> Outcome:
+        """Hold one request until its model serves, its wake fails, or --hold-timeout passes."""
+        key = view.key
+        if self.held.get(key, 0) >= self.options.max_held:
+            return Outcome(
+                ok=False,
+                result=m.RESULT_QUEUE_FULL,
+                message=(
+                    f"model `{view.model}` is waking and already holds {self.options.max_held} "
+                    "requests; retry later"
+                ),
+                retry_after=self.options.retry_after_busy,
+            )
+        self.held[key] = self.held.get(key, 0) + 1
+        self.metrics.held.inc()
+        started = time.monotonic()
+        try:
+            wake = self.wakes.get(key)
+            if wake is None or wake.task.done():
+                wake = _Wake(asyncio.create_task(self._wake(key)))
+                self.wakes[key] = wake
+                wake.task.add_done_callback(functools.partial(self._forget_wake, key, wake))
+            try:
+                # The wake ends by itself within the hold timeout; this bound is only a safety net.
+                return await asyncio.wait_for(asyncio.shield(wake.task), self.options.hold_timeout + 5)
+            except TimeoutError:
+                return self._timeout(self.registry.get(key) or view)
+        finally:
+            self.metrics.hold_seconds.observe(time.monotonic() - started)
+            self.metrics.held.dec()
+            left = self.held[key] - 1
+            if left:
+                self.held[key] = left
+            else:
+                del self.held[key]
+
+    def _forget_wake(self, key: Key, wake: _Wake, _: object = None) -> None:
+        if self.wakes.get(key) is wake:
+            del self.wakes[key]
+
+    async def _wake(self, key: Key) -> Outcome:
+        """Ask for Awake if the spec wants a sleep level, then wait for the status to say Awake."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.hold_timeout
+        view = self.registry.get(key)
+        if view is None:
+            return self._gone(key)
+        generation = view.generation
+        if view.desired != SleepLevel.AWAKE:
+            if not view.wake_on_request:
+                return Outcome(
+                    ok=False,
+                    result=m.RESULT_WAKE_DISABLED,
+                    message=(
+                        f"model `{view.model}` is asleep at {_level(view)} and its ModelDeployment "
+                        f'{view.namespace}/{view.name} has {ANN_WAKE_ON_REQUEST}: "false"; '
+                        "wake it by setting spec.sleepLevel to Awake"
+                    ),
+                    retry_after=self.options.retry_after_disabled,
+                )
+            try:
+                generation = await self._ask_for_awake(view)
+            except ApiException as e:
+                if e.status == 404:
+                    return self._gone(key)
+                self.metrics.api_errors.labels(call="wake").inc()
+                return Outcome(
+                    ok=False,
+                    result=m.RESULT_WAKE_FAILED,
+                    message=f"could not ask for a wake of model `{view.model}`: {e.status} {e.reason}",
+                    retry_after=self.options.retry_after_failed,
+                )
+        last_read = loop.time()
+        while True:
+            view = self.registry.get(key)
+            if view is None:
+                return self._gone(key)
+            if view.settled_at(generation):
+                if view.serving:
+                    return OK
+                if view.phase == "Failed":
+                    return Outcome(
+                        ok=False,
+                        result=m.RESULT_WAKE_FAILED,
+                        message=(
+                            f"model `{view.model}` failed to wake: {view.message or 'phase Failed'} "
+                            f"(ModelDeployment {view.namespace}/{view.name})"
+                        ),
+                        retry_after=self.options.retry_after_failed,
+                    )
+                if view.desired != SleepLevel.AWAKE:
+                    return Outcome(
+                        ok=False,
+                        result=m.RESULT_WAKE_FAILED,
+                        message=(
+                            f"model `{view.model}` was set to {_level(view)} again while it woke; retry later"
+                        ),
+                        retry_after=self.options.retry_after_failed,
+                    )
+            now = loop.time()
+            if now >= deadline:
+                return self._timeout(view)
+            if now - last_read >= POLL_SECONDS:
+                last_read = now
+                await self._reread(key)
+                continue
+            await self.registry.changed(key, min(deadline - now, POLL_SECONDS))
+
+    async def _ask_for_awake(self, view: ModelView) -> int:
+        """One spec patch to Awake; returns a generation at least as new as the patched spec."""
+        namespace, name = view.key
+        await asyncio.to_thread(kube.patch_spec_level, namespace, name, SleepLevel.AWAKE.label, SOURCE)
+        self.metrics.wakes.labels(level=_level(view)).inc()
+        log.info("waking %s/%s (model %s) from %s for a request", namespace, name, view.model, _level(view))
+        # The ladder starts again from this request; the patch's answer carries the new generation.
+        obj = await self.activity.force(view.key)
+        if obj is None:
+            obj = await asyncio.to_thread(_read, namespace, name)
+        if obj is None:
+            raise ApiException(status=404, reason="Not Found")
+        self.registry.refresh(obj, view.key)
+        return int((obj.get("metadata") or {}).get("generation") or view.generation + 1)
+
+    async def _reread(self, key: Key) -> None:
+        try:
+            obj = await asyncio.to_thread(_read, *key)
+        except Exception as e:
+            self.metrics.api_errors.labels(call="read").inc()
+            log.warning("could not read %s/%s: %s", key[0], key[1], e)
+            return
+        self.registry.refresh(obj, key)
+
+    def _timeout(self, view: ModelView) -> Outcome:
+        return Outcome(
+            ok=False,
+            result=m.RESULT_HOLD_TIMEOUT,
+            message=(
+                f"model `{view.model}` did not wake within {self.options.hold_timeout:g} s "
+                f"(phase {view.phase or 'unknown'}, at {view.reached or 'unknown level'}); "
+                "the wake goes on, retry later"
+            ),
+            retry_after=self.options.retry_after_timeout,
+        )
+
+    def _gone(self, key: Key) -> Outcome:
+        return Outcome(
+            ok=False,
+            result=m.RESULT_WAKE_FAILED,
+            message=f"ModelDeployment {key[0]}/{key[1]} was deleted while the request was held",
+            retry_after=self.options.retry_after_failed,
+        )
+
+    async def _write_activity(self, key: Key, when: datetime) -> dict[str, Any] | None:
+        try:
+            obj = await asyncio.to_thread(_annotate, key, c.ANN_LAST_ACTIVITY, format_time(when))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            self.metrics.api_errors.labels(call="activity").inc()
+            raise
+        self.metrics.activity_writes.inc()
+        return obj
+
+    # --- forwarding ---------------------------------------------------------------------------
+
+    async def forward(self, request: web.Request, view: ModelView, body: bytes) -> web.StreamResponse:
+        assert self.session is not None
+        url = view.upstream + request.path_qs
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        for attempt in range(1, self.options.connect_retries + 1):
+            try:
+                upstream = await self.session.post(url, data=body, headers=headers)
+                break
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
+                # Nothing reached the engine (no connection, or a pooled one it had closed): retry.
+                if attempt == self.options.connect_retries:
+                    self.metrics.requests.labels(result=m.RESULT_UNREACHABLE).inc()
+                    return _error(
+                        f"model `{view.model}` is not reachable at {view.upstream}: {e}",
+                        502,
+                        "BadGatewayError",
+                        retry_after=self.options.retry_after_busy,
+                    )
+                await asyncio.sleep(0.2 * attempt)
+        async with upstream:
+            result = m.RESULT_OK if upstream.status < 400 else m.RESULT_UPSTREAM_ERROR
+            out_headers = {h: upstream.headers[h] for h in _RESPONSE_HEADERS if h in upstream.headers}
+            if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                data = await upstream.read()
+                self.metrics.requests.labels(result=result).inc()
+                return web.Response(body=data, status=upstream.status, headers=out_headers)
+            # Server-sent events: each chunk goes on as soon as it comes.
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            self.metrics.requests.labels(result=result).inc()
+            return response
+
+
+def _level(view: ModelView) -> str:
+    return view.desired.label if view.desired is not None else "an invalid level"
+
+
+def _read(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        obj = kube.custom().get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return cast(dict[str, Any], obj)
+
+
+def _annotate(key: Key, annotation: str, value: str) -> dict[str, Any]:
+    patch = {"metadata": {"annotations": {annotation: value}}}
+    obj = kube.custom().patch_namespaced_custom_object(c.GROUP, c.VERSION, key[0], c.PLURAL, key[1], patch)
+    return cast(dict[str, Any], obj)
