@@ -8,7 +8,7 @@ import logging
 
 import kopf
 
-from hibernate.controller import handlers  # registers the handlers
+from hibernate.controller import handlers, idle_handlers  # noqa: F401  (register kopf handlers)
 from hibernate.controller.reconcile import OperatorContext
 
 assert handlers  # imported for its side effect: kopf's registry
