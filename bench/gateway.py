@@ -18,6 +18,7 @@ engine's sleep and wake take milliseconds. On a GPU the engine's own wake time a
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -25,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -108,8 +108,9 @@ def hold_times(
         out[level] = []
         for _ in range(wakes):
             set_level(cluster, ns, "m", level)
-            check: Callable[[], bool] = lambda level=level, phase=phase: settled(cluster, ns, level, phase)  # noqa: E731
-            eventually(check, timeout=60, what=f"{level} {phase}")
+            eventually(
+                functools.partial(settled, cluster, ns, level, phase), timeout=60, what=f"{level} {phase}"
+            )
             started = time.perf_counter()
             response = client.post(f"{gateway}/v1/completions", json=body)
             out[level].append(time.perf_counter() - started)

@@ -128,17 +128,22 @@ class AgentStandin:
         items = self.cluster.core.list_namespaced_pod(
             self.namespace, label_selector=f"{c.LABEL_MODEL}={slot.name}"
         ).items
-        live = [p for p in items if p.metadata.deletion_timestamp is None]
+        # (metadata, uid) of the pods that are not going away
+        live = [
+            (p.metadata, str(p.metadata.uid))
+            for p in items
+            if p.metadata is not None and p.metadata.deletion_timestamp is None
+        ]
         if not live:
             if slot.engine is not None:
                 self._stop_engine(slot)  # scaled to zero: the kubelet ends the container
             slot.levels.clear()
             return
-        for pod in live:
-            uid = pod.metadata.uid
-            annotations = pod.metadata.annotations or {}
+        for meta, uid in live:
+            name = str(meta.name)
+            annotations = meta.annotations or {}
             if uid not in slot.levels:
-                self._start_pod(slot, pod.metadata.name)
+                self._start_pod(slot, name)
                 slot.levels[uid] = 0
                 continue
             raw = annotations.get(c.ANN_SLEEP_LEVEL)
@@ -151,7 +156,7 @@ class AgentStandin:
             current = slot.levels[uid]
             if desired == current or slot.failed.get(uid) == raw:
                 continue
-            self._transition(slot, pod.metadata.name, uid, raw, current, desired)
+            self._transition(slot, name, uid, raw, current, desired)
 
     def _start_pod(self, slot: _Model, pod: str) -> None:
         """The kubelet's part: an engine for the pod, readiness, and the agent's first report."""
