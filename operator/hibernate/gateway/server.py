@@ -237,6 +237,14 @@ class Gateway:
                 return await asyncio.wait_for(asyncio.shield(wake.task), self.options.hold_timeout + 5)
             except TimeoutError:
                 return self._timeout(self.registry.get(key) or view)
+            except Exception as e:  # a bug or an unexpected API failure: refuse, never hang or 500
+                log.exception("the wake of %s/%s failed", *key)
+                return Outcome(
+                    ok=False,
+                    result=m.RESULT_WAKE_FAILED,
+                    message=f"model `{view.model}` could not be woken: {type(e).__name__}: {e}",
+                    retry_after=self.options.retry_after_failed,
+                )
         finally:
             self.metrics.hold_seconds.observe(time.monotonic() - started)
             self.metrics.held.dec()
@@ -325,9 +333,12 @@ class Gateway:
         self.metrics.wakes.labels(level=_level(view)).inc()
         log.info("waking %s/%s (model %s) from %s for a request", namespace, name, view.model, _level(view))
         # The ladder starts again from this request; the patch's answer carries the new generation.
-        obj = await self.activity.force(view.key)
-        if obj is None:
-            obj = await asyncio.to_thread(_read, namespace, name)
+        obj: dict[str, Any] | None = None
+        try:
+            obj = await self.activity.force(view.key) or await asyncio.to_thread(_read, namespace, name)
+        except Exception as e:  # the wake is asked for; only its generation is unknown
+            log.warning("after waking %s/%s: could not read it back: %s", namespace, name, e)
+            return view.generation + 1  # a spec change bumps the generation by one
         if obj is None:
             raise ApiException(status=404, reason="Not Found")
         self.registry.refresh(obj, view.key)
