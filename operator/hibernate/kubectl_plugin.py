@@ -1,0 +1,419 @@
+# mypy: disallow-untyped-calls=False
+# (the official client ships no type hints; this module is the typed boundary around it)
+"""kubectl hibernate: put ModelDeployments to sleep, wake them, and see where every pod stands.
+
+    kubectl hibernate sleep md/NAME --level CudaSuspend [--wait] [--timeout 300] [-n NS]
+    kubectl hibernate wake md/NAME [--wait] [--timeout 300] [-n NS]
+    kubectl hibernate status [md/NAME] [-n NS | -A]
+
+kubectl runs this as `kubectl-hibernate` from $PATH (the console script of the hibernate package).
+It talks to the cluster like kubectl: $KUBECONFIG (or ~/.kube/config), --kubeconfig, --context, and
+the context's namespace unless -n says otherwise; inside a pod, the pod's ServiceAccount.
+
+`sleep` and `wake` set spec.sleepLevel, as `kubectl patch` would, and clear the record of which
+automaton asked for the last level (a person's request is not the idle ladder's). With --wait they
+follow the status the operator writes until every replica has reached the level (exit 0), the
+operator reports Failed (exit 1, with its message) or --timeout passes (exit 1). Usage errors, an
+invalid level among them, exit 2 and change nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from hibernate.api import constants as c
+from hibernate.api.levels import InvalidSleepLevel, SleepLevel
+
+PROG = "kubectl hibernate"
+RESOURCE = f"{c.PLURAL}.{c.GROUP}"
+MD_KINDS = frozenset(
+    {*c.SHORT_NAMES, c.SINGULAR, c.PLURAL, f"{c.SINGULAR}.{c.GROUP}", RESOURCE, c.KIND.lower()}
+)
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+POLL_SECONDS = 0.5
+
+
+class UsageError(Exception):
+    """Bad arguments: exit 2, nothing changed."""
+
+
+class PluginError(Exception):
+    """The request could not be carried out, or the wait ended badly: exit 1."""
+
+
+# ---- talking to the cluster ----------------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    api: Any  # kubernetes.client.ApiClient
+    namespace: str  # the namespace of the context (or the pod), for when -n is not given
+
+    @property
+    def custom(self) -> Any:
+        return kubernetes.client.CustomObjectsApi(self.api)
+
+    @property
+    def core(self) -> Any:
+        return kubernetes.client.CoreV1Api(self.api)
+
+
+def connect(kubeconfig: str | None, context: str | None) -> Client:
+    """Like kubectl: the kubeconfig ($KUBECONFIG, else ~/.kube/config), else the in-cluster config."""
+    try:
+        api = kubernetes.config.new_client_from_config(config_file=kubeconfig, context=context)
+        _, current = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+        if context:
+            contexts, _ = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
+            current = next((x for x in contexts if x.get("name") == context), current)
+        namespace = (current or {}).get("context", {}).get("namespace") or "default"
+        return Client(api, namespace)
+    except kubernetes.config.ConfigException as e:
+        if kubeconfig or context or not IN_CLUSTER_NAMESPACE.exists():
+            raise PluginError(f"no usable kubeconfig: {e}") from e
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_incluster_config(client_configuration=config)
+    return Client(kubernetes.client.ApiClient(config), IN_CLUSTER_NAMESPACE.read_text().strip())
+
+
+def _api_error(e: ApiException) -> str:
+    try:
+        message = json.loads(e.body).get("message") if e.body else None
+    except (TypeError, ValueError, AttributeError):
+        message = None
+    return f"{message or e.reason} (HTTP {e.status})"
+
+
+def get_md(client: Client, namespace: str, name: str) -> dict[str, Any]:
+    try:
+        md: dict[str, Any] = client.custom.get_namespaced_custom_object(
+            c.GROUP, c.VERSION, namespace, c.PLURAL, name
+        )
+    except ApiException as e:
+        if e.status == 404:
+            raise PluginError(f'{RESOURCE} "{name}" not found in namespace "{namespace}"') from e
+        raise PluginError(f"cannot read {RESOURCE}/{name}: {_api_error(e)}") from e
+    return md
+
+
+def set_level(client: Client, namespace: str, name: str, level: SleepLevel) -> dict[str, Any]:
+    body = {
+        # A person asked: forget that the gateway or the idle ladder set the current level.
+        "metadata": {"annotations": {c.ANN_LEVEL_SOURCE: None}},
+        "spec": {"sleepLevel": level.label},
+    }
+    try:
+        md: dict[str, Any] = client.custom.patch_namespaced_custom_object(
+            c.GROUP,
+            c.VERSION,
+            namespace,
+            c.PLURAL,
+            name,
+            body,
+            _content_type="application/merge-patch+json",
+        )
+    except ApiException as e:
+        if e.status == 404:
+            raise PluginError(f'{RESOURCE} "{name}" not found in namespace "{namespace}"') from e
+        raise PluginError(f"cannot set the sleep level of {RESOURCE}/{name}: {_api_error(e)}") from e
+    return md
+
+
+# ---- arguments -----------------------------------------------------------------------------------
+
+
+def parse_ref(text: str) -> str:
+    """`md/NAME`, `modeldeployment/NAME`, `modeldeployments.hibernate.dev/NAME` or a bare NAME."""
+    kind, slash, name = text.partition("/")
+    if not slash:
+        kind, name = "md", text
+    if kind.lower() not in MD_KINDS:
+        raise UsageError(f"{text!r}: only ModelDeployments can sleep; write md/NAME")
+    if not name or "/" in name:
+        raise UsageError(f"{text!r}: write md/NAME")
+    return name
+
+
+def parse_level(text: str) -> SleepLevel:
+    try:
+        level = SleepLevel.parse(text)
+    except InvalidSleepLevel as e:
+        raise UsageError(str(e)) from e
+    if level == SleepLevel.AWAKE:
+        raise UsageError(f"--level {text}: that is awake; use `{PROG} wake`")
+    return level
+
+
+# ---- waiting -------------------------------------------------------------------------------------
+
+
+def _condition(md: dict[str, Any], ctype: str) -> dict[str, Any]:
+    conditions = (md.get("status") or {}).get("conditions") or []
+    return next((x for x in conditions if x.get("type") == ctype), {})
+
+
+def _failure_mark(md: dict[str, Any]) -> tuple[str, str] | None:
+    """Identifies one spell of Failed: a new failure has a new transition time or message."""
+    if (md.get("status") or {}).get("phase") != "Failed":
+        return None
+    degraded = _condition(md, "Degraded")
+    return (str(degraded.get("lastTransitionTime")), str(degraded.get("message")))
+
+
+def _failure_message(md: dict[str, Any]) -> str:
+    for ctype in ("Degraded", "Ready"):
+        if message := _condition(md, ctype).get("message"):
+            return str(message)
+    return "the operator reports Failed"
+
+
+def _describe(md: dict[str, Any]) -> str:
+    status = md.get("status") or {}
+    return f"phase {status.get('phase') or 'unknown'}, level {status.get('sleepLevel') or 'unknown'}"
+
+
+@dataclass
+class Target:
+    level: SleepLevel
+    generation: int
+
+    @property
+    def phase(self) -> str:
+        if self.level == SleepLevel.AWAKE:
+            return "Awake"
+        return "Stopped" if self.level == SleepLevel.STOP else "Asleep"
+
+    def reached(self, md: dict[str, Any]) -> bool:
+        status = md.get("status") or {}
+        if int(status.get("observedGeneration") or 0) < self.generation:
+            return False  # the operator has not seen the request yet: any status is an old one
+        if status.get("phase") != self.phase:
+            return False
+        return self.level == SleepLevel.AWAKE or status.get("sleepLevel") == self.level.label
+
+
+def wait_for(
+    read: Callable[[], dict[str, Any]],
+    target: Target,
+    before: dict[str, Any],
+    timeout: float,
+    out: TextIO,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Follow the status until `target` is reached; PluginError on Failed or at the timeout.
+
+    A Failed status from before the request (same condition time and message) does not count: the
+    agent retries at the new level, and only a failure of this request ends the wait.
+    """
+    stale = _failure_mark(before)
+    deadline = clock() + timeout
+    last_phase = None
+    while True:
+        md = read()
+        status = md.get("status") or {}
+        phase = status.get("phase")
+        if phase != last_phase and phase:
+            print(f"{RESOURCE}/{md['metadata']['name']}: {_describe(md)}", file=out, flush=True)
+            last_phase = phase
+        if target.reached(md):
+            return md
+        mark = _failure_mark(md)
+        if mark is None:
+            stale = None  # left Failed: the next Failed is a new one
+        elif mark != stale and int(status.get("observedGeneration") or 0) >= target.generation:
+            raise PluginError(f"{RESOURCE}/{md['metadata']['name']} failed: {_failure_message(md)}")
+        if clock() >= deadline:
+            raise PluginError(
+                f"timed out after {timeout:g} s waiting for {RESOURCE}/{md['metadata']['name']} to be "
+                f"{target.phase}{'' if target.level == SleepLevel.AWAKE else ' at ' + target.level.label}; "
+                f"now {_describe(md)}"
+            )
+        sleep(min(POLL_SECONDS, max(0.0, deadline - clock())))
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+
+def _change(client: Client, args: argparse.Namespace, level: SleepLevel) -> int:
+    name = parse_ref(args.ref)
+    namespace = args.namespace or client.namespace
+    before = get_md(client, namespace, name)
+    md = set_level(client, namespace, name, level)
+    print(f"{RESOURCE}/{name} sleepLevel set to {level.label}", flush=True)
+    if not args.wait:
+        return 0
+    target = Target(level, int(md["metadata"].get("generation") or 0))
+    done = wait_for(lambda: get_md(client, namespace, name), target, before, args.timeout, sys.stderr)
+    print(
+        f"{RESOURCE}/{name} is {target.phase}"
+        + ("" if target.phase == "Awake" else f" at {done['status']['sleepLevel']}")
+    )
+    return 0
+
+
+def cmd_sleep(client: Client, args: argparse.Namespace) -> int:
+    return _change(client, args, parse_level(args.level))
+
+
+def cmd_wake(client: Client, args: argparse.Namespace) -> int:
+    return _change(client, args, SleepLevel.AWAKE)
+
+
+def _level_text(raw: object) -> str:
+    if raw is None or raw == "":
+        return "-"
+    try:
+        return SleepLevel.parse(raw).label
+    except InvalidSleepLevel:
+        return f"{raw}(invalid)"
+
+
+def last_operation_text(raw: str | None) -> str:
+    """`sleep CudaSuspend 1.2s`, then `error: ...` when it failed; `-` when there was none."""
+    if not raw:
+        return "-"
+    try:
+        op = json.loads(raw)
+    except json.JSONDecodeError:
+        return f"(unreadable: {raw[:40]})"
+    if not isinstance(op, dict):
+        return f"(unreadable: {raw[:40]})"
+    parts = [str(op.get("action") or "?"), _level_text(op.get("level"))]
+    seconds = op.get("seconds")
+    if isinstance(seconds, int | float):
+        parts.append(f"{seconds:.1f}s")
+    elif op.get("started"):
+        parts.append("running")
+    if op.get("error"):
+        parts.append(f"error: {op['error']}")
+    return " ".join(parts)
+
+
+def pod_row(pod: dict[str, Any]) -> dict[str, str]:
+    meta = pod.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    state = annotations.get(c.ANN_STATE) or "-"
+    if meta.get("deletionTimestamp"):
+        state += " (terminating)"
+    return {
+        "NAMESPACE": meta.get("namespace", ""),
+        "MODEL": (meta.get("labels") or {}).get(c.LABEL_MODEL, "-"),
+        "POD": meta.get("name", ""),
+        "NODE": (pod.get("spec") or {}).get("nodeName") or "<none>",
+        "DESIRED": _level_text(annotations.get(c.ANN_SLEEP_LEVEL)),
+        "OBSERVED": _level_text(annotations.get(c.ANN_OBSERVED_LEVEL)),
+        "STATE": state,
+        "LAST OPERATION": last_operation_text(annotations.get(c.ANN_LAST_OPERATION)),
+    }
+
+
+def table(rows: list[dict[str, str]], columns: Sequence[str]) -> str:
+    widths = {col: max([len(col), *(len(r[col]) for r in rows)]) for col in columns}
+    lines = ["   ".join(col.ljust(widths[col]) for col in columns)]
+    lines += ["   ".join(r[col].ljust(widths[col]) for col in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    columns = ["POD", "NODE", "DESIRED", "OBSERVED", "STATE", "LAST OPERATION"]
+    if args.ref:
+        if args.all_namespaces:
+            raise UsageError("-A lists every namespace; with md/NAME use -n")
+        name = parse_ref(args.ref)
+        namespace = args.namespace or client.namespace
+        md = get_md(client, namespace, name)
+        status = md.get("status") or {}
+        print(
+            f"{RESOURCE}/{name}: model {md['spec'].get('model')}, desired {_level_text(md['spec'].get('sleepLevel'))}, "
+            f"reached {status.get('sleepLevel') or '-'}, phase {status.get('phase') or '-'}"
+        )
+        if status.get("phase") == "Failed":
+            print(f"  failed: {_failure_message(md)}")
+        selector = f"{c.LABEL_MODEL}={name}"
+    else:
+        selector = f"{c.LABEL_MANAGED}=true"
+        columns.insert(0, "MODEL")
+        namespace = None if args.all_namespaces else (args.namespace or client.namespace)
+        if namespace is None:
+            columns.insert(0, "NAMESPACE")
+    try:
+        if namespace is None:
+            found = client.core.list_pod_for_all_namespaces(label_selector=selector)
+        else:
+            found = client.core.list_namespaced_pod(namespace, label_selector=selector)
+    except ApiException as e:
+        raise PluginError(f"cannot list pods: {_api_error(e)}") from e
+    pods = client.api.sanitize_for_serialization(found).get("items") or []
+    rows = sorted((pod_row(p) for p in pods), key=lambda r: (r["NAMESPACE"], r["MODEL"], r["POD"]))
+    if not rows:
+        where = "any namespace" if namespace is None else f"namespace {namespace}"
+        print(f"No pods of ModelDeployments found in {where}.")
+        return 0
+    print(table(rows, columns))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+    common.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    common.add_argument("--context", help="kubeconfig context (default: the current one)")
+
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument("--wait", action="store_true", help="wait until every replica has reached the level")
+    waiting.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sleep", parents=[common, waiting], help="put a ModelDeployment to sleep at a level")
+    p.add_argument("ref", metavar="md/NAME")
+    p.add_argument(
+        "--level",
+        required=True,
+        help="L1, L2, CudaSuspend, Checkpoint, Stop, or 1-5 (names are case-insensitive)",
+    )
+    p.set_defaults(func=cmd_sleep)
+    p = sub.add_parser("wake", parents=[common, waiting], help="wake a ModelDeployment")
+    p.add_argument("ref", metavar="md/NAME")
+    p.set_defaults(func=cmd_wake)
+    p = sub.add_parser("status", parents=[common], help="every pod's desired and observed level")
+    p.add_argument("ref", metavar="md/NAME", nargs="?")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="pods of every namespace")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "timeout", 1.0) <= 0:
+        parser.error("--timeout must be positive")
+    func: Callable[[Client, argparse.Namespace], int] = args.func
+    try:
+        if args.command == "sleep":
+            parse_level(args.level)  # refuse a bad level before connecting
+        if args.ref is not None:
+            parse_ref(args.ref)
+        client = connect(args.kubeconfig, args.context)
+        return func(client, args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PluginError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

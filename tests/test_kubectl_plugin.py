@@ -1,0 +1,431 @@
+"""`kubectl hibernate sleep|wake|status`, run by a real kubectl against the test control plane.
+
+No operator, agent or kubelet runs here: the tests play the operator (status through the status
+subresource) and the agent (pod annotations), and watch what the plugin does with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hibernate.api import constants as c
+from hibernate.api.levels import SleepLevel, valid_values_text
+from hibernate.kubectl_plugin import PluginError, Target, last_operation_text, main, parse_ref, wait_for
+from tests.cluster import Cluster, assets_dir, eventually
+from tests.modeldeployments import apply, get, manifest, report
+
+PLUGIN = Path(sys.executable).parent / "kubectl-hibernate"
+
+
+def kubectl_env(cluster: Cluster, kubeconfig: str | None = None) -> dict[str, str]:
+    env = cluster.env()
+    env["KUBECONFIG"] = kubeconfig or cluster.kubeconfig
+    env["PATH"] = f"{PLUGIN.parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def hibernate(
+    cluster: Cluster, *args: str, kubeconfig: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`kubectl hibernate ARGS`: kubectl finds the plugin on $PATH, as for a user."""
+    return subprocess.run(
+        [str(assets_dir() / "kubectl"), "hibernate", *args],
+        env=kubectl_env(cluster, kubeconfig),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def background(cluster: Cluster) -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def start(cluster: Cluster, background: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [str(assets_dir() / "kubectl"), "hibernate", *args],
+        env=kubectl_env(cluster),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    background.append(proc)
+    return proc
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def still_waiting(proc: subprocess.Popen[str], seconds: float = 1.5) -> bool:
+    time.sleep(seconds)
+    return proc.poll() is None
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_status(
+    cluster: Cluster,
+    ns: str,
+    name: str,
+    phase: str,
+    level: str | None,
+    generation: int,
+    failure: str | None = None,
+    failed_since: str | None = None,
+) -> None:
+    """What the operator writes (controller/status.py), reduced to what the plugin reads."""
+    conditions = [
+        {
+            "type": "Degraded",
+            "status": "True" if failure else "False",
+            "reason": "SleepOrWakeFailed" if failure else "AsExpected",
+            "lastTransitionTime": failed_since or now(),
+            "observedGeneration": generation,
+            **({"message": failure} if failure else {}),
+        }
+    ]
+    status: dict[str, Any] = {
+        "phase": phase,
+        "sleepLevel": level,
+        "observedGeneration": generation,
+        "conditions": conditions,
+    }
+    cluster.custom.patch_namespaced_custom_object_status(
+        c.GROUP, c.VERSION, ns, c.PLURAL, name, {"status": status}
+    )
+
+
+def create_md(cluster: Cluster, ns: str, name: str, level: str = "Awake", **metadata: Any) -> dict[str, Any]:
+    body = manifest(name, level)
+    body["metadata"].update(metadata)
+    apply(cluster, ns, body)
+    return get(cluster, ns, name)
+
+
+def requested(cluster: Cluster, ns: str, name: str, level: str) -> dict[str, Any]:
+    def check() -> dict[str, Any]:
+        md = get(cluster, ns, name)
+        assert md["spec"]["sleepLevel"] == level
+        return md
+
+    md: dict[str, Any] = eventually(check, timeout=20, what=f"spec.sleepLevel={level}")
+    return md
+
+
+# ---- sleep and wake ------------------------------------------------------------------------------
+
+
+def test_sleep_wait_returns_when_every_replica_reached_the_level(
+    cluster: Cluster, namespace: str, background: list[subprocess.Popen[str]]
+) -> None:
+    create_md(cluster, namespace, "llama", annotations={c.ANN_LEVEL_SOURCE: "idle"})
+    write_status(cluster, namespace, "llama", "Awake", "Awake", 1)
+    proc = start(
+        cluster,
+        background,
+        "sleep",
+        "md/llama",
+        "--level",
+        "cudasuspend",
+        "--wait",
+        "--timeout",
+        "60",
+        "-n",
+        namespace,
+    )
+    md = requested(cluster, namespace, "llama", "CudaSuspend")
+    gen = md["metadata"]["generation"]
+    assert gen == 2
+    # A person asked: the idle ladder's mark is gone.
+    assert c.ANN_LEVEL_SOURCE not in md["metadata"].get("annotations", {})
+
+    write_status(cluster, namespace, "llama", "Sleeping", "Awake", gen)
+    assert still_waiting(proc)
+    # Asleep, but at another level: not what was asked.
+    write_status(cluster, namespace, "llama", "Asleep", "L1", gen)
+    assert still_waiting(proc)
+    write_status(cluster, namespace, "llama", "Asleep", "CudaSuspend", gen)
+    rc, out, err = finish(proc)
+    assert rc == 0, err
+    assert out.splitlines() == [
+        "modeldeployments.hibernate.dev/llama sleepLevel set to CudaSuspend",
+        "modeldeployments.hibernate.dev/llama is Asleep at CudaSuspend",
+    ]
+    assert "phase Sleeping" in err
+
+
+def test_wake_wait_ignores_a_status_the_operator_wrote_before_the_request(
+    cluster: Cluster, namespace: str, background: list[subprocess.Popen[str]]
+) -> None:
+    create_md(cluster, namespace, "llama", level="L2")
+    # Stale: phase Awake for generation 1, as if the operator had not caught up with anything yet.
+    write_status(cluster, namespace, "llama", "Awake", "Awake", 1)
+    proc = start(cluster, background, "wake", "md/llama", "--wait", "-n", namespace)
+    gen = requested(cluster, namespace, "llama", "Awake")["metadata"]["generation"]
+    assert still_waiting(proc)
+    write_status(cluster, namespace, "llama", "Waking", "L2", gen)
+    assert still_waiting(proc, 1.0)
+    write_status(cluster, namespace, "llama", "Awake", "Awake", gen)
+    rc, out, err = finish(proc)
+    assert rc == 0, err
+    assert out.splitlines()[-1] == "modeldeployments.hibernate.dev/llama is Awake"
+
+
+def test_sleep_to_stop_waits_for_stopped(
+    cluster: Cluster, namespace: str, background: list[subprocess.Popen[str]]
+) -> None:
+    create_md(cluster, namespace, "llama")
+    proc = start(cluster, background, "sleep", "llama", "--level", "5", "--wait", "-n", namespace)
+    gen = requested(cluster, namespace, "llama", "Stop")["metadata"]["generation"]
+    write_status(cluster, namespace, "llama", "Stopped", "Stop", gen)
+    rc, out, err = finish(proc)
+    assert rc == 0, err
+    assert out.splitlines()[-1] == "modeldeployments.hibernate.dev/llama is Stopped at Stop"
+
+
+def test_a_failed_sleep_exits_1_with_the_operators_message_but_an_old_failure_does_not(
+    cluster: Cluster, namespace: str, background: list[subprocess.Popen[str]]
+) -> None:
+    create_md(cluster, namespace, "llama")
+    old = "pod llama-1: engine did not answer /sleep"
+    write_status(
+        cluster, namespace, "llama", "Failed", "Awake", 1, failure=old, failed_since="2026-01-01T00:00:00Z"
+    )
+    proc = start(cluster, background, "sleep", "md/llama", "--level", "L1", "--wait", "-n", namespace)
+    gen = requested(cluster, namespace, "llama", "L1")["metadata"]["generation"]
+    # The operator folds the same, older failure again for the new generation: the agent retries.
+    write_status(
+        cluster, namespace, "llama", "Failed", "Awake", gen, failure=old, failed_since="2026-01-01T00:00:00Z"
+    )
+    assert still_waiting(proc)
+    new = "pod llama-1: CUDA checkpoint failed: CUDA_ERROR_NOT_SUPPORTED"
+    write_status(cluster, namespace, "llama", "Failed", "Awake", gen, failure=new)
+    rc, _, err = finish(proc)
+    assert rc == 1
+    assert err.splitlines()[-1] == f"error: modeldeployments.hibernate.dev/llama failed: {new}"
+
+
+def test_wait_times_out_with_where_it_stands(cluster: Cluster, namespace: str) -> None:
+    create_md(cluster, namespace, "llama")
+    started = time.monotonic()
+    result = hibernate(
+        cluster, "sleep", "md/llama", "--level", "Checkpoint", "--wait", "--timeout", "1", "-n", namespace
+    )
+    assert result.returncode == 1
+    assert time.monotonic() - started < 15
+    assert result.stderr.splitlines()[-1] == (
+        "error: timed out after 1 s waiting for modeldeployments.hibernate.dev/llama to be Asleep at Checkpoint; "
+        "now phase unknown, level unknown"
+    )
+    assert get(cluster, namespace, "llama")["spec"]["sleepLevel"] == "Checkpoint"
+
+
+def test_without_wait_it_only_sets_the_level(cluster: Cluster, namespace: str) -> None:
+    create_md(cluster, namespace, "llama")
+    result = hibernate(cluster, "sleep", "modeldeployment/llama", "--level", "2", "-n", namespace)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "modeldeployments.hibernate.dev/llama sleepLevel set to L2\n"
+    assert get(cluster, namespace, "llama")["spec"]["sleepLevel"] == "L2"
+
+
+@pytest.mark.parametrize("level", ["L9", "deep", "6", "-1", "Awake", "0"])
+def test_an_invalid_level_is_refused_with_the_valid_values_and_nothing_changes(
+    cluster: Cluster, namespace: str, level: str
+) -> None:
+    create_md(cluster, namespace, "llama")
+    result = hibernate(cluster, "sleep", "md/llama", f"--level={level}", "-n", namespace)
+    assert result.returncode == 2
+    if level in ("Awake", "0"):
+        assert result.stderr == f"error: --level {level}: that is awake; use `kubectl hibernate wake`\n"
+    else:
+        assert (
+            result.stderr == f"error: invalid sleep level {level!r}: valid values are {valid_values_text()}\n"
+        )
+    md = get(cluster, namespace, "llama")
+    assert md["spec"]["sleepLevel"] == "Awake"
+    assert md["metadata"]["generation"] == 1
+
+
+def test_a_missing_model_or_another_kind_is_an_error(cluster: Cluster, namespace: str) -> None:
+    result = hibernate(cluster, "wake", "md/nope", "-n", namespace)
+    assert result.returncode == 1
+    assert (
+        result.stderr
+        == f'error: modeldeployments.hibernate.dev "nope" not found in namespace "{namespace}"\n'
+    )
+    result = hibernate(cluster, "wake", "deployment/llama", "-n", namespace)
+    assert result.returncode == 2
+    assert "only ModelDeployments can sleep" in result.stderr
+
+
+# ---- status --------------------------------------------------------------------------------------
+
+
+def create_pod(cluster: Cluster, ns: str, model: str, name: str, node: str, level: str) -> None:
+    cluster.core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {
+                "name": name,
+                "labels": {c.LABEL_MODEL: model, c.LABEL_MANAGED: "true"},
+                "annotations": {c.ANN_SLEEP_LEVEL: level},
+            },
+            "spec": {
+                "nodeName": node,
+                "containers": [{"name": "engine", "image": "vllm/vllm-openai:v0.33.0"}],
+            },
+        },
+    )
+
+
+def rows(text: str) -> list[list[str]]:
+    """Table rows split on the column gaps (three spaces or more)."""
+    return [re.split(r" {3,}", line.strip()) for line in text.strip().splitlines()]
+
+
+def test_status_shows_every_pod_with_desired_and_observed_level_and_last_operation(
+    cluster: Cluster, namespace: str
+) -> None:
+    create_md(cluster, namespace, "llama", level="CudaSuspend")
+    write_status(cluster, namespace, "llama", "Sleeping", "L1", 2)
+    create_pod(cluster, namespace, "llama", "llama-a", "gpu-node-1", "CudaSuspend")
+    create_pod(cluster, namespace, "llama", "llama-b", "gpu-node-2", "1")  # a person's override
+    create_pod(cluster, namespace, "other", "other-a", "gpu-node-1", "0")
+    report(cluster, namespace, "llama-a", 3, c.STATE_ASLEEP)
+    report(cluster, namespace, "llama-b", 1, c.STATE_FAILED, error="engine answered 500 on /sleep")
+
+    result = hibernate(cluster, "status", "md/llama", "-n", namespace)
+    assert result.returncode == 0, result.stderr
+    header, table = result.stdout.split("\n", 1)
+    assert header == (
+        "modeldeployments.hibernate.dev/llama: model facebook/opt-125m, desired CudaSuspend, reached L1, phase Sleeping"
+    )
+    assert rows(table) == [
+        ["POD", "NODE", "DESIRED", "OBSERVED", "STATE", "LAST OPERATION"],
+        ["llama-a", "gpu-node-1", "CudaSuspend", "CudaSuspend", "Asleep", "sleep CudaSuspend 0.1s"],
+        ["llama-b", "gpu-node-2", "L1", "L1", "Failed", "sleep L1 0.1s error: engine answered 500 on /sleep"],
+    ]
+
+    # Without a name: every managed pod of the namespace, with its model.
+    result = hibernate(cluster, "status", "-n", namespace)
+    assert [r[:3] for r in rows(result.stdout)] == [
+        ["MODEL", "POD", "NODE"],
+        ["llama", "llama-a", "gpu-node-1"],
+        ["llama", "llama-b", "gpu-node-2"],
+        ["other", "other-a", "gpu-node-1"],
+    ]
+    assert rows(result.stdout)[3][3:] == ["Awake", "-", "-", "-"]
+
+    result = hibernate(cluster, "status", "-A")
+    assert rows(result.stdout)[0][:2] == ["NAMESPACE", "MODEL"]
+    assert [namespace, "other", "other-a"] in [r[:3] for r in rows(result.stdout)]
+
+
+def test_the_namespace_comes_from_the_kubeconfig_context_like_kubectl(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    create_md(cluster, namespace, "llama")
+    kubeconfig = tmp_path / "kubeconfig"
+    shutil.copy(cluster.kubeconfig, kubeconfig)
+    subprocess.run(
+        [
+            str(assets_dir() / "kubectl"),
+            "--kubeconfig",
+            str(kubeconfig),
+            "config",
+            "set-context",
+            "--current",
+            f"--namespace={namespace}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = hibernate(cluster, "sleep", "md/llama", "--level", "L1", kubeconfig=str(kubeconfig))
+    assert result.returncode == 0, result.stderr
+    assert get(cluster, namespace, "llama")["spec"]["sleepLevel"] == "L1"
+    result = hibernate(cluster, "status", kubeconfig=str(kubeconfig))
+    assert result.stdout == f"No pods of ModelDeployments found in namespace {namespace}.\n"
+
+
+# ---- without a cluster ---------------------------------------------------------------------------
+
+
+def test_a_bad_level_is_refused_before_connecting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sleep", "md/x", "--level", "deep", "--kubeconfig", str(tmp_path / "missing")]) == 2
+    assert "valid values are 0-5 or Awake, L1, L2, CudaSuspend, Checkpoint, Stop" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "ref", ["md/llama", "modeldeployment/llama", "modeldeployments.hibernate.dev/llama", "MD/llama", "llama"]
+)
+def test_references_name_a_modeldeployment(ref: str) -> None:
+    assert parse_ref(ref) == "llama"
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (None, "-"),
+        (
+            json.dumps({"level": 3, "action": "sleep", "seconds": 1.234, "error": None}),
+            "sleep CudaSuspend 1.2s",
+        ),
+        (
+            json.dumps({"level": 0, "action": "wake", "seconds": 4.7, "error": "restore: no GPU"}),
+            "wake Awake 4.7s error: restore: no GPU",
+        ),
+        (
+            json.dumps({"level": 4, "action": "sleep", "started": "2026-11-25T10:00:00Z"}),
+            "sleep Checkpoint running",
+        ),
+        ("not json", "(unreadable: not json)"),
+    ],
+)
+def test_last_operation_column(raw: str | None, text: str) -> None:
+    assert last_operation_text(raw) == text
+
+
+def test_wait_for_treats_a_failure_after_leaving_failed_as_new() -> None:
+    """Failed (old) → Sleeping → Failed with the same message and time: a new failure all the same."""
+    failed = {
+        "metadata": {"name": "m"},
+        "status": {
+            "phase": "Failed",
+            "observedGeneration": 2,
+            "conditions": [{"type": "Degraded", "lastTransitionTime": "t0", "message": "boom"}],
+        },
+    }
+    sleeping = {"metadata": {"name": "m"}, "status": {"phase": "Sleeping", "observedGeneration": 2}}
+    seen = iter([failed, sleeping, failed])
+    clock = iter(range(100))
+    with pytest.raises(PluginError, match="failed: boom"):
+        wait_for(
+            lambda: next(seen),
+            Target(level=SleepLevel.L1, generation=2),
+            failed,
+            timeout=50,
+            out=sys.stderr,
+            clock=lambda: float(next(clock)),
+            sleep=lambda _: None,
+        )
