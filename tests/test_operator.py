@@ -236,3 +236,27 @@ def test_an_operator_killed_mid_transition_finishes_after_restart_without_repeat
     finally:
         second.stop()
     assert json.dumps(get(cluster, namespace, "m")["status"])  # serialisable, written
+
+
+def test_the_operator_serves_metrics_of_completed_transitions(
+    cluster: Cluster, namespace: str, tmp_path: os.PathLike[str]
+) -> None:
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = hibernate_process(cluster, tmp_path / "op.log", "operator", "--metrics-port", str(port)).start()  # type: ignore[operator]
+    try:
+        apply(cluster, namespace, manifest("m", level="L1"))
+        (pod,) = eventually(lambda: pods(cluster, namespace, "m"))
+        report(cluster, namespace, pod.metadata.name, 1, "Asleep")
+        eventually(lambda: get(cluster, namespace, "m")["status"]["phase"] == "Asleep", what="Asleep")
+        text = eventually(lambda: httpx.get(f"http://127.0.0.1:{port}/metrics").text, what="metrics")
+        assert 'hibernate_operator_transitions_total{level="L1"}' in text
+        assert "hibernate_operator_transition_seconds_bucket" in text
+        assert "hibernate_idle_transitions_total" in text
+    finally:
+        proc.stop()

@@ -37,6 +37,9 @@ ANN_REPLICAS_BEFORE_STOP: Final = f"{GROUP}/replicas-before-stop"
 
 # Activity mark written by the gateway on the ModelDeployment (RFC 3339 timestamp).
 ANN_LAST_ACTIVITY: Final = f"{GROUP}/last-activity"
+# A ModelDeployment annotated `hibernate.dev/wake-on-request: "false"` is never woken by a request:
+# the gateway answers 503 while it sleeps (a person's level wins).
+ANN_WAKE_ON_REQUEST: Final = f"{GROUP}/wake-on-request"
 # Who asked for the current spec.sleepLevel ("gateway", "idle", or absent for a person).
 ANN_LEVEL_SOURCE: Final = f"{GROUP}/sleep-level-source"
 

@@ -10,7 +10,7 @@ import kopf
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
-from hibernate.controller import kube, reconcile
+from hibernate.controller import kube, metrics, reconcile
 from hibernate.controller.reconcile import OperatorContext
 from hibernate.controller.status import PodView
 
@@ -59,6 +59,12 @@ def _refresh(md: dict[str, Any], pods: list[PodView], memo: Any) -> None:
         if reconcile.write_status(md, result, ctx):
             for kind, reason, message in result.events:
                 kopf.event(cast(kopf.Body, _md_ref(md)), type=kind, reason=reason, message=message)
+                if reason == "Reached":
+                    transition = result.status["lastTransition"]
+                    metrics.TRANSITIONS.labels(transition["to"]).inc()
+                    metrics.TRANSITION_SECONDS.labels(transition["to"]).observe(transition["seconds"])
+                elif reason == "Failed":
+                    metrics.FAILURES.inc()
 
 
 @kopf.index(*MD)

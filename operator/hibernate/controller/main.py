@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 import kopf
+from prometheus_client import start_http_server
 
 from hibernate.controller import handlers, idle_handlers  # noqa: F401  (register kopf handlers)
 from hibernate.controller.reconcile import OperatorContext
@@ -20,6 +21,9 @@ def run(args: argparse.Namespace) -> int:
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
     )
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    if args.metrics_port:
+        # The operator's metrics (hibernate_operator_*, hibernate_idle_*) on the default registry.
+        start_http_server(args.metrics_port)
     memo = kopf.Memo(ctx=OperatorContext(tools_image=args.tools_image))
     asyncio.run(
         kopf.operator(

@@ -25,9 +25,7 @@ from hibernate.controller import kube
 
 log = logging.getLogger("hibernate.gateway")
 
-# A ModelDeployment annotated `hibernate.dev/wake-on-request: "false"` is never woken by a request:
-# the gateway answers 503 while it sleeps (a person's level wins). Proposed for api/constants.py.
-ANN_WAKE_ON_REQUEST: Final = f"{c.GROUP}/wake-on-request"
+ANN_WAKE_ON_REQUEST: Final = c.ANN_WAKE_ON_REQUEST
 DEFAULT_UPSTREAM_TEMPLATE: Final = "http://{name}.{namespace}.svc:{port}"
 
 Key = tuple[str, str]  # (namespace, name)
