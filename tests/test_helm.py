@@ -230,6 +230,8 @@ def test_operator_runs_once_non_root_with_kopf_liveness_and_the_chart_image_as_t
     probe = ctr["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz"
     assert {"name": probe["port"], "containerPort": 8080, "protocol": "TCP"} in ctr["ports"]
+    assert args.metrics_port == 8081
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in ctr["ports"]
 
 
 def test_image_reference_is_tag_appversion_or_digest(helm: Path) -> None:
@@ -411,7 +413,7 @@ def test_network_policy_per_engine_namespace_and_closed_without_peers(helm: Path
 def test_service_monitors_select_the_metrics_services(helm: Path) -> None:
     assert "ServiceMonitor" not in kinds(render(helm))
     docs = render(helm, "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.labels.release=prom")
-    for component, port in (("agent", "metrics"), ("gateway", "http")):
+    for component, port in (("operator", "metrics"), ("agent", "metrics"), ("gateway", "http")):
         monitor = find(docs, "ServiceMonitor", f"-{component}")
         assert monitor["metadata"]["labels"]["release"] == "prom"
         services = [
@@ -425,6 +427,12 @@ def test_service_monitors_select_the_metrics_services(helm: Path) -> None:
         assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     agent_svc = find(docs, "Service", "-agent-metrics")
     assert agent_svc["spec"]["clusterIP"] == "None"  # one target per node's agent
+    docs = render(helm, "--set", "serviceMonitor.enabled=true", "--set", "operator.metricsPort=0")
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceMonitor"] == [
+        "hibernate-agent",
+        "hibernate-gateway",
+    ]
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-operator-metrics")]
 
 
 def test_crd_roles_aggregate_into_admin_edit_view(helm: Path) -> None:
