@@ -175,6 +175,37 @@ def test_an_engine_that_hangs_gives_a_clear_failure_not_a_hung_agent(
         assert "timed out" in op["error"] or "timeout" in op["error"].lower()
 
 
+def test_cuda_suspend_of_a_pod_without_gpu_fails_clearly_and_leaves_it_serving(
+    cluster: Cluster, namespace: str, agent: Process, engine: FakeEngine
+) -> None:
+    pod = engine_pod(cluster, namespace, engine, level="CudaSuspend")
+    op = reached(cluster, namespace, pod, 0, "Failed")
+    assert "no CUDA process" in op["error"]
+    assert httpx.get(f"{engine.url}/is_sleeping").json() == {"is_sleeping": False}
+    assert complete(engine.url)
+
+
+def test_checkpoint_without_criu_fails_clearly_and_leaves_the_engine_serving(
+    cluster: Cluster, namespace: str, tmp_path: Path, engine: FakeEngine
+) -> None:
+    ensure_node(cluster, NODE)
+    proc = hibernate_process(
+        cluster, tmp_path / "agent.log", "agent", "--node-name", NODE, "--metrics-port", "0"
+    )
+    proc.env["HIBERNATE_CRIU"] = str(tmp_path / "no-such-criu")
+    proc.env.pop("HIBERNATE_CRIU_BUNDLE", None)
+    proc.env["PATH"] = "/usr/bin:/bin"
+    proc.start()
+    try:
+        pod = engine_pod(cluster, namespace, engine, level="Checkpoint")
+        op = reached(cluster, namespace, pod, 0, "Failed")
+        assert "CRIU 4.2 or newer is required" in op["error"]
+        assert httpx.get(f"{engine.url}/is_sleeping").json() == {"is_sleeping": False}
+        assert complete(engine.url)
+    finally:
+        proc.stop()
+
+
 def test_an_agent_killed_before_reporting_finds_the_truth_after_restart(
     cluster: Cluster, namespace: str, tmp_path: Path, engine: FakeEngine
 ) -> None:

@@ -101,11 +101,13 @@ def locate(env: Mapping[str, str] | None = None) -> Bundle:
     env = os.environ if env is None else env
     candidates: list[Path] = []
     if explicit := env.get("HIBERNATE_CRIU"):
+        # Configured explicitly: that one or none, so a wrong setting is not hidden by a fallback.
         p = Path(explicit)
         candidates.append(p / "bin" / "criu" if p.is_dir() else p)
-    candidates.append(Path(env.get("HIBERNATE_CRIU_BUNDLE", DEFAULT_BUNDLE)) / "bin" / "criu")
-    if found := shutil.which("criu", path=env.get("PATH")):
-        candidates.append(Path(found))
+    else:
+        candidates.append(Path(env.get("HIBERNATE_CRIU_BUNDLE", DEFAULT_BUNDLE)) / "bin" / "criu")
+        if found := shutil.which("criu", path=env.get("PATH")):
+            candidates.append(Path(found))
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return _bundle_of(c.absolute())

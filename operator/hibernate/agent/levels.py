@@ -170,10 +170,10 @@ class Levels:
 
     async def _checkpoint(self, pod: PodRef) -> dict[str, Any]:
         try:
+            await asyncio.to_thread(criu.version)  # a clear error before anything changes
             image = pod.image_dir(self.host.checkpoint_roots)
             root = await asyncio.to_thread(self._engine_root, pod)
             engine_pid = root.root.ns_pid
-            await asyncio.to_thread(criu.version)  # a clear error before anything changes
         except (LookupError, PermissionError, criu.CriuError) as e:
             raise LevelError(str(e), rolled_back=True) from e
         async with self.host.engine(pod) as engine:
