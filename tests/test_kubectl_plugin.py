@@ -323,8 +323,15 @@ def test_status_shows_every_pod_with_desired_and_observed_level_and_last_operati
     )
     assert rows(table) == [
         ["POD", "NODE", "DESIRED", "OBSERVED", "STATE", "LAST OPERATION"],
-        ["llama-a", "gpu-node-1", "CudaSuspend", "CudaSuspend", "Asleep", "sleep CudaSuspend 0.1s"],
-        ["llama-b", "gpu-node-2", "L1", "L1", "Failed", "sleep L1 0.1s error: engine answered 500 on /sleep"],
+        ["llama-a", "gpu-node-1", "CudaSuspend", "CudaSuspend", "Asleep", "sleep to CudaSuspend 0.1s"],
+        [
+            "llama-b",
+            "gpu-node-2",
+            "L1",
+            "L1",
+            "Failed",
+            "sleep to L1 0.1s error: engine answered 500 on /sleep",
+        ],
     ]
 
     # Without a name: every managed pod of the namespace, with its model.
@@ -389,15 +396,15 @@ def test_references_name_a_modeldeployment(ref: str) -> None:
         (None, "-"),
         (
             json.dumps({"level": 3, "action": "sleep", "seconds": 1.234, "error": None}),
-            "sleep CudaSuspend 1.2s",
+            "sleep to CudaSuspend 1.2s",
         ),
         (
-            json.dumps({"level": 0, "action": "wake", "seconds": 4.7, "error": "restore: no GPU"}),
-            "wake Awake 4.7s error: restore: no GPU",
+            json.dumps({"level": 3, "action": "wake", "seconds": 4.7, "error": "restore: no GPU"}),
+            "wake from CudaSuspend 4.7s error: restore: no GPU",
         ),
         (
             json.dumps({"level": 4, "action": "sleep", "started": "2026-11-25T10:00:00Z"}),
-            "sleep Checkpoint running",
+            "sleep to Checkpoint running",
         ),
         ("not json", "(unreadable: not json)"),
     ],

@@ -280,7 +280,7 @@ def _level_text(raw: object) -> str:
 
 
 def last_operation_text(raw: str | None) -> str:
-    """`sleep CudaSuspend 1.2s`, then `error: ...` when it failed; `-` when there was none."""
+    """`sleep to CudaSuspend 1.2s`, `wake from L2 0.4s`, then `error: ...` when it failed; `-` if none."""
     if not raw:
         return "-"
     try:
@@ -289,7 +289,10 @@ def last_operation_text(raw: str | None) -> str:
         return f"(unreadable: {raw[:40]})"
     if not isinstance(op, dict):
         return f"(unreadable: {raw[:40]})"
-    parts = [str(op.get("action") or "?"), _level_text(op.get("level"))]
+    action = str(op.get("action") or "?")
+    # A sleep goes to its level; a wake comes from it (agent/worker.py records it so).
+    direction = {"sleep": "to", "wake": "from"}.get(action)
+    parts = [action, *([direction] if direction else []), _level_text(op.get("level"))]
     seconds = op.get("seconds")
     if isinstance(seconds, int | float):
         parts.append(f"{seconds:.1f}s")
