@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine: GPU tests, then the sleep/wake bench, results to $OUT.
+#
+#   bash bench/gpu_run.sh [--quick] [--budget-s N] [--no-tests] [-- more bench/wake.py args]
+#
+# Expects (see bench/README.md): the repository as the working directory's tree, python3 with
+# torch, root (CRIU and drop_caches), and the CRIU bundle carried at .carry/criu (built here with
+# `hack/build-criu.sh .carry/criu`). Without the bundle, level 4 is skipped, the rest runs.
+#
+# Time: the device tool allows 10 minutes a command; everything here is planned to end within
+# --budget-s (default 540 s): the tests get at most 150 s, the bench the rest (it skips the steps
+# that would not fit and rewrites RESULTS.md after every step, so a cut run still leaves numbers).
+# What lands in $OUT: RESULTS.md, results.json, bench.log, pytest-gpu.log, system.txt, engine logs.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+START=$(date +%s)
+BUDGET=540
+QUICK=()
+TESTS=1
+EXTRA=()
+while (($#)); do
+  case $1 in
+    --quick) QUICK=(--quick); shift ;;
+    --budget-s) BUDGET=$2; shift 2 ;;
+    --no-tests) TESTS=0; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
+OUT=${OUT:-$ROOT/.bench-out}
+mkdir -p "$OUT"
+# The bench rewrites only its own section, so $OUT/RESULTS.md comes back as bench/RESULTS.md with
+# the GPU section added or replaced: copy it over bench/RESULTS.md to keep the results.
+[[ -f $OUT/RESULTS.md ]] || cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null || true
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+left() { echo $((START + BUDGET - $(date +%s))); }
+say() { echo "[gpu_run $(($(date +%s) - START))s] $*"; }
+
+# -- what this machine is ----------------------------------------------------------------------
+{
+  date -u
+  id
+  uname -a
+  nvidia-smi || true
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || true
+  "$PY" -c 'import sys, torch; print(sys.executable, sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())' 2>&1
+  "$PY" -c 'import httpx; print("httpx", httpx.__version__)' 2>&1 || true
+  nproc
+  free -g
+  df -h / /var/tmp /dev/shm 2>&1
+  grep -E ' / | /var | /tmp | /dev/shm ' /proc/mounts || true
+} >"$OUT/system.txt" 2>&1
+say "system: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+
+# -- CRIU bundle and the cuda-checkpoint stand-in for its cuda plugin --------------------------
+# The plugin execs `cuda-checkpoint` from PATH. hibernate.agent.criu runs criu with PATH set to the
+# bundle's bin and the system directories only, so the stand-in goes into the bundle's bin too.
+BIN=$(mktemp -d /tmp/hibernate-bin.XXXXXX)
+cat >"$BIN/cuda-checkpoint" <<EOF
+#!/bin/sh
+PYTHONPATH="$ROOT/operator\${PYTHONPATH:+:\$PYTHONPATH}" exec "$(command -v "$PY")" -m hibernate.agent.cuda_checkpoint_cli "\$@"
+EOF
+chmod +x "$BIN/cuda-checkpoint"
+export PATH="$BIN:$PATH"
+BUNDLE=$ROOT/.carry/criu
+if [[ -x $BUNDLE/bin/criu ]]; then
+  export HIBERNATE_CRIU=$BUNDLE
+  cp "$BIN/cuda-checkpoint" "$BUNDLE/bin/cuda-checkpoint"
+  {
+    "$BUNDLE/bin/criu" --version
+    "$BUNDLE/bin/criu" check
+    ls -la "$BUNDLE/bin" "$BUNDLE/plugins"
+  } >>"$OUT/system.txt" 2>&1
+  say "CRIU bundle at $BUNDLE: $("$BUNDLE/bin/criu" --version 2>&1 | head -1)"
+else
+  say "no CRIU bundle at $BUNDLE (carry .carry/criu, built by hack/build-criu.sh .carry/criu): level 4 will be skipped"
+fi
+if cuda-checkpoint -h 2>&1 | grep -q -- --action; then
+  say "cuda-checkpoint stand-in ok"
+else
+  say "WARNING: the cuda-checkpoint stand-in does not answer -h"
+fi
+
+# -- GPU tests -----------------------------------------------------------------------------------
+if ((TESTS)); then
+  LIMIT=$(($(left) < 150 ? $(left) : 150))
+  say "GPU tests (limit ${LIMIT}s)"
+  HIBERNATE_GPU_TEST_GIB=${HIBERNATE_GPU_TEST_GIB:-2} timeout -k 10 "$LIMIT" \
+    "$PY" -m pytest --noconftest -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_reference_engine.py -s \
+    >"$OUT/pytest-gpu.log" 2>&1
+  say "GPU tests rc $?: $(tail -1 "$OUT/pytest-gpu.log")"
+fi
+
+# -- the bench -----------------------------------------------------------------------------------
+DEADLINE=$((START + BUDGET))
+say "bench: $(left)s left"
+timeout -k 10 $(($(left) + 30)) "$PY" bench/wake.py --device cuda:0 --deadline "$DEADLINE" --cold \
+  --results "$OUT/RESULTS.md" --json "$OUT/results.json" --log-dir "$OUT/engine-logs" \
+  "${QUICK[@]}" "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log"
+RC=${PIPESTATUS[0]}
+say "bench rc $RC"
+
+# Leave no engine running (a bench cut by the timeout leaves its engine): the pids it recorded,
+# each checked to still be a reference engine. The weights stay in /var/tmp for a rerun.
+if [[ -f $OUT/engine-logs/engine.pids ]]; then
+  while read -r pid; do
+    if grep -q hibernate.engine.reference "/proc/$pid/cmdline" 2>/dev/null; then
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done <"$OUT/engine-logs/engine.pids"
+fi
+rm -rf /dev/shm/hibernate-bench "$BIN"
+say "done; results in $OUT"
+exit "$RC"
