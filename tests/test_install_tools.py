@@ -32,7 +32,7 @@ def fake_bundle(root: Path) -> Path:
 
 
 def no_criu_anywhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("HIBERNATE_CRIU", str(tmp_path / "no-criu"))
+    monkeypatch.delenv("HIBERNATE_CRIU", raising=False)
     monkeypatch.setenv("HIBERNATE_CRIU_BUNDLE", str(tmp_path / "no-bundle"))
     monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
 
