@@ -60,9 +60,11 @@ say "system: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 
 # The plugin execs `cuda-checkpoint` from PATH. hibernate.agent.criu runs criu with PATH set to the
 # bundle's bin and the system directories only, so the stand-in goes into the bundle's bin too.
 BIN=$(mktemp -d /tmp/hibernate-bin.XXXXXX)
+PYABS=$(command -v "$PY")
+[[ $PYABS == /* ]] || PYABS=$ROOT/$PYABS
 cat >"$BIN/cuda-checkpoint" <<EOF
 #!/bin/sh
-PYTHONPATH="$ROOT/operator\${PYTHONPATH:+:\$PYTHONPATH}" exec "$(command -v "$PY")" -m hibernate.agent.cuda_checkpoint_cli "\$@"
+PYTHONPATH="$ROOT/operator\${PYTHONPATH:+:\$PYTHONPATH}" exec "$PYABS" -m hibernate.agent.cuda_checkpoint_cli "\$@"
 EOF
 chmod +x "$BIN/cuda-checkpoint"
 export PATH="$BIN:$PATH"

@@ -989,9 +989,15 @@ class Bench:
         if engine is None:
             return
         try:
-            for level in levels:
+            # Levels 1 and 3 use the pinned slabs preallocated at start; level 2 frees them (it keeps
+            # nothing), so they go first, and level 4 (which sleeps at level 2 first) last.
+            for level in (lv for lv in (1, 3, 2, 4) if lv in levels):
                 await self.step(engine, size, kv, level, "agent", self.adapter_name(level), str(level))
                 await self.step(engine, size, kv, level, "raw", "raw", str(level))
+                if level == 2:
+                    await self.step(
+                        engine, size, kv, 2, "readers-1", "raw", "readers-1", reload={"readers": 1}
+                    )
                 if level == 4 and not self.cpu:
                     await self.step(
                         engine,
@@ -1003,8 +1009,6 @@ class Bench:
                         "4",
                         image_root=Path(self.args.tmpfs_dir),
                     )
-            if 2 in levels:
-                await self.step(engine, size, kv, 2, "readers-1", "raw", "readers-1", reload={"readers": 1})
         finally:
             engine.stop()
 

@@ -119,7 +119,7 @@ def test_model_size_and_shards() -> None:
 
 @needs_torch
 def test_weights_saved_once_and_loaded_with_any_reader_count(tmp_path: Path) -> None:
-    import torch
+    import torch  # type: ignore[import-not-found,unused-ignore]
 
     from hibernate.engine.reference_model import MIB, ModelConfig
     from hibernate.engine.reference_weights import WeightStore
@@ -306,7 +306,8 @@ def test_level2_with_reload_same_tokens(awake: Engine) -> None:
     before, checksum = awake.complete(), awake.checksum()
     awake.call("POST", "/sleep?level=2")
     assert awake.memory()["device_bytes"] == 0
-    assert not awake.memory()["host_copy_valid"]  # nothing kept: level 2 discards
+    asleep = awake.memory()
+    assert not asleep["host_copy_valid"] and asleep["host_copy_bytes"] == 0  # level 2 keeps nothing
     woke = awake.call("POST", "/wake_up?tags=weights")
     assert woke["status"] == "sleeping"  # the KV cache is still asleep
     awake.call("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"readers": 2}})
@@ -427,7 +428,7 @@ def test_gpu_level1_frees_weights_and_kv(gpu_engine: Engine) -> None:
         f"pinned {asleep['pinned_bytes'] / GIB:.2f} GiB; sleep {slept:.3f}s"
     )
     assert awake["gpu_reserved_bytes"] - asleep["gpu_reserved_bytes"] >= 0.95 * held
-    assert asleep["gpu_allocated_bytes"] < 64 * 2**20
+    assert asleep["gpu_allocated_bytes"] < 128 * 2**20
     if used_awake is not None and used_asleep is not None:
         assert used_awake - used_asleep >= 0.9 * held / 2**20
     started = time.monotonic()
@@ -442,7 +443,9 @@ def test_gpu_level1_frees_weights_and_kv(gpu_engine: Engine) -> None:
 def test_gpu_level2_reload_same_tokens(gpu_engine: Engine) -> None:
     before, checksum = gpu_engine.complete(), gpu_engine.checksum()
     gpu_engine.call("POST", "/sleep?level=2")
-    assert gpu_engine.memory()["gpu_allocated_bytes"] < 64 * 2**20
+    asleep = gpu_engine.memory()
+    assert asleep["gpu_allocated_bytes"] < 128 * 2**20
+    assert asleep["host_copy_bytes"] == 0  # the preallocated pinned slabs are freed at level 2
     started = time.monotonic()
     gpu_engine.wake_level2()
     woke = time.monotonic() - started

@@ -164,6 +164,9 @@ class Engine:
                 self.timings.record("offload", started)
             else:
                 self.store.release()
+                # Level 2 keeps nothing: the pinned level-1 slabs go too (even preallocated ones),
+                # so a CRIU image of a level-2 engine holds no copy of the weights.
+                self.store.release_slabs()
                 self.weights_loaded = False
             self.kv = None
             t = time.monotonic()
@@ -245,6 +248,9 @@ class Engine:
     def _empty_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                clear()  # cuBLAS's workspaces live in torch's allocator; they come back on the next GEMM
             torch.cuda.empty_cache()
 
     def _sync(self) -> None:

@@ -384,6 +384,14 @@ class WeightStore:
                 offset += length
         return segments
 
+    def release_slabs(self) -> None:
+        """Free the host slabs (level 2: nothing is kept, and a CRIU image must not carry them)."""
+        had = self.slabs is not None
+        self.slabs = None
+        self.host_valid = False
+        if had:
+            empty_host_cache()
+
     def offload(self) -> None:
         """Copy the buffers into the host slabs, then free the buffers."""
         buffers = self._require()
