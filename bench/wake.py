@@ -991,7 +991,8 @@ class Bench:
         try:
             # Levels 1 and 3 use the pinned slabs preallocated at start; level 2 frees them (it keeps
             # nothing), so they go first, and level 4 (which sleeps at level 2 first) last.
-            for level in (lv for lv in (1, 3, 2, 4) if lv in levels):
+            order: list[int] = [lv for lv in (1, 3, 2, 4) if lv in levels]
+            for level in order:
                 await self.step(engine, size, kv, level, "agent", self.adapter_name(level), str(level))
                 await self.step(engine, size, kv, level, "raw", "raw", str(level))
                 if level == 2:
