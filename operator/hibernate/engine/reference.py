@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="pin the level-1 host copy once at start (pinning 16 GiB takes ~10 s) instead of at each sleep",
     )
+    p.add_argument(
+        "--host-alloc",
+        choices=("torch", "register"),
+        default="torch",
+        help="level-1 host copy: torch's pinned allocator, or mmap + huge pages + cudaHostRegister",
+    )
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=int, default=None, help="override the hidden size")
@@ -406,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         copy_streams=args.copy_streams,
         keep_staging=not args.release_staging,
         pinned_prealloc=args.pinned_prealloc,
+        host_alloc=args.host_alloc,
     )
     engine = Engine(
         cfg,

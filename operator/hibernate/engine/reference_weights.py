@@ -17,11 +17,13 @@ Parameters are views into the buffers, made on demand and dropped with them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import threading
 import time
@@ -129,6 +131,38 @@ def empty_host_cache() -> None:
         fn()
 
 
+class RegisteredHost:
+    """Host memory from an anonymous mmap (transparent huge pages asked for), page-locked with
+    cudaHostRegister: `--host-alloc register`, an alternative to torch's cudaHostAlloc pinning.
+
+    Huge pages may make pinning, and the driver's re-registration when a checkpointed context is
+    restored, cheaper than with 4 KiB pages (an experiment; shared/notes/checkpointing.md saw
+    ~0.9 s of re-registration for 16 GiB of pinned memory).
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.map = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        advice = getattr(mmap, "MADV_HUGEPAGE", None)
+        if advice is not None:
+            with contextlib.suppress(OSError):
+                self.map.madvise(advice)
+        self.tensor: torch.Tensor | None = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.ptr = self.tensor.data_ptr()
+        rc = torch.cuda.cudart().cudaHostRegister(self.ptr, nbytes, 0)  # type: ignore[no-untyped-call,unused-ignore]
+        if int(rc) != 0:
+            self.tensor = None
+            self.map.close()
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {rc}")
+
+    def close(self) -> None:
+        if self.tensor is None:
+            return
+        torch.cuda.cudart().cudaHostUnregister(self.ptr)  # type: ignore[no-untyped-call,unused-ignore]
+        self.tensor = None
+        with contextlib.suppress(BufferError):
+            self.map.close()  # else freed with the last view
+
+
 class WeightStore:
     def __init__(
         self,
@@ -140,7 +174,10 @@ class WeightStore:
         copy_streams: int = 4,
         keep_staging: bool = True,
         pinned_prealloc: bool = False,
+        host_alloc: str = "torch",
     ) -> None:
+        if host_alloc not in ("torch", "register"):
+            raise ValueError(f"host_alloc must be torch or register, not {host_alloc!r}")
         if staging_bytes <= 0 or staging_bytes & (staging_bytes - 1):
             raise ValueError(f"staging buffers must be a power of two bytes, not {staging_bytes}")
         self.cfg = cfg
@@ -151,6 +188,8 @@ class WeightStore:
         self.staging_bytes = staging_bytes
         self.keep_staging = keep_staging
         self.pinned_prealloc = pinned_prealloc
+        self.host_alloc = host_alloc
+        self._registered: list[RegisteredHost] = []
         self.buffers: list[torch.Tensor] | None = None
         self.slab_bytes = min(MAX_SLAB, 1 << max(0, (self.total_bytes - 1).bit_length()))
         self.slabs: list[torch.Tensor] | None = None
@@ -367,10 +406,23 @@ class WeightStore:
         started = time.monotonic()
         if self.slabs is None:
             count = -(-self.total_bytes // self.slab_bytes)
-            self.slabs = [
-                torch.empty(self.slab_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(count)
-            ]
+            if self.cuda and self.host_alloc == "register":
+                with ThreadPoolExecutor(max_workers=8, thread_name_prefix="pin") as pool:
+                    self._registered = list(pool.map(lambda _: RegisteredHost(self.slab_bytes), range(count)))
+                self.slabs = [r.tensor for r in self._registered if r.tensor is not None]
+            else:
+                self.slabs = [
+                    torch.empty(self.slab_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+                    for _ in range(count)
+                ]
         return time.monotonic() - started
+
+    def _free_slabs(self) -> None:
+        self.slabs = None
+        for registered in self._registered:
+            registered.close()
+        self._registered = []
+        empty_host_cache()
 
     def _segments(self) -> list[_Segment]:
         segments = []
@@ -387,10 +439,9 @@ class WeightStore:
     def release_slabs(self) -> None:
         """Free the host slabs (level 2: nothing is kept, and a CRIU image must not carry them)."""
         had = self.slabs is not None
-        self.slabs = None
         self.host_valid = False
         if had:
-            empty_host_cache()
+            self._free_slabs()
 
     def offload(self) -> None:
         """Copy the buffers into the host slabs, then free the buffers."""
@@ -410,8 +461,7 @@ class WeightStore:
         self._copy(buffers, self.slabs, to_host=False)
         self.host_valid = False
         if not self.pinned_prealloc:
-            self.slabs = None
-            empty_host_cache()
+            self._free_slabs()
 
     def _copy(self, buffers: Sequence[torch.Tensor], slabs: Sequence[torch.Tensor], to_host: bool) -> None:
         segments = self._segments()
