@@ -1265,6 +1265,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--budget-s", type=float, default=None, help="seconds from now (sets --deadline)")
     p.add_argument("--engine-arg", action="append", help="extra argument for the engine (repeatable)")
+    p.add_argument("--section", default=None, help="RESULTS.md section to write (default gpu or cpu)")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
     if args.quick:
@@ -1319,6 +1320,7 @@ async def amain(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     become_subreaper()
     section, head = header(args, argv)
+    section = args.section or section
     report = Report(Path(args.results), Path(args.json) if args.json else None, section, head)
     say("\n".join(head))
     bench = Bench(args, report)
