@@ -832,3 +832,82 @@ def test_crd_upgrade_hook_script_applies_the_chart_crd(helm: Path, cluster: Clus
         timeout=60,
     )
     assert bad.returncode == 1 and "no *.yaml" in bad.stderr
+
+
+def test_helm_install_then_upgrade_through_the_crd_hook_then_uninstall(
+    helm: Path, cluster: Cluster, namespace: str, installed: list[str], tmp_path: Path
+) -> None:
+    """helm itself against the API server. No kubelet runs here, so the test plays the hook Job's
+    pod: it runs the Job's command from the hook's own ConfigMap, then reports the pod Succeeded."""
+    release = release_for(namespace)
+    installed.append(release)
+    kube = ["--kubeconfig", cluster.kubeconfig, "--namespace", namespace]
+    out = run_helm(helm, "install", release, str(CHART), *kube)
+    assert "STATUS: deployed" in out.stdout
+    assert "kubectl hibernate sleep md/llama --level CudaSuspend --wait" in out.stdout  # NOTES
+
+    upgrade = subprocess.Popen(
+        [
+            str(helm),
+            "upgrade",
+            release,
+            str(CHART),
+            *kube,
+            "--set",
+            "agent.metricsPort=9500",
+            "--timeout",
+            "60s",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        job = f"{release}-hibernate-crd-upgrade"
+        pod = eventually(
+            lambda: cluster.core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items,
+            timeout=30,
+            what="the hook Job's pod",
+        )[0]
+        assert upgrade.poll() is None, "helm must wait for the hook before it upgrades"
+        cm = cluster.core.read_namespaced_config_map(job, namespace)
+        for name, text in cm.data.items():
+            (tmp_path / name).write_text(text)
+        [ctr] = pod.spec.containers
+        command = [sys.executable if ctr.command[0] == "python3" else ctr.command[0], *ctr.command[1:]]
+        # The ConfigMap's volume (the other one is the ServiceAccount token): here, tmp_path.
+        [mount] = [m for m in ctr.volume_mounts if m.name == "hook"]
+        command = [a.replace(mount.mount_path, str(tmp_path)) for a in command]
+        ran = subprocess.run(
+            command,
+            env={**os.environ, "KUBECONFIG": cluster.kubeconfig},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ran.returncode == 0, ran.stderr
+        cluster.core.patch_namespaced_pod_status(
+            pod.metadata.name, namespace, {"status": {"phase": "Succeeded"}}
+        )
+        out_text, err_text = upgrade.communicate(timeout=60)
+    finally:
+        if upgrade.poll() is None:
+            upgrade.kill()
+            upgrade.communicate()
+    assert upgrade.returncode == 0, err_text
+    assert "REVISION: 2" in out_text
+    ds = cluster.apps.read_namespaced_daemon_set(f"{release}-hibernate-agent", namespace)
+    assert "9500" in ds.spec.template.spec.containers[0].args
+    # hook-succeeded: the hook's objects are gone once it worked
+    assert (
+        cluster.kubectl("get", "job,configmap,serviceaccount", "-n", namespace, "-o", "name").stdout.count(
+            job
+        )
+        == 0
+    )
+
+    run_helm(helm, "uninstall", release, *kube)
+    left = cluster.kubectl(
+        "get", "clusterrole,clusterrolebinding", "-l", f"app.kubernetes.io/instance={release}", "-o", "name"
+    )
+    assert left.stdout.strip() == ""
