@@ -13,6 +13,29 @@ import sys
 
 ENV = "HIBERNATE_FAULTS"
 
+# Every named point, in the order a transition passes them. tests/test_faults.py checks that each
+# name is used in the code and armed by the suite, and that the code uses no name missing here.
+FAULT_POINTS: tuple[str, ...] = (
+    # node agent (worker.py, levels.py, cuda.py, criu.py)
+    "agent.after-start-report",  # Sleeping/Waking and the operation written, nothing done yet
+    "agent.after-engine-sleep",  # levels 3-4: the engine slept (1 or 2), CUDA untouched
+    "agent.cuda-after-lock",  # suspend_all: every process locked, none checkpointed
+    "agent.after-cuda-suspend",  # every process checkpointed; level 4: criu not started
+    "agent.criu-dump-running",  # criu dump started; the agent dies, criu goes on
+    "agent.criu-after-dump",  # criu dump done: a complete image in the temporary directory
+    "agent.after-dump",  # the image renamed into place; the engine gone
+    "agent.criu-restore-running",  # criu restore started; the agent dies, criu goes on
+    "agent.after-restore",  # the engine restored, CUDA still checkpointed, image still there
+    "agent.cuda-after-restore",  # resume_all: every process restored, none unlocked
+    "agent.after-cuda-resume",  # CUDA running again; the engine still asleep
+    "agent.before-report",  # the operation done, its result not written
+    # operator (controller/reconcile.py)
+    "operator.after-deployment",  # Deployment applied, Service not
+    "operator.mid-propagate",  # the level written on one pod, not on the others
+    "operator.before-status",  # pods done, status not written
+    "operator.after-status",  # status written, its Events not posted
+)
+
 
 def armed() -> set[str]:
     return {name.strip() for name in os.environ.get(ENV, "").split(",") if name.strip()}

@@ -500,6 +500,16 @@ def _run_step(
     return failures
 
 
+def _fault_point(name: str) -> None:
+    """hibernate.faults.fault_point, where it exists: the copy of this module that the
+    `cuda-checkpoint` stand-in carries into a pod comes without it (stdlib only, see above)."""
+    try:
+        from hibernate.faults import fault_point
+    except ImportError:
+        return
+    fault_point(name)
+
+
 def _unique(pids: Iterable[int]) -> list[int]:
     return list(dict.fromkeys(int(p) for p in pids))
 
@@ -562,6 +572,8 @@ def _bring_up(
             failures.append(failure)
     to_restore = [p for p in pids if states.get(p) is ProcessState.CHECKPOINTED]
     failures += _run_step(api, "restore", to_restore, timings, parallel=parallel, best_effort=best_effort)
+    if not best_effort:  # resume_all, not a rollback
+        _fault_point("agent.cuda-after-restore")
     not_restored = {f.pid for f in failures}
     to_unlock = [p for p in pids if p not in not_restored and states.get(p) in _LOCKED_AFTER_RESTORE]
     failures += _run_step(api, "unlock", to_unlock, timings, parallel=parallel, best_effort=best_effort)
@@ -594,6 +606,7 @@ def suspend_all(
     to_checkpoint = [p for p in order if timings[p].state_before is not ProcessState.CHECKPOINTED]
     try:
         _run_step(api, "lock", to_lock, timings, parallel=parallel, timeout_ms=timeout_ms)
+        _fault_point("agent.cuda-after-lock")
         _run_step(api, "checkpoint", to_checkpoint, timings, parallel=parallel)
     except _StepFailed as failure:
         rollback_errors = _bring_up(api, order, timings, parallel=parallel, best_effort=True)

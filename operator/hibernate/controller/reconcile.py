@@ -125,6 +125,8 @@ def write_status(md: dict[str, Any], result: Fold, ctx: OperatorContext) -> bool
     previous = ctx.last_status.get(key) or md.get("status") or {}
     if _same(previous, result.status):
         return False
+    fault_point("operator.before-status")
     kube.patch_status(meta["namespace"], meta["name"], result.status)
+    fault_point("operator.after-status")  # before the caller posts the fold's Events
     ctx.last_status[key] = {**previous, **result.status}
     return True
