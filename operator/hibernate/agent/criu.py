@@ -29,6 +29,7 @@ a container restarted cold after an abandoned image is reachable.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -37,12 +38,15 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+
+from hibernate.faults import fault_point
 
 MIN_VERSION = (4, 2)
 DEFAULT_BUNDLE = Path.home() / ".cache" / "hibernate" / "criu-4.2"
@@ -473,34 +477,132 @@ def _criu_command(
     return cmd + list(args), _run_env(bin_dir)
 
 
-def _run(cmd: list[str], env: dict[str, str], dir_fd: int, timeout: float, what: str) -> tuple[int, str]:
-    """Runs criu; on timeout kills it (and nsenter) and raises. Returns (rc, stdout+stderr)."""
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        pass_fds=(dir_fd,),
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # criu is nsenter's child in its own session inside the pod: kill by pid, deepest first.
-        for pid in [*_descendants(proc.pid), proc.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.communicate()
-        raise CriuError(
-            f"criu {what} timed out after {timeout:.0f} s and was killed; the tree it had seized resumes "
-            "once criu is gone"
-        ) from None
+def _run(
+    cmd: list[str], env: dict[str, str], dir_fd: int, timeout: float, what: str, fault: str
+) -> tuple[int, str]:
+    """Runs criu; on timeout kills it (and nsenter) and raises. Returns (rc, stdout+stderr).
+
+    criu inherits `dir_fd`, which carries the agent's flock on the directory (`_locked_dir`), and
+    writes its output to a file, not a pipe: should the agent die while criu runs, criu finishes
+    on its own (no SIGPIPE) and holds the lock until it exits, so the next agent waits for it
+    (`wait_for_criu`) before it reads the directory.
+    """
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            pass_fds=(dir_fd,),
+            env=env,
+            start_new_session=True,
+        )
+        fault_point(fault)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # criu is nsenter's child in its own session inside the pod: kill by pid, deepest first.
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            raise CriuError(
+                f"criu {what} timed out after {timeout:.0f} s and was killed; the tree it had seized resumes "
+                "once criu is gone"
+            ) from None
+        output.seek(0)
+        out = output.read()
     return proc.returncode, out.decode(errors="replace").strip()
 
 
 def _open_dir(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _locked_dir(path: Path) -> int:
+    """An fd of `path` holding an exclusive flock, for criu to inherit (see `_run`)."""
+    fd = _open_dir(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CriuError(f"{path} is in use by another criu (an earlier agent's dump or restore)") from None
+    return fd
+
+
+# -- after an agent died mid-way ------------------------------------------------------------------
+
+
+def _partials(image: Path) -> list[Path]:
+    return sorted(image.parent.glob(f".{image.name}.partial-*"))
+
+
+def _swapped_out(image: Path) -> list[Path]:
+    return sorted(image.parent.glob(f".{image.name}.old-*"))
+
+
+def wait_for_criu(image: Path, timeout: float = 600.0) -> bool:
+    """Waits until no criu works on `image` or its temporary directories; True if it had to wait.
+
+    An agent that dies during a dump or restore leaves criu running (its own session, output to a
+    file); criu holds the directory's flock until it exits. Only then does the directory say what
+    happened. Raises CriuError after `timeout` (a criu that hangs holds the engine frozen).
+    """
+    waited = False
+    deadline = time.monotonic() + timeout
+    for path in [*_partials(image), image]:
+        try:
+            fd = _open_dir(path)
+        except OSError:
+            continue
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise CriuError(
+                            f"a criu left by an earlier agent still works on {path} after {timeout:.0f} s"
+                        ) from None
+                    waited = True
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)  # releases the lock
+    return waited
+
+
+def settle(image: Path, engine_running: bool) -> list[str]:
+    """After an agent died mid-dump: leave `image` complete or absent, and no temporary directory.
+
+    Call after `wait_for_criu`. A dump that criu finished after its agent died (a complete image
+    in the temporary directory, the engine gone) is the only copy of the engine: it is completed
+    (metadata) and renamed into place. Any other temporary directory is removed, and so is a
+    swapped-out older image once `image` is there. Returns what it did, for the log.
+    """
+    done: list[str] = []
+    for tmp in _partials(image):
+        if not engine_running and not image.exists() and not check_image(tmp):
+            try:
+                meta = ImageMetadata.load(tmp)
+            except CriuError:
+                meta = None
+            if meta is not None:
+                meta = ImageMetadata(**{**asdict(meta), "image_bytes": _image_bytes(tmp)})
+                (tmp / METADATA).write_text(meta.to_json())
+                tmp.rename(image)
+                done.append(f"adopted the complete image that criu finished in {tmp.name}")
+                continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(f"removed the unfinished image {tmp.name}")
+    for old in _swapped_out(image):
+        if not image.exists() and not engine_running and not check_image(old):
+            old.rename(image)
+            done.append(f"put back the image {old.name} that a replacement left swapped out")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed the replaced image {old.name}")
+    return done
 
 
 # -- dump -----------------------------------------------------------------------------------------
@@ -551,38 +653,45 @@ def dump(
     tmp = image.with_name(f".{image.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     marker = pod.host_path(pod.marker) if pod is not None and pod.marker is not None else None
+    # Written first, so that a dump criu finishes after its agent died can be completed (`settle`).
+    meta = ImageMetadata(
+        gpu_model=gpu.model,
+        driver_version=gpu.driver,
+        criu_version=str(criu_version),
+        kernel_release=os.uname().release,
+        engine_pid=pid,
+        created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        image_bytes=0,
+    )
     try:
+        (tmp / METADATA).write_text(meta.to_json())
         if marker is not None:
             # Before criu ends the engine, so the init does not take the container down with it.
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"{image}\n")
-        fd = _open_dir(tmp)
+        fd = _locked_dir(tmp)
         try:
             args = ["-t", str(pid), "-o", DUMP_LOG]
             if tcp_established:
                 args += ["--tcp-established", "--network-lock", "nftables"]
             cmd, env = _criu_command(pod, bundle, "dump", fd, [*args, *extra_args])
-            rc, out = _run(cmd, env, fd, timeout, "dump")
+            rc, out = _run(cmd, env, fd, timeout, "dump", fault="agent.criu-dump-running")
         finally:
             os.close(fd)
+        if rc == 0:
+            fault_point("agent.criu-after-dump")
         if rc != 0:
+            tail = _log_tail(tmp / DUMP_LOG)
             raise CriuError(
-                f"criu dump of pid {pid} failed (rc {rc}){_fate(host_pid)}: {out}\n{_log_tail(tmp / DUMP_LOG)}"
+                f"criu dump of pid {pid} failed (rc {rc}){_cause(out + tail, image.parent)}{_fate(host_pid)}: "
+                f"{out}\n{tail}"
             )
         problems = check_image(tmp)
         if problems:
             raise CriuError(
                 f"criu dump of pid {pid} left an incomplete image{_fate(host_pid)}: {'; '.join(problems)}"
             )
-        meta = ImageMetadata(
-            gpu_model=gpu.model,
-            driver_version=gpu.driver,
-            criu_version=str(criu_version),
-            kernel_release=os.uname().release,
-            engine_pid=pid,
-            created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            image_bytes=_image_bytes(tmp),
-        )
+        meta = ImageMetadata(**{**asdict(meta), "image_bytes": _image_bytes(tmp)})
         (tmp / METADATA).write_text(meta.to_json())
         _replace_dir(tmp, image)
     except BaseException:
@@ -605,6 +714,19 @@ def _wait_gone(host_pids: Sequence[int], reaped: bool, timeout: float = 5.0) -> 
     for pid in host_pids:
         while time.monotonic() < deadline and (Path(f"/proc/{pid}").exists() if reaped else _alive(pid)):
             time.sleep(0.005)
+
+
+def _cause(text: str, directory: Path) -> str:
+    """The reason of a failed dump, first in the message (criu's log follows), where it is a known one."""
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        free = ""
+        with contextlib.suppress(OSError):
+            st = os.statvfs(directory)
+            free = (
+                f", {st.f_bavail * st.f_frsize // 2**20} MiB free of {st.f_blocks * st.f_frsize // 2**20} MiB"
+            )
+        return f": No space left on device for the image under {directory}{free}"
+    return ""
 
 
 def _fate(host_pid: int) -> str:
@@ -663,12 +785,12 @@ def restore(
     extra = list(extra_args)
     if tcp_established:
         extra += ["--tcp-established", "--network-lock", "nftables"]
-    fd = _open_dir(image)
+    fd = _locked_dir(image)
     try:
         if pod is None:
             args = ["-d", "-o", RESTORE_LOG]
             cmd, env = _criu_command(None, bundle, "restore", fd, args + extra)
-            rc, out = _run(cmd, env, fd, timeout, "restore")
+            rc, out = _run(cmd, env, fd, timeout, "restore", fault="agent.criu-restore-running")
         else:
             copy_bundle_into(pod.host_path(pod.bundle), bundle)
             # The work dir (criu's cgroup yard is mounted there) must be inside the pod's mount
@@ -678,7 +800,7 @@ def restore(
             (work / RESTORE_LOG).unlink(missing_ok=True)
             args = ["-d", "-W", str(pod.workdir), "-o", RESTORE_LOG]
             cmd, env = _criu_command(pod, bundle, "restore", fd, args + extra)
-            rc, out = _run(cmd, env, fd, timeout, "restore")
+            rc, out = _run(cmd, env, fd, timeout, "restore", fault="agent.criu-restore-running")
             with contextlib.suppress(OSError):
                 shutil.copyfile(work / RESTORE_LOG, log)
     finally:
