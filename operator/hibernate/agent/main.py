@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from hibernate.agent import fakecuda
 from hibernate.agent.levels import Host, Levels
 from hibernate.agent.watch import PodWatch
 from hibernate.agent.worker import Agent, Reporter
@@ -71,6 +72,15 @@ async def serve(args: argparse.Namespace, node: str) -> None:
         lock_timeout_s=args.lock_timeout,
         engine_timeout_s=args.engine_timeout,
     )
+    if fake_cuda := os.environ.get(fakecuda.ENV):
+        api = fakecuda.FakeCheckpointApi(Path(fake_cuda), args.proc_root)
+        host.cuda_api = lambda: api
+        host.find_cuda_pids = fakecuda.engine_pids
+        log.warning(
+            "%s is set: CUDA is the file-backed TEST DOUBLE in %s, not the NVIDIA driver",
+            fakecuda.ENV,
+            fake_cuda,
+        )
     agent = Agent(levels=Levels(host), reporter=Reporter(node=node))
     loop = asyncio.get_running_loop()
 

@@ -1,0 +1,163 @@
+"""TEST DOUBLE: a file-backed stand-in for the CUDA driver's checkpoint API, for machines without a GPU.
+
+    HIBERNATE_FAKE_CUDA=/tmp/fake-cuda hibernate agent ...
+
+Level 3 (CudaSuspend) needs the NVIDIA driver (`cuCheckpointProcess*`, driver 570+), which CI
+machines do not have. With `HIBERNATE_FAKE_CUDA` set to a state directory, the agent replaces both
+of its GPU-specific parts, and nothing else:
+
+- the driver (`cuda.CheckpointApi`): the per-process state (`running`, `locked`, `checkpointed`)
+  lives in a file per process under the state directory, and the transitions follow the driver's
+  rules (lock needs running, checkpoint needs locked, restore needs checkpointed, unlock needs
+  locked; anything else fails with CUDA_ERROR_ILLEGAL_STATE). A lock stops the process (SIGSTOP)
+  and an unlock continues it (SIGCONT), so a pod left locked or checkpointed really stops serving,
+  as a CUDA engine whose calls block would;
+- the discovery of CUDA processes (normally: those holding /dev/nvidia*): every process of the
+  pod's engine (the pod init excluded) counts as a CUDA process.
+
+A process is named by its pod cgroup and its pid inside the pod's pid namespace, not by its host
+pid, because CRIU restores the engine in its pod with the same pid inside but a new host pid: the
+"CUDA state" of a checkpointed engine survives a level-4 cycle, as it would in the real process.
+
+Tests inject driver failures with files in the state directory: `fail-<step>` (step: get_state,
+lock, checkpoint, restore, unlock) makes that call fail for every process.
+
+This never runs in production: the real driver stays the default, and the GPU tests (marked `gpu`)
+cover it. The agent logs a warning at start when the double is in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from hibernate.agent import cuda, discovery
+
+ENV: Final = "HIBERNATE_FAKE_CUDA"
+_ILLEGAL_STATE: Final = 401
+_NOT_FOUND: Final = 500
+_INJECTED: Final = 999
+
+
+def _stat_state(pid: int, proc_root: str = "/proc") -> str | None:
+    try:
+        return Path(f"{proc_root}/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+class FakeCheckpointApi:
+    """cuda.CheckpointApi over files in `state_dir` (see the module docstring)."""
+
+    def __init__(self, state_dir: Path, proc_root: str = "/proc") -> None:
+        self.state_dir = Path(state_dir)
+        self.proc_root = proc_root
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- naming and storage ------------------------------------------------------------------------
+
+    def key(self, pid: int) -> str:
+        """`<digest of the process's cgroup>-<pid in its pid namespace>`: stable across a CRIU restore."""
+        try:
+            cgroup = Path(f"{self.proc_root}/{pid}/cgroup").read_text()
+            status = Path(f"{self.proc_root}/{pid}/status").read_text()
+        except OSError:
+            raise cuda.CudaCallError("fake cuCheckpoint", pid, _NOT_FOUND, "CUDA_ERROR_NOT_FOUND") from None
+        nspid = discovery.parse_nspid(status) or (pid,)
+        digest = hashlib.sha256(cgroup.encode()).hexdigest()[:16]
+        return f"{digest}-{nspid[-1]}"
+
+    def _path(self, pid: int) -> Path:
+        return self.state_dir / f"{self.key(pid)}.json"
+
+    def _read(self, pid: int) -> cuda.ProcessState:
+        try:
+            raw = json.loads(self._path(pid).read_text())
+        except FileNotFoundError:
+            return cuda.ProcessState.RUNNING
+        except ValueError:
+            raise cuda.CudaCallError(
+                "fake cuCheckpoint", pid, _INJECTED, "CUDA_ERROR_UNKNOWN", "unreadable state"
+            ) from None
+        return cuda.ProcessState(raw["state"])
+
+    def _write(self, pid: int, state: cuda.ProcessState) -> None:
+        path = self._path(pid)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"state": state.value, "host_pid": pid}))
+        tmp.rename(path)
+
+    def _check(self, call: str, pid: int, step: str) -> None:
+        if (self.state_dir / f"fail-{step}").exists():
+            raise cuda.CudaCallError(call, pid, _INJECTED, "CUDA_ERROR_UNKNOWN", "injected by the test")
+        if _stat_state(pid, self.proc_root) in (None, "Z", "X"):
+            raise cuda.CudaCallError(call, pid, _NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "no such process")
+
+    def _move(self, call: str, pid: int, step: str, need: cuda.ProcessState, to: cuda.ProcessState) -> None:
+        self._check(call, pid, step)
+        now = self._read(pid)
+        if now is not need:
+            raise cuda.CudaCallError(
+                call, pid, _ILLEGAL_STATE, "CUDA_ERROR_ILLEGAL_STATE", f"process is {now.value}"
+            )
+        self._write(pid, to)
+
+    # -- cuda.CheckpointApi ------------------------------------------------------------------------
+
+    def get_state(self, pid: int) -> cuda.ProcessState:
+        self._check("cuCheckpointProcessGetState", pid, "get_state")
+        return self._read(pid)
+
+    def lock(self, pid: int, timeout_ms: int = 0) -> None:
+        del timeout_ms
+        self._move(
+            "cuCheckpointProcessLock", pid, "lock", cuda.ProcessState.RUNNING, cuda.ProcessState.LOCKED
+        )
+        os.kill(pid, signal.SIGSTOP)
+
+    def checkpoint(self, pid: int) -> None:
+        self._move(
+            "cuCheckpointProcessCheckpoint",
+            pid,
+            "checkpoint",
+            cuda.ProcessState.LOCKED,
+            cuda.ProcessState.CHECKPOINTED,
+        )
+
+    def restore(self, pid: int) -> None:
+        self._move(
+            "cuCheckpointProcessRestore",
+            pid,
+            "restore",
+            cuda.ProcessState.CHECKPOINTED,
+            cuda.ProcessState.LOCKED,
+        )
+
+    def unlock(self, pid: int) -> None:
+        self._move(
+            "cuCheckpointProcessUnlock", pid, "unlock", cuda.ProcessState.LOCKED, cuda.ProcessState.RUNNING
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+    def restore_thread_id(self, pid: int) -> int:
+        self._check("cuCheckpointProcessGetRestoreThreadId", pid, "get_state")
+        return pid
+
+
+def engine_pids(procs: Sequence[discovery.ProcessInfo], proc_root: str) -> list[int]:
+    """The fake's CUDA processes: every process of the pod's engine, its init excluded."""
+    del proc_root
+    if not procs:
+        return []
+    try:
+        root = discovery.engine_root(procs)
+    except (LookupError, ValueError):
+        return []
+    return [p.pid for p in root.processes]
