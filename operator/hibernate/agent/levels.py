@@ -7,9 +7,10 @@ never left half suspended. Blocking work (driver calls, criu) runs in threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,19 @@ from hibernate.api.levels import SleepLevel
 from hibernate.faults import fault_point
 
 log = logging.getLogger(__name__)
+
+
+def _nvidia_holders(procs: Sequence[discovery.ProcessInfo], proc_root: str) -> list[int]:
+    return discovery.cuda_pids([p.pid for p in procs], proc_root)
+
+
+# The level the engine itself sleeps at under each level (levels 3 and 4 are engine-assisted).
+_ENGINE_LEVEL = {
+    SleepLevel.L1: SleepLevel.L1,
+    SleepLevel.CUDA_SUSPEND: SleepLevel.L1,
+    SleepLevel.L2: SleepLevel.L2,
+    SleepLevel.CHECKPOINT: SleepLevel.L2,
+}
 
 
 class LevelError(RuntimeError):
@@ -39,6 +53,9 @@ class Host:
     proc_root: str = "/proc"
     checkpoint_roots: tuple[Path, ...] = (Path(c.DEFAULT_CHECKPOINT_DIR),)
     cuda_api: Callable[[], cuda.CheckpointApi] = cuda.default_api
+    # Which of a pod's processes are CUDA processes (those holding /dev/nvidia*); replaced only by
+    # the test double of hibernate.agent.fakecuda.
+    find_cuda_pids: Callable[[Sequence[discovery.ProcessInfo], str], list[int]] = _nvidia_holders
     lock_timeout_s: float = 10.0
     engine_timeout_s: float = 300.0  # a big model can take minutes to offload or reload
     engine_retries: int = 3
@@ -54,7 +71,7 @@ class Host:
         return discovery.pod_processes(pod.uid, self.proc_root)
 
     def cuda_pids(self, pod: PodRef) -> list[int]:
-        return discovery.cuda_pids([p.pid for p in self.processes(pod)], self.proc_root)
+        return self.find_cuda_pids(self.processes(pod), self.proc_root)
 
 
 async def _has_sleep_api(engine: EngineClient) -> bool:
@@ -71,6 +88,9 @@ async def _has_sleep_api(engine: EngineClient) -> bool:
 class Levels:
     def __init__(self, host: Host) -> None:
         self.host = host
+        # Found by `probe` after a crash: the level the engine sleeps at under a CUDA suspension
+        # (2 when the suspension is what is left of a level-4 restore), for the next wake from 3.
+        self.engine_level_under_cuda: dict[tuple[str, str], SleepLevel] = {}
 
     # -- levels 1-2: the engine's own sleep API -------------------------------------------------
 
@@ -100,9 +120,10 @@ class Levels:
             pids = await asyncio.to_thread(self.host.cuda_pids, pod)
             report = await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
             fault_point("agent.after-cuda-resume")
+            under = self.engine_level_under_cuda.pop(pod.key, SleepLevel.L1)
             async with self.host.engine(pod) as engine:
                 if await _has_sleep_api(engine) and await engine.is_sleeping():
-                    await engine.wake(1)
+                    await engine.wake(int(under))
             return {"path": "cuda", "cuda_seconds": round(report.seconds, 3)}
         if level == SleepLevel.CHECKPOINT:
             return await self._restore(pod)
@@ -202,10 +223,10 @@ class Levels:
                 try:
                     if suspended:
                         await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
-                    if assisted:
-                        await self._wake_engine_back(engine, 2, e)
-                except (cuda.CudaError, LevelError) as again:
+                except cuda.CudaError as again:
                     raise LevelError(f"{e}; rolling back failed: {again}", rolled_back=False) from e
+                if assisted:  # raises: rolled back, or (the engine stays asleep) not
+                    await self._wake_engine_back(engine, 2, e)
                 raise LevelError(str(e), rolled_back=True) from e
         fault_point("agent.after-dump")
         return {
@@ -233,6 +254,7 @@ class Levels:
         pids = await asyncio.to_thread(self.host.cuda_pids, pod)
         if pids:
             await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
+        fault_point("agent.after-cuda-resume")
         async with self.host.engine(pod) as engine:
             if await _has_sleep_api(engine) and await engine.is_sleeping():
                 await engine.wake(2)
@@ -241,29 +263,53 @@ class Levels:
 
     # -- the truth, after a restart --------------------------------------------------------------
 
-    async def probe(self, pod: PodRef, claimed: SleepLevel | None) -> SleepLevel:
+    async def probe(
+        self, pod: PodRef, claimed: SleepLevel | None, hint: SleepLevel | None = None
+    ) -> SleepLevel:
         """The level the pod is really at, read from its processes and engine, not from annotations.
 
-        `claimed` (the last observed level written) only breaks the tie between L1 and L2, which
-        an engine's /is_sleeping does not tell apart.
+        An engine's /is_sleeping does not tell L1 from L2. `hint` (the level of the operation the
+        annotations say was under way), else `claimed` (the last observed level written), breaks
+        the tie: L1 under L1 and CudaSuspend, L2 under L2 and Checkpoint. Without either, a sleeping
+        engine counts as L2, whose wake reloads the weights: right for both, where an L1 wake of an
+        L2 engine would serve garbage.
+
+        A criu that an earlier agent left running is waited for first; what it leaves is settled
+        (criu.settle): a dump it finished is adopted, half images are removed.
         """
         try:
             image = pod.image_dir(self.host.checkpoint_roots)
         except PermissionError:
             image = None
+        settle = image if image is not None and image.parent.exists() else None
+        if settle is not None:
+            waited = await asyncio.to_thread(criu.wait_for_criu, settle, self.host.criu_timeout_s)
+            if waited:
+                log.info("%s/%s: waited for a criu left by an earlier agent", *pod.key)
         procs = await asyncio.to_thread(self.host.processes, pod)
+        root: discovery.EngineRoot | None = None
         if procs:
-            try:
+            with contextlib.suppress(LookupError, ValueError):
                 root = discovery.engine_root(procs)
-            except (LookupError, ValueError):
-                root = None
-            engine_running = root is not None and (root.init_is_engine or bool(root.roots))
+        engine_running = root is not None and (root.init_is_engine or bool(root.roots))
+        if settle is not None:
+            for done in await asyncio.to_thread(criu.settle, settle, engine_running):
+                log.info("%s/%s: %s", *pod.key, done)
+        self.engine_level_under_cuda.pop(pod.key, None)
+        basis = hint if hint is not None else claimed
+        under = _ENGINE_LEVEL.get(basis, SleepLevel.L2) if basis is not None else SleepLevel.L2
+        if procs:
             if image is not None and image.exists():
                 if not engine_running and not criu.check_image(image):
                     return SleepLevel.CHECKPOINT
                 if engine_running:  # restored earlier, but the agent died before cleaning up
                     await asyncio.to_thread(criu.remove_image, image)
-            pids = discovery.cuda_pids([p.pid for p in procs], self.host.proc_root)
+            if engine_running and root is not None and not root.init_is_engine:
+                # The checkpoint marker keeps the pod init alive while its engine is gone; with the
+                # engine running it is a leftover of a dump or restore an agent did not finish.
+                with contextlib.suppress(OSError):
+                    criu.Pod(root.init.pid).host_path(criu.POD_MARKER).unlink(missing_ok=True)
+            pids = self.host.find_cuda_pids(procs, self.host.proc_root)
             if pids:
                 try:
                     api = self.host.cuda_api()
@@ -271,6 +317,7 @@ class Levels:
                 except cuda.CudaError:
                     states = set()
                 if cuda.ProcessState.CHECKPOINTED in states:
+                    self.engine_level_under_cuda[pod.key] = under
                     return SleepLevel.CUDA_SUSPEND
                 if cuda.ProcessState.LOCKED in states:  # died between lock and checkpoint: undo
                     await asyncio.to_thread(cuda.resume_all, pids, api=api)
@@ -280,6 +327,4 @@ class Levels:
                     return SleepLevel.AWAKE
             except EngineError:
                 return claimed if claimed is not None else SleepLevel.AWAKE
-        if claimed in (SleepLevel.L1, SleepLevel.L2):
-            return claimed
-        return SleepLevel.L1
+        return under

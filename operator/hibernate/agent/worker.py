@@ -183,7 +183,9 @@ class Agent:
 
     async def _verify(self, pod: dict[str, Any], ref: PodRef, claimed: SleepLevel | None) -> SleepLevel:
         """After a restart or a crash mid-operation: trust the processes, not the annotations."""
-        truth = await self.levels.probe(ref, claimed)
+        started, t0 = _stamp(), time.monotonic()
+        interrupted = self._interrupted(ref)
+        truth = await self.levels.probe(ref, claimed, self._hint(interrupted))
         self.verified.add(ref.key)
         if truth != claimed or ref.state not in (*SETTLED, c.STATE_FAILED):
             log.info(
@@ -193,8 +195,38 @@ class Agent:
                 claimed,
                 ref.state,
             )
-            await self.reporter.write(pod, kube.state_annotations(self._state_of(truth), int(truth)))
+            op: dict[str, Any] | None = None
+            if interrupted is not None:
+                # The operation under way when an agent died is over: say what was found instead.
+                op = {
+                    "action": "verify",
+                    "level": int(truth),
+                    "started": started,
+                    "seconds": round(time.monotonic() - t0, 3),
+                    "error": None,
+                    "interrupted": interrupted,
+                }
+            await self.reporter.write(pod, kube.state_annotations(self._state_of(truth), int(truth), op))
         return truth
+
+    @staticmethod
+    def _interrupted(ref: PodRef) -> dict[str, Any] | None:
+        """The operation the annotations say is under way (written by `_step` before it starts)."""
+        expected = {c.STATE_SLEEPING: "sleep", c.STATE_WAKING: "wake"}.get(ref.state or "")
+        last = ref.last_operation()
+        if expected is None or last.get("action") != expected or "seconds" in last:
+            return None
+        return {k: last[k] for k in ("action", "level", "target", "started") if k in last}
+
+    @staticmethod
+    def _hint(interrupted: dict[str, Any] | None) -> SleepLevel | None:
+        """The level an interrupted operation was moving the pod to (sleep) or from (wake)."""
+        if interrupted is None:
+            return None
+        try:
+            return SleepLevel.parse(interrupted.get("level"))
+        except InvalidSleepLevel:
+            return None
 
     async def _refuse(self, pod: dict[str, Any], ref: PodRef, message: str) -> None:
         if ref.state == c.STATE_FAILED and ref.last_operation().get("error") == message:
@@ -208,12 +240,15 @@ class Agent:
         """One sleep (awake → level) or wake (level → awake), reported before and after."""
         going = c.STATE_SLEEPING if action == "sleep" else c.STATE_WAKING
         here = SleepLevel.AWAKE if action == "sleep" else level
-        await self.reporter.write(pod, kube.state_annotations(going, int(here)))
+        stamp, t0 = _stamp(), time.monotonic()
+        op: dict[str, Any] = {"action": action, "level": int(level), "target": level.label, "started": stamp}
+        # Written before anything is done, without `seconds` (under way): an agent that restarts
+        # mid-way learns from it which level the engine was being moved to or from.
+        await self.reporter.write(pod, kube.state_annotations(going, int(here), op))
+        fault_point("agent.after-start-report")
         await self.reporter.event(
             pod, "Normal", going, f"{going} {'to' if action == 'sleep' else 'from'} {level.label}"
         )
-        stamp, t0 = _stamp(), time.monotonic()
-        op: dict[str, Any] = {"action": action, "level": int(level), "target": level.label, "started": stamp}
         try:
             details = await (
                 self.levels.sleep(ref, level) if action == "sleep" else self.levels.wake(ref, level)
