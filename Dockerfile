@@ -1,10 +1,16 @@
-# syntax=docker/dockerfile:1
 # One image for every hibernate component:
 #   hibernate operator | agent | gateway      (ENTRYPOINT hibernate; the chart sets the subcommand)
 #   hibernate-install-tools /.hibernate       (the engine pods' init container: pod init + CRIU)
 #   python -m hibernate.engine.fake           (the fake vLLM engine, examples/fake-engine.yaml)
 #
 #   docker build -t ghcr.io/hibernate-dev/hibernate:0.1.0 .
+#
+# Works with the legacy builder (DOCKER_BUILDKIT=0) and BuildKit alike, offline with a local base
+# image: no `# syntax=` frontend to pull, no BuildKit-only flags (COPY --chmod).
+# prebuilt/ (empty in a checkout) lets a machine without PyPI or time for the CRIU build feed the
+# build: prebuilt/wheels/*.whl, a wheelhouse of hibernate and every dependency, is installed with
+# `pip install --no-index`; prebuilt/criu/bin/criu, a CRIU bundle from hack/build-criu.sh built on
+# bookworm, is taken as is. hack/e2e-real-node.sh fills them in a build context of its own.
 #
 # CRIU 4.2+ is built from source (bookworm's 3.17 fails on recent kernels and no Debian package
 # ships the CUDA plugin: shared/notes/checkpointing.md) by hack/build-criu.sh, into a bundle with
@@ -19,27 +25,34 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # so the script, run unprivileged below, finds them all and installs nothing. It runs unprivileged
 # because as root it ends with `criu check`, which needs capabilities a build container lacks.
 # sudo is only there because the script looks for it when not root; the builder has no sudo rights.
+# With a prebuilt bundle in prebuilt/criu/ none of this is installed and nothing is built.
+COPY prebuilt/criu/ /tmp/prebuilt-criu/
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN if [ -x /tmp/prebuilt-criu/bin/criu ]; then echo "prebuilt CRIU bundle: not building CRIU"; \
+    else apt-get update \
     && apt-get install -y --no-install-recommends \
         gcc make pkg-config libc6-dev xz-utils debian-archive-keyring \
         libcap-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libprotobuf-dev \
         libnl-3-dev libnet1-dev libnftables-dev libbsd-dev libaio-dev sudo \
-    && rm -rf /var/lib/apt/lists/* \
+    && rm -rf /var/lib/apt/lists/*; fi \
     && useradd --create-home --uid 10002 --user-group builder
-COPY --chmod=0755 hack/build-criu.sh /usr/local/bin/build-criu.sh
+COPY hack/build-criu.sh /usr/local/bin/build-criu.sh
 USER 10002
 # Fetches criu's upstream tarball through the Debian mirror (apt source, private apt state), builds
 # criu and its cuda plugin, bundles the libraries and checks `criu --version` is 4.2 or newer.
-RUN HOME=/home/builder PYTHON=/usr/local/bin/python3 build-criu.sh /home/builder/criu-bundle \
+RUN if [ -x /tmp/prebuilt-criu/bin/criu ]; then cp -a /tmp/prebuilt-criu /home/builder/criu-bundle; \
+    else HOME=/home/builder PYTHON=/usr/local/bin/python3 bash /usr/local/bin/build-criu.sh /home/builder/criu-bundle; fi \
     && /home/builder/criu-bundle/bin/criu --version
 
 # ---- the hibernate wheel ------------------------------------------------------------------------
+# Without a wheelhouse in prebuilt/wheels/: the hibernate wheel, its dependencies come from PyPI below.
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
+COPY prebuilt/wheels/ /dist/
 COPY pyproject.toml ./
 COPY operator ./operator
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+RUN if ls /dist/hibernate-*.whl >/dev/null 2>&1; then touch /dist/OFFLINE; \
+    else pip wheel --no-cache-dir --no-deps --wheel-dir /dist .; fi
 
 # ---- the image ----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -55,7 +68,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY --from=criu /home/builder/criu-bundle /opt/hibernate/criu
 COPY --from=wheel /dist/ /tmp/dist/
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir /tmp/dist/*.whl \
+RUN if [ -e /tmp/dist/OFFLINE ]; then set -- --no-index; fi \
+    && pip install --no-cache-dir --find-links /tmp/dist "$@" /tmp/dist/hibernate-*.whl \
     && rm -rf /tmp/dist \
     && groupadd --gid 10001 hibernate \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin hibernate \

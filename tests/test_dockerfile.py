@@ -102,7 +102,7 @@ def test_criu_is_built_from_source_by_the_project_script_unprivileged() -> None:
     wanted = set(match.group(1).split())
     apt = next(r for r in runs if "apt-get install" in r)
     assert wanted <= set(apt.split())
-    assert ("COPY", "--chmod=0755 hack/build-criu.sh /usr/local/bin/build-criu.sh") in criu_stage
+    assert ("COPY", "hack/build-criu.sh /usr/local/bin/build-criu.sh") in criu_stage
 
 
 def test_the_image_runs_non_root_as_the_chart_expects() -> None:
@@ -160,3 +160,33 @@ def test_chart_default_image_is_what_the_dockerfile_documents() -> None:
     assert (
         f"docker build -t {values['image']['repository']}:{chart['appVersion']} ." in DOCKERFILE.read_text()
     )
+
+
+def test_the_legacy_builder_can_build_it_offline() -> None:
+    """No `# syntax=` line (BuildKit would pull that frontend image) and no BuildKit-only flags, so
+    `DOCKER_BUILDKIT=0 docker build` works on a machine without a registry (hack/e2e-real-node.sh)."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    for ins, args in instructions():
+        if ins in ("COPY", "ADD"):
+            assert not re.search(r"--(chmod|link|parents|exclude)\b", args), (ins, args)
+        if ins == "RUN":
+            assert not args.startswith("--mount") and "--mount=" not in args.split(" ", 1)[0], args
+
+
+def test_prebuilt_inputs_are_optional_and_used_when_present() -> None:
+    """prebuilt/wheels and prebuilt/criu exist (empty) in a checkout, reach the build context, and
+    switch the build to `pip install --no-index` and to the given CRIU bundle."""
+    for sub in ("wheels", "criu"):
+        assert (ROOT / "prebuilt" / sub / ".gitkeep").is_file()
+        assert not dockerignored(f"prebuilt/{sub}/some.whl")
+    assert dockerignored("prebuilt/README.md")
+    criu_stage = next(s for s in stages() if s[0][1].endswith("AS criu"))
+    assert ("COPY", "prebuilt/criu/ /tmp/prebuilt-criu/") in criu_stage
+    assert any(
+        "/tmp/prebuilt-criu/bin/criu" in a and "build-criu.sh" in a for i, a in criu_stage if i == "RUN"
+    )
+    wheel_stage = next(s for s in stages() if s[0][1].endswith("AS wheel"))
+    assert ("COPY", "prebuilt/wheels/ /dist/") in wheel_stage
+    final_runs = " ".join(a for i, a in stages()[-1] if i == "RUN")
+    assert "--no-index" in final_runs and "--find-links /tmp/dist" in final_runs
