@@ -213,7 +213,9 @@ def test_deleting_the_model_deletes_its_children(cluster: Cluster, namespace: st
 def test_an_operator_killed_mid_transition_finishes_after_restart_without_repeating_work(
     cluster: Cluster, namespace: str, tmp_path: os.PathLike[str]
 ) -> None:
-    first = hibernate_process(cluster, tmp_path / "op1.log", "operator")  # type: ignore[operator]
+    # Watching only this namespace: a cluster-wide operator could meet the armed fault point while
+    # resuming another test's ModelDeployment first.
+    first = hibernate_process(cluster, tmp_path / "op1.log", "operator", "--namespace", namespace)  # type: ignore[operator]
     first.env["HIBERNATE_FAULTS"] = "operator.after-deployment"  # SIGKILL between Deployment and Service
     first.start()
     apply(cluster, namespace, manifest("m", replicas=3))
@@ -223,7 +225,7 @@ def test_an_operator_killed_mid_transition_finishes_after_restart_without_repeat
     assert cluster.core.list_namespaced_service(namespace).items == []
     generation = cluster.apps.read_namespaced_deployment("m", namespace).metadata.generation
 
-    second = hibernate_process(cluster, tmp_path / "op2.log", "operator").start()  # type: ignore[operator]
+    second = hibernate_process(cluster, tmp_path / "op2.log", "operator", "--namespace", namespace).start()  # type: ignore[operator]
     try:
         eventually(lambda: cluster.core.read_namespaced_service("m", namespace), what="service after restart")
         eventually(
