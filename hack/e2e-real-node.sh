@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# hack/e2e-real-node.sh [--if-possible] [DIR]
+#
+# End to end on a REAL node, in one command, from a fresh clone on Debian 12 as root:
+#   1. a loopback control plane + dockerd + a real kubelet v1.20.2 (hack/start-real-node.sh),
+#   2. images built without any registry: local/debian:bookworm (debootstrap, by start-real-node.sh),
+#      local/python:3.11-bookworm (python3 + pip from Debian's apt, inside `docker build`), and the
+#      project's Dockerfile on it -> local/hibernate:dev, fed a wheelhouse built here (containers do
+#      not trust this machine's TLS proxy) and the CRIU bundle of hack/build-criu.sh (prebuilt/README.md),
+#   3. `helm install` of ./helm/hibernate with local/hibernate:dev (agent = the chart's privileged,
+#      hostPID DaemonSet pod; operator and gateway as the chart's Deployments),
+#   4. tests/e2e/walk.py: a ModelDeployment served by the fake engine, walked through L1, L2,
+#      Checkpoint and Stop and back to Awake after each, through kubectl; checks the level/phase in
+#      `kubectl get md`, the same completion answer after every wake, and across L1/L2/Checkpoint the
+#      same pod, pod IP and Service endpoints; prints md, pods -o wide and endpoints at every step,
+#   5. cleans up: helm uninstall, the node (start-real-node.sh stop), the iptables rule, the
+#      checkpoint directory if it made it, DIR. Images stay in /var/lib/docker for the next run.
+#
+#   --if-possible   exit 0 with "SKIP: <why>" where this cannot run (not root, no apt candidate for
+#                   docker.io, a dockerd without the clampoom runtime already running): for CI.
+#   KEEP=1          leave everything running and print how to use and stop it.
+#   LEVELS=L1,Checkpoint   walk only these levels.
+#
+# What this machine lacks and how it is bridged (shared/testenv/real-node.md has the facts):
+# - No kube-proxy: pods reach the API server at the `kubernetes` Service IP 10.0.0.1:443 through one
+#   iptables DNAT rule on docker0 to the loopback apiserver (route_localnet=1 on docker0), removed at
+#   the end. The apiserver's certificate names 10.0.0.1, so in-cluster config works unchanged.
+# - No CNI, no DNS: the walk reaches the engine at its pod IP (docker0, 172.17.0.x) from this host.
+# - Root here lacks CAP_SYS_RESOURCE, so CRIU cannot read the rlimits of a process of another uid
+#   (prlimit: EPERM) and a non-root engine fails to dump. The engine image is therefore
+#   local/hibernate-engine:dev = local/hibernate:dev with USER 0 (as vLLM's own image runs); the
+#   agent, operator and gateway run local/hibernate:dev as the chart says. On a normal node the
+#   privileged agent has CAP_SYS_RESOURCE and the stock image works as the engine (ENGINE_IMAGE=...).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+HACK=$ROOT/hack
+ASSETS="${KUBE_TEST_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-test-assets/1.20}"
+CRIU_BUNDLE=${HIBERNATE_CRIU_BUNDLE:-${XDG_CACHE_HOME:-$HOME/.cache}/hibernate/criu-4.2}
+IMAGE=local/hibernate:dev
+ENGINE_IMAGE=${ENGINE_IMAGE:-local/hibernate-engine:dev}
+BASE=local/python:3.11-bookworm
+RELEASE=hibernate
+RELEASE_NS=hibernate-system
+CKPT=/var/lib/hibernate/checkpoints
+API_SVC_IP=10.0.0.1       # first IP of start-control-plane.sh's --service-cluster-ip-range 10.0.0.0/24
+export DOCKER_BUILDKIT=0  # the legacy builder: offline, local base images, no buildx needed
+
+IF_POSSIBLE=; DIR=
+if [ "${1:-}" = --stop ]; then  # after KEEP=1: what the cleanup would have done
+  DIR=$(cd "${2:?usage: $0 --stop DIR}" && pwd)
+  KC=$DIR/node/kubeconfig
+  "$(dirname "$0")/install-helm.sh" >/dev/null 2>&1 && HELM=$("$(dirname "$0")/install-helm.sh" 2>/dev/null)/helm &&
+    "$HELM" --kubeconfig "$KC" uninstall "$RELEASE" -n "$RELEASE_NS" --wait --timeout 60s >/dev/null 2>&1 || true
+  "$HACK/start-real-node.sh" stop "$DIR/node" || true
+  read -ra DNAT < "$DIR/dnat" || DNAT=()
+  [ "${#DNAT[@]}" = 0 ] || iptables -t nat -D PREROUTING "${DNAT[@]}" 2>/dev/null || true
+  [ -f "$DIR/route_localnet.orig" ] && cat "$DIR/route_localnet.orig" > /proc/sys/net/ipv4/conf/docker0/route_localnet 2>/dev/null || true
+  made=$(cat "$DIR/ckpt-made" 2>/dev/null || true); [ -z "$made" ] || rm -rf "$made"
+  rm -rf "$DIR"; echo "stopped and removed $DIR"; exit 0
+fi
+for a in "$@"; do case $a in
+  --if-possible) IF_POSSIBLE=1 ;; -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "unknown flag $a" >&2; exit 2 ;; *) DIR=$a ;; esac; done
+
+T0=${EPOCHREALTIME/./}
+elapsed() { local d=$(( ${EPOCHREALTIME/./} - T0 )); printf '%d.%01d' $((d / 1000000)) $((d % 1000000 / 100000)); }
+step() { printf '\n=== %s (t=%ss)\n' "$*" "$(elapsed)"; }
+skip_or_die() { if [ -n "$IF_POSSIBLE" ]; then echo "SKIP e2e-real-node: $*"; exit 0; fi; echo "e2e-real-node: $*" >&2; exit 1; }
+
+# --- can it run here? ---
+[ "$(id -u)" = 0 ] || skip_or_die "needs root (dockerd, kubelet, CRIU)"
+[ "$(uname -m)" = x86_64 ] || skip_or_die "needs x86_64 (the kubelet and helm builds are amd64)"
+command -v apt-get >/dev/null || skip_or_die "needs Debian's apt (docker.io, debootstrap)"
+if ! command -v dockerd >/dev/null; then
+  cand=$(apt-cache policy docker.io 2>/dev/null | awk '/Candidate:/ {print $2}')
+  if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then
+    apt-get update -q >/dev/null 2>&1 || true
+    cand=$(apt-cache policy docker.io 2>/dev/null | awk '/Candidate:/ {print $2}')
+  fi
+  [ -n "$cand" ] && [ "$cand" != "(none)" ] || skip_or_die "docker.io cannot be installed (no apt candidate)"
+fi
+if docker info >/dev/null 2>&1 && ! docker info --format '{{json .Runtimes}}' | grep -q '"clampoom"'; then
+  skip_or_die "a dockerd runs without the clampoom runtime of start-real-node.sh; stop it first"
+fi
+
+DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hibernate-e2e.XXXXXX")}
+mkdir -p "$DIR/logs"; DIR=$(cd "$DIR" && pwd)
+echo "e2e-real-node: work dir $DIR (logs in $DIR/logs)"
+
+# --- cleanup, whatever happens from here on ---
+KC=; DNAT=(); CKPT_MADE=
+K() { "$ASSETS/kubectl" --kubeconfig "$KC" "$@"; }
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ "${KEEP:-0}" = 1 ] && [ -n "$KC" ]; then
+    printf '\nKEEP=1: left running.\n  export KUBECONFIG=%s\n  kubectl: %s\n  stop: %s --stop %s\n' \
+      "$KC" "$ASSETS/kubectl" "$0" "$DIR"
+    printf '%s\n' "${DNAT[*]}" > "$DIR/dnat"; printf '%s\n' "$CKPT_MADE" > "$DIR/ckpt-made"
+    exit "$rc"
+  fi
+  step "cleanup"
+  if [ -n "$KC" ] && [ -f "$DIR/helm-installed" ]; then
+    "$HELM" --kubeconfig "$KC" uninstall "$RELEASE" -n "$RELEASE_NS" --wait --timeout 60s >/dev/null 2>&1 || true
+  fi
+  [ -d "$DIR/node" ] && { "$HACK/start-real-node.sh" stop "$DIR/node" || true; }
+  teardown_host
+  rm -rf "$DIR"
+  echo "e2e-real-node: cleaned up after $(elapsed) s; rc $rc"
+  exit "$rc"
+}
+teardown_host() {  # the host changes of this script (not the node's: start-real-node.sh stop does those)
+  if [ "${#DNAT[@]}" -gt 0 ]; then iptables -t nat -D PREROUTING "${DNAT[@]}" 2>/dev/null || true; fi
+  if [ -f "$DIR/route_localnet.orig" ] && [ -e /proc/sys/net/ipv4/conf/docker0/route_localnet ]; then
+    cat "$DIR/route_localnet.orig" > /proc/sys/net/ipv4/conf/docker0/route_localnet || true; fi
+  if [ -n "$CKPT_MADE" ]; then rm -rf "$CKPT_MADE"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- prerequisites (each a no-op when already there) ---
+step "prerequisites: venv, kubelet, helm, CRIU bundle"
+[ -x "$ROOT/.venv/bin/python" ] || "$HACK/setup.sh"
+[ -x "$ASSETS/kubelet" ] || WITH_KUBELET=1 "$HACK/install-k8s-test-assets.sh"
+HELM=$("$HACK/install-helm.sh" 2>/dev/null)/helm
+[ -x "$CRIU_BUNDLE/bin/criu" ] || "$HACK/build-criu.sh" "$CRIU_BUNDLE"
+echo "kubelet $("$ASSETS/kubelet" --version), helm $("$HELM" version --template '{{.Version}}'), $("$CRIU_BUNDLE/bin/criu" --version | head -1)"
+
+# --- the node ---
+step "control plane + dockerd + real kubelet (hack/start-real-node.sh)"
+KC=$("$HACK/start-real-node.sh" "$DIR/node")
+K get nodes -o wide
+
+# --- images, no registry ---
+step "images: $BASE, $IMAGE (project Dockerfile), $ENGINE_IMAGE"
+if ! docker image inspect "$BASE" >/dev/null 2>&1; then
+  mkdir -p "$DIR/base"
+  cat > "$DIR/base/Dockerfile" <<'EOF'
+# python:3.11-slim-bookworm's layout from Debian's own packages: python3 (3.11) and pip, pip usable
+# as root like in the official image (no EXTERNALLY-MANAGED), python3/python/pip in /usr/local/bin.
+FROM local/debian:bookworm
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip procps \
+ && rm -rf /var/lib/apt/lists/* /usr/lib/python3.11/EXTERNALLY-MANAGED \
+ && ln -s /usr/bin/python3 /usr/local/bin/python3 && ln -s /usr/bin/python3 /usr/local/bin/python \
+ && ln -s /usr/bin/pip3 /usr/local/bin/pip
+CMD ["python3"]
+EOF
+  docker build -t "$BASE" "$DIR/base" >"$DIR/logs/build-base.log" 2>&1 || { tail -20 "$DIR/logs/build-base.log" >&2; exit 1; }
+fi
+# A build context of our own: the checkout stays untouched, prebuilt/ is filled only here.
+CTX=$DIR/ctx
+mkdir -p "$CTX/hack" "$CTX/prebuilt/wheels"
+cp -a "$ROOT/Dockerfile" "$ROOT/.dockerignore" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/operator" "$CTX/"
+cp -a "$ROOT/hack/build-criu.sh" "$CTX/hack/"
+cp -a "$CRIU_BUNDLE" "$CTX/prebuilt/criu"
+# The wheelhouse for the image's CPython 3.11 (bookworm's, the same as this host's), built here where
+# pip trusts the TLS proxy's CA; pip's cache makes the second run fast.
+"$ROOT/.venv/bin/pip" wheel -q "$CTX" -w "$CTX/prebuilt/wheels" >"$DIR/logs/pip-wheel.log" 2>&1 ||
+  { tail -20 "$DIR/logs/pip-wheel.log" >&2; exit 1; }
+rm -rf "$CTX/build" "$CTX"/operator/*.egg-info
+docker build -t "$IMAGE" --build-arg PYTHON_IMAGE="$BASE" "$CTX" >"$DIR/logs/build-image.log" 2>&1 ||
+  { tail -30 "$DIR/logs/build-image.log" >&2; exit 1; }
+if [ "$ENGINE_IMAGE" = local/hibernate-engine:dev ]; then
+  printf 'FROM %s\nUSER 0:0\n' "$IMAGE" | docker build -t "$ENGINE_IMAGE" - >"$DIR/logs/build-engine.log" 2>&1 ||
+    { tail -20 "$DIR/logs/build-engine.log" >&2; exit 1; }
+fi
+docker images --format 'table {{.Repository}}:{{.Tag}}\t{{.ID}}\t{{.Size}}' | grep -E '^(REPOSITORY|local/)'
+docker run --rm --entrypoint sh "$IMAGE" -c 'hibernate --help >/dev/null && /opt/hibernate/criu/bin/criu --version | head -1 && id'
+
+# --- the host bits the node lacks: the kubernetes Service for pods, the checkpoint root ---
+step "pods -> API server: DNAT $API_SVC_IP:443 on docker0 to the loopback apiserver; checkpoint root $CKPT"
+API_PORT=$(sed -n 's|.*server: "https://127.0.0.1:\([0-9]*\)".*|\1|p' "$KC")
+[ -n "$API_PORT" ] || { echo "no apiserver port in $KC" >&2; exit 1; }
+cat /proc/sys/net/ipv4/conf/docker0/route_localnet > "$DIR/route_localnet.orig"
+echo 1 > /proc/sys/net/ipv4/conf/docker0/route_localnet
+DNAT=(-i docker0 -d "$API_SVC_IP/32" -p tcp --dport 443 -m comment --comment "hibernate-e2e:$DIR"
+      -j DNAT --to-destination "127.0.0.1:$API_PORT")
+iptables -t nat -I PREROUTING "${DNAT[@]}"
+if [ ! -e /var/lib/hibernate ]; then CKPT_MADE=/var/lib/hibernate
+elif [ ! -e "$CKPT" ]; then CKPT_MADE=$CKPT; fi
+mkdir -p "$CKPT"
+
+# --- the chart ---
+step "helm install $RELEASE ./helm/hibernate (image $IMAGE)"
+"$HELM" --kubeconfig "$KC" install "$RELEASE" "$ROOT/helm/hibernate" -n "$RELEASE_NS" --create-namespace \
+  -f "$ROOT/helm/hibernate/ci/cpu-only-values.yaml" \
+  --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" --set image.pullPolicy=IfNotPresent \
+  --set operator.logFormat=plain --set agent.logFormat=plain >"$DIR/logs/helm.log" 2>&1 ||
+  { cat "$DIR/logs/helm.log" >&2; exit 1; }
+touch "$DIR/helm-installed"
+head -6 "$DIR/logs/helm.log"
+if ! { K -n "$RELEASE_NS" rollout status ds/$RELEASE-agent --timeout 180s &&
+       K -n "$RELEASE_NS" rollout status deploy/$RELEASE-operator --timeout 180s &&
+       K -n "$RELEASE_NS" rollout status deploy/$RELEASE-gateway --timeout 180s; }; then
+  K -n "$RELEASE_NS" get pods -o wide; K -n "$RELEASE_NS" describe pods | tail -40
+  for c in agent operator gateway; do K -n "$RELEASE_NS" logs -l app.kubernetes.io/component=$c --tail 20 || true; done
+  exit 1
+fi
+
+# --- the walk ---
+step "the walk (tests/e2e/walk.py)"
+rc=0
+"$ROOT/.venv/bin/python" "$ROOT/tests/e2e/walk.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
+  --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" ${LEVELS:+--levels "$LEVELS"} || rc=$?
+step "the agent's log (its DaemonSet pod)"
+K -n "$RELEASE_NS" logs ds/$RELEASE-agent --tail 400 2>&1 | grep -v 'GET /healthz\|GET /metrics' | tail -25 || true
+if [ -n "$CKPT_MADE" ] || [ -d "$CKPT/default" ]; then
+  echo "checkpoint images left under $CKPT after the ModelDeployment's deletion: $(find "$CKPT" -mindepth 2 -maxdepth 2 | wc -l)"
+fi
+exit "$rc"

@@ -1,0 +1,341 @@
+"""The end-to-end walk of hack/e2e-real-node.sh and hack/e2e-kind.sh, through kubectl only.
+
+Applies a ModelDeployment served by the fake engine, then for each level: `kubectl patch` the
+level, wait until `kubectl get md` shows it reached (Asleep, or Stopped for Stop), patch back to
+Awake, wait for Awake, and send the same completion to the engine as before. Checks, and exits
+non-zero when one fails:
+
+- the answer after every wake is the one the engine gave before any sleep;
+- for levels 1-4 the pod is the same pod afterwards (same UID, same IP) and the Service's
+  Endpoints list that pod IP as ready; for Checkpoint, the engine answers nothing while asleep
+  (its processes are gone) and comes back in place;
+- the transitions were made by the agent (its `hibernate.dev/last-operation` annotation).
+
+Prints `kubectl get md`, `kubectl get pods -o wide` and `kubectl get endpoints` at every step, so
+the output can be pasted as it is. Standard library only: it runs with any python3 >= 3.11.
+
+    python3 tests/e2e/walk.py --kubectl kubectl --engine-image local/hibernate:dev [--http-via CMD]
+
+`--http-via` runs the HTTP calls to the pod IP through a command (`docker exec kind-control-plane`)
+where the pod network is not reachable from here; the command must have curl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+NAME = "fake"
+MODEL = "facebook/opt-125m"
+PROMPT = "The capital of France is"
+LEVELS = ("L1", "L2", "Checkpoint", "Stop")
+
+
+class WalkError(Exception):
+    pass
+
+
+class Walk:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.kubectl_cmd = shlex.split(args.kubectl)
+        self.ns = args.namespace
+        self.release_ns = args.release_namespace
+        self.image = args.engine_image
+        self.pull_policy = args.pull_policy
+        self.http_via = shlex.split(args.http_via) if args.http_via else []
+        self.timeout = args.timeout
+        self.failures: list[str] = []
+        self.t0 = time.monotonic()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        result = subprocess.run(
+            [*self.kubectl_cmd, *args], input=stdin, capture_output=True, text=True, timeout=120
+        )
+        if check and result.returncode != 0:
+            raise WalkError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout
+
+    def show(self, *args: str) -> None:
+        self.say(f"$ kubectl {' '.join(args)}")
+        self.say(self.kubectl(*args, check=False).rstrip())
+
+    def show_state(self, title: str) -> None:
+        self.say(f"--- {title} (t={time.monotonic() - self.t0:.1f}s)")
+        self.show("get", "md", "-n", self.ns)
+        self.show("get", "pods", "-n", self.ns, "-o", "wide")
+        self.show("get", "endpoints", NAME, "-n", self.ns)
+
+    def check(self, ok: bool, what: str) -> None:
+        self.say(f"   [{'ok' if ok else 'FAIL'}] {what}")
+        if not ok:
+            self.failures.append(what)
+
+    def md(self) -> dict[str, Any]:
+        obj: dict[str, Any] = json.loads(self.kubectl("get", "md", NAME, "-n", self.ns, "-o", "json"))
+        return obj
+
+    def pods(self) -> list[dict[str, Any]]:
+        out = self.kubectl("get", "pods", "-n", self.ns, "-l", f"hibernate.dev/model={NAME}", "-o", "json")
+        items: list[dict[str, Any]] = json.loads(out)["items"]
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+    def pod(self) -> dict[str, Any]:
+        pods = self.pods()
+        if len(pods) != 1:
+            raise WalkError(f"expected one pod of {NAME}, found {[p['metadata']['name'] for p in pods]}")
+        return pods[0]
+
+    def ready_endpoints(self) -> list[str]:
+        out = self.kubectl("get", "endpoints", NAME, "-n", self.ns, "-o", "json", check=False)
+        if not out:
+            return []
+        subsets = json.loads(out).get("subsets") or []
+        return [a["ip"] for s in subsets for a in s.get("addresses") or []]
+
+    def wait_for(self, what: str, test: Callable[[], bool], timeout: float | None = None) -> float:
+        started = time.monotonic()
+        limit = timeout or self.timeout
+        while time.monotonic() - started < limit:
+            try:
+                if test():
+                    return time.monotonic() - started
+            except (WalkError, ValueError, KeyError, IndexError, subprocess.TimeoutExpired):
+                pass  # the API server or the engine may be briefly away; keep polling
+            time.sleep(0.2)
+        self.show_state(f"timeout waiting for {what}")
+        raise WalkError(f"{what} not reached after {limit:.0f} s")
+
+    def reached(self, phase: str, level: str) -> Callable[[], bool]:
+        def test() -> bool:
+            status = self.md().get("status") or {}
+            if status.get("phase") == "Failed":
+                raise SystemExit(self.fail_now(status))
+            return bool(status.get("phase") == phase and status.get("sleepLevel") == level)
+
+        return test
+
+    def fail_now(self, status: dict[str, Any]) -> str:
+        self.show_state("the ModelDeployment failed")
+        for pod in self.pods():
+            op = pod["metadata"].get("annotations", {}).get("hibernate.dev/last-operation", "")
+            self.say(f"   last-operation of {pod['metadata']['name']}: {op}")
+        return f"FAILED: phase Failed: {json.dumps(status.get('conditions'), indent=1)}"
+
+    def http(self, ip: str, path: str, body: dict[str, Any] | None = None, timeout: float = 60) -> str:
+        url = f"http://{ip}:8000{path}"
+        data = json.dumps(body) if body is not None else None
+        if self.http_via:
+            cmd = [*self.http_via, "curl", "-sS", "--fail", "-m", str(int(timeout)), url]
+            if data is not None:
+                cmd += ["-H", "content-type: application/json", "-d", data]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
+            if result.returncode != 0:
+                raise ConnectionError(result.stderr.strip() or f"curl rc {result.returncode}")
+            return result.stdout
+        request = urllib.request.Request(
+            url, data=data.encode() if data else None, headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text: str = response.read().decode()
+            return text
+
+    def complete(self, ip: str) -> str:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+        text: str = json.loads(self.http(ip, "/v1/completions", body))["choices"][0]["text"]
+        return text
+
+    def answers(self, ip: str) -> bool:
+        try:
+            self.http(ip, "/health", timeout=3)
+            return True
+        except (OSError, ConnectionError, subprocess.TimeoutExpired):
+            return False
+
+    def patch(self, level: str) -> None:
+        self.say(f'$ kubectl patch md {NAME} --type merge -p \'{{"spec":{{"sleepLevel":"{level}"}}}}\'')
+        self.say(
+            self.kubectl(
+                "patch", "md", NAME, "-n", self.ns, "--type", "merge", "-p",
+                json.dumps({"spec": {"sleepLevel": level}}),
+            ).rstrip()
+        )  # fmt: skip
+
+    # -- the walk ------------------------------------------------------------------------------
+
+    def agents(self) -> None:
+        self.say("== the cluster: a real node, the chart's agent DaemonSet (hostPID, privileged) ==")
+        self.show("get", "nodes", "-o", "wide")
+        self.show("get", "pods", "-n", self.release_ns, "-o", "wide")
+        ds = json.loads(
+            self.kubectl("get", "daemonsets", "-n", self.release_ns, "-l",
+                         "app.kubernetes.io/component=agent", "-o", "json")
+        )["items"]  # fmt: skip
+        self.check(len(ds) == 1, "the chart installed one agent DaemonSet")
+        if ds:
+            spec = ds[0]["spec"]["template"]["spec"]
+            ctr = spec["containers"][0]
+            self.check(
+                spec.get("hostPID") is True and (ctr.get("securityContext") or {}).get("privileged") is True,
+                f"DaemonSet {ds[0]['metadata']['name']}: hostPID {spec.get('hostPID')}, "
+                f"privileged {(ctr.get('securityContext') or {}).get('privileged')}, image {ctr['image']}",
+            )
+            status = ds[0]["status"]
+            self.check(
+                status.get("numberReady", 0) >= 1,
+                f"agent pods ready: {status.get('numberReady', 0)}/{status.get('desiredNumberScheduled')}",
+            )
+
+    def apply(self) -> None:
+        self.say(f"== kubectl apply: ModelDeployment {NAME}, the fake engine from {self.image} ==")
+        manifest = {
+            "apiVersion": "hibernate.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": NAME, "namespace": self.ns},
+            "spec": {
+                "model": MODEL,
+                "replicas": 1,
+                "sleepLevel": "Awake",
+                "engine": {
+                    "image": self.image,
+                    "imagePullPolicy": self.pull_policy,
+                    "command": ["python3", "-m", "hibernate.engine.fake"],
+                    "args": ["--weights-mib", "128", "--kv-mib", "32"],
+                    "port": 8000,
+                    "resources": {
+                        "requests": {"cpu": "100m", "memory": "256Mi"},
+                        "limits": {"memory": "1Gi"},
+                    },
+                    "startupSeconds": 120,
+                },
+            },
+        }
+        self.say(self.kubectl("apply", "-f", "-", stdin=json.dumps(manifest)).rstrip())
+        seconds = self.wait_for("Awake", self.reached("Awake", "Awake"))
+        ip = self.pod()["status"]["podIP"]
+        self.wait_for("the pod IP in the Service's ready endpoints", lambda: ip in self.ready_endpoints())
+        self.say(f"   Awake after {seconds:.1f} s (a cold start)")
+        self.show_state("Awake")
+
+    def cycle(self, level: str, baseline: str) -> dict[str, Any]:
+        self.say(f"\n== {level} ==")
+        before = self.pod()
+        uid, ip, name = before["metadata"]["uid"], before["status"]["podIP"], before["metadata"]["name"]
+        self.patch(level)
+        target = "Stopped" if level == "Stop" else "Asleep"
+        slept = self.wait_for(f"{target} at {level}", self.reached(target, level))
+        self.say(f"   {target} at {level} after {slept:.2f} s")
+        self.show_state(f"{target} ({level})")
+        if level == "Stop":
+            self.wait_for("no engine pod", lambda: not self.pods())
+            self.check(not self.pods(), "Stop: the Deployment is scaled to zero, no engine pod")
+        else:
+            asleep = self.pod()
+            ann = asleep["metadata"].get("annotations", {})
+            op = json.loads(ann.get("hibernate.dev/last-operation") or "{}")
+            self.say(f"   agent's last-operation: {json.dumps(op)}")
+            self.check(
+                ann.get("hibernate.dev/state") == "Asleep"
+                and op.get("action") == "sleep"
+                and not op.get("error"),
+                f"the agent reports state {ann.get('hibernate.dev/state')}, "
+                f"observed level {ann.get('hibernate.dev/observed-sleep-level')}",
+            )
+            if level == "Checkpoint":
+                self.check(
+                    not self.answers(ip),
+                    f"Checkpoint: nothing answers at {ip}:8000 (the engine's processes are dumped)",
+                )
+        self.patch("Awake")
+        woke = self.wait_for("Awake", self.reached("Awake", "Awake"))
+        after = self.pod()
+        new_ip = after["status"]["podIP"]
+        self.wait_for("the pod IP in the Service's ready endpoints", lambda: new_ip in self.ready_endpoints())
+        answer = self.complete(new_ip)
+        self.say(f"   Awake after {woke:.2f} s")
+        self.show_state(f"Awake again after {level}")
+        same_answer = answer == baseline
+        self.check(same_answer, f"answer after waking {answer!r} == before {baseline!r}")
+        same_pod = after["metadata"]["uid"] == uid and new_ip == ip
+        endpoints = self.ready_endpoints()
+        if level == "Stop":
+            self.check(
+                after["metadata"]["uid"] != uid,
+                f"Stop: a new pod {after['metadata']['name']} ({new_ip}), a cold start",
+            )
+        else:
+            self.check(
+                same_pod,
+                f"same pod {name} uid {uid[:8]} ip {ip} -> {after['metadata']['name']} "
+                f"uid {after['metadata']['uid'][:8]} ip {new_ip}",
+            )
+            restarts = sum(s.get("restartCount", 0) for s in after["status"].get("containerStatuses") or [])
+            self.check(restarts == 0, f"no container restarts (restartCount {restarts})")
+        self.check(endpoints == [new_ip], f"Service endpoints {endpoints} == [{new_ip}]")
+        return {"level": level, "sleep": slept, "wake": woke, "same": same_answer, "pod": same_pod}
+
+    def delete(self) -> None:
+        self.say("\n== kubectl delete md: the owned Deployment, Service and pods go ==")
+        self.say(self.kubectl("delete", "md", NAME, "-n", self.ns, "--wait=true", "--timeout=120s").rstrip())
+        self.wait_for("no engine pod", lambda: not self.pods())
+        self.show("get", "md,deploy,svc,pods", "-n", self.ns)
+
+    def run(self, levels: list[str]) -> int:
+        self.agents()
+        self.apply()
+        baseline = self.complete(self.pod()["status"]["podIP"])
+        self.say(f"   answer before any sleep: {baseline!r}")
+        rows = [self.cycle(level, baseline) for level in levels]
+        self.delete()
+        self.say("\nlevel         sleep s   wake s  same answer  same pod+IP")
+        for r in rows:
+            pod = "n/a (new pod)" if r["level"] == "Stop" else ("yes" if r["pod"] else "NO")
+            self.say(
+                f"{r['level']:<12} {r['sleep']:>8.2f} {r['wake']:>8.2f}  {'yes' if r['same'] else 'NO':<11}  {pod}"
+            )
+        if self.failures:
+            self.say(f"\nFAILED checks ({len(self.failures)}):")
+            for f in self.failures:
+                self.say(f"  - {f}")
+            return 1
+        self.say(f"\nall checks passed in {time.monotonic() - self.t0:.1f} s")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kubectl", default="kubectl", help="kubectl command line (with --kubeconfig)")
+    parser.add_argument("--namespace", default="default", help="namespace of the ModelDeployment")
+    parser.add_argument("--release-namespace", default="hibernate-system", help="namespace of the chart")
+    parser.add_argument("--engine-image", default="local/hibernate:dev")
+    parser.add_argument("--pull-policy", default="Never", choices=["Never", "IfNotPresent", "Always"])
+    parser.add_argument("--http-via", default="", help="command prefix for curl to the pod IP")
+    parser.add_argument(
+        "--levels", default=",".join(LEVELS), help="comma-separated, default L1,L2,Checkpoint,Stop"
+    )
+    parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for each state")
+    args = parser.parse_args(argv)
+    walk = Walk(args)
+    try:
+        return walk.run([lv.strip() for lv in args.levels.split(",") if lv.strip()])
+    except WalkError as e:
+        print(f"FAILED: {e}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
