@@ -18,4 +18,12 @@ if [ "$rc" = 5 ]; then
   echo "pytest collected no tests: that is a failure here, not a pass" >&2
   exit 1
 fi
+# End to end on a real kubelet + dockerd with the chart (docs/e2e.md): in CI only, about 1.5 min warm,
+# 3 cold; --if-possible skips with the reason where docker.io cannot be installed or root is missing.
+if [ "${CI:-}" = true ]; then
+  echo "== e2e on a real node (hack/e2e-real-node.sh)"
+  hack/e2e-real-node.sh --if-possible || rc=1
+else
+  echo "== e2e on a real node: skipped (CI is not true; run hack/e2e-real-node.sh, docs/e2e.md)"
+fi
 exit "$rc"
