@@ -62,11 +62,15 @@ class PodView:
             return None
 
     @property
-    def observed(self) -> SleepLevel:
+    def observed(self) -> SleepLevel | None:
+        """The level the agent reports; None before the agent has looked at this pod."""
+        raw = self.annotations.get(c.ANN_OBSERVED_LEVEL)
+        if raw is None:
+            return None
         try:
-            return SleepLevel.parse(self.annotations.get(c.ANN_OBSERVED_LEVEL, 0))
+            return SleepLevel.parse(raw)
         except InvalidSleepLevel:
-            return SleepLevel.AWAKE
+            return None
 
     @property
     def state(self) -> str | None:
@@ -139,7 +143,9 @@ def fold(
     else:
         targets = [(p, p.desired(desired)) for p in live]
         settled = all(t is not None and p.settled(t) for p, t in targets)
-        reached = min((p.observed for p in live), default=None)
+        observed = [p.observed for p in live]
+        # Every replica has reached a level only once the agent has reported on every one of them.
+        reached = None if None in observed else min((o for o in observed if o is not None), default=None)
         if failures:
             phase = "Failed"
         elif len(live) < replicas or (desired == SleepLevel.AWAKE and ready < replicas):
@@ -154,7 +160,7 @@ def fold(
         elif any(p.state == c.STATE_SLEEPING for p in live):
             phase = "Sleeping"
         else:  # the agent has not picked the change up yet
-            deeper = any(t is not None and t > p.observed for p, t in targets)
+            deeper = any(t is not None and t > (p.observed or SleepLevel.AWAKE) for p, t in targets)
             phase = "Sleeping" if deeper else "Waking"
         if desired == SleepLevel.AWAKE and not live and replicas == 0:
             reached = SleepLevel.AWAKE
