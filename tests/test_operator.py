@@ -261,3 +261,19 @@ def test_the_operator_serves_metrics_of_completed_transitions(
         assert "hibernate_idle_transitions_total" in text
     finally:
         proc.stop()
+
+
+def test_a_deleted_deployment_or_service_of_a_live_model_is_made_again(
+    cluster: Cluster, namespace: str, operator: Process
+) -> None:
+    apply(cluster, namespace, manifest("m"))
+    first = eventually(lambda: cluster.core.read_namespaced_service("m", namespace), what="service")
+    cluster.apps.delete_namespaced_deployment("m", namespace)
+    cluster.core.delete_namespaced_service(
+        "m", namespace, _preload_content=False
+    )  # client can't parse Status
+    eventually(
+        lambda: cluster.core.read_namespaced_service("m", namespace).metadata.uid != first.metadata.uid,
+        what="a new Service",
+    )
+    eventually(lambda: cluster.apps.read_namespaced_deployment("m", namespace), what="a new Deployment")

@@ -14,6 +14,7 @@ from hibernate.controller import kube, metrics, reconcile
 from hibernate.controller.reconcile import OperatorContext
 from hibernate.controller.status import PodView
 
+log = logging.getLogger(__name__)
 MD = (c.GROUP, c.VERSION, c.PLURAL)
 MANAGED = {c.LABEL_MANAGED: "true"}
 RESYNC_SECONDS = 30.0
@@ -111,6 +112,34 @@ def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: An
     if reconcile.propagate_level(namespace, name, spec.level, pods):
         pods = kube.list_pods(namespace, name)
     _refresh(md, [PodView.from_pod(p) for p in pods], memo)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={c.LABEL_MODEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "services", labels={c.LABEL_MODEL: kopf.PRESENT})
+def owned_object_changed(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str | None,
+    labels: kopf.Labels,
+    memo: Any,
+    **kwargs: Any,
+) -> None:
+    """A Deployment or Service of a live ModelDeployment was deleted: make it again.
+
+    Deleting a ModelDeployment and applying one of the same name at once lets the garbage collector
+    delete the new owner's objects (it had decided on the old owner); nothing else would notice.
+    """
+    if event.get("type") != "DELETED":
+        return
+    models: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["models"]
+    key = (namespace or "", labels.get(c.LABEL_MODEL, ""))
+    if key not in models:
+        return
+    md = next(iter(models[key]))
+    if md["metadata"].get("deletionTimestamp"):
+        return
+    log.info("re-creating the objects of %s/%s: its %s was deleted", *key, body.get("kind"))
+    reconcile.apply_workload(md, _spec(md["spec"]), memo.ctx)
 
 
 @kopf.on.event("pods", labels=MANAGED)
