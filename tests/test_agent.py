@@ -7,7 +7,6 @@ IP themselves) and runs `hibernate agent` as users do, as a subprocess.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,17 +16,10 @@ import pytest
 
 from hibernate.api import constants as c
 from tests.cluster import Cluster, Process, eventually, hibernate_process
-from tests.engine_fixtures import FakeEngine, start_fake_engine
+from tests.engine_fixtures import FakeEngine, free_port, start_fake_engine
 from tests.pods import annotate, annotations, create_engine_pod, ensure_node, pod_events, reached, start_pod
 
 NODE = "agent-test-node"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def complete(url: str, prompt: str = "The capital of France is") -> str:

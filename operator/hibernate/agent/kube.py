@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from datetime import UTC, datetime
@@ -14,17 +13,12 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from hibernate.api import constants as c
+from hibernate.kubeclient import api_client
 
 log = logging.getLogger(__name__)
 
 
-@functools.cache
-def client() -> kubernetes.client.ApiClient:
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
+client = api_client
 
 
 def core() -> kubernetes.client.CoreV1Api:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hibernate.api import constants as c
-from hibernate.api.levels import InvalidSleepLevel, SleepLevel
+from hibernate.api.levels import SleepLevel
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,7 @@ class PodRef:
         return None if raw is None else SleepLevel.parse(raw)
 
     def observed(self) -> SleepLevel | None:
-        raw = self.annotations.get(c.ANN_OBSERVED_LEVEL)
-        if raw is None:
-            return None
-        try:
-            return SleepLevel.parse(raw)
-        except InvalidSleepLevel:
-            return None
+        return SleepLevel.parse_or_none(self.annotations.get(c.ANN_OBSERVED_LEVEL))
 
     @property
     def state(self) -> str | None:

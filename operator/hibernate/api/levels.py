@@ -50,6 +50,16 @@ class SleepLevel(enum.IntEnum):
                 return found
         raise InvalidSleepLevel(value)
 
+    @classmethod
+    def parse_or_none(cls, value: object) -> SleepLevel | None:
+        """Like parse, but None for a missing or unreadable value (a report not written yet)."""
+        if value is None:
+            return None
+        try:
+            return cls.parse(value)
+        except InvalidSleepLevel:
+            return None
+
     def __str__(self) -> str:
         return self.label
 

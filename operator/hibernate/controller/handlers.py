@@ -68,17 +68,16 @@ def _refresh(md: dict[str, Any], pods: list[PodView], memo: Any) -> None:
                     metrics.FAILURES.inc()
 
 
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """The parts of a ModelDeployment the reconcilers read, as plain dicts (kopf's views are live)."""
+    return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+
+
 @kopf.index(*MD)
 def models(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    return {
-        (namespace or "", name): {
-            "metadata": dict(body.metadata),
-            "spec": dict(body.spec),
-            "status": dict(body.status),
-        }
-    }
+    return {(namespace or "", name): _plain(body)}
 
 
 @kopf.index("pods", labels=MANAGED)
@@ -94,7 +93,7 @@ def pods_by_model(
 def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     """Owned objects, then the level on every pod, then the status."""
     namespace = namespace or ""
-    md = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+    md = _plain(body)
     spec = _spec(md["spec"])
     reconcile.apply_workload(md, spec, memo.ctx)
     pods = kube.list_pods(namespace, name)
@@ -106,7 +105,7 @@ def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any
 def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     """Level-based safety net: a missed pod event is caught here."""
     namespace = namespace or ""
-    md = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+    md = _plain(body)
     spec = _spec(md["spec"])
     pods = kube.list_pods(namespace, name)
     if reconcile.propagate_level(namespace, name, spec.level, pods):

@@ -5,24 +5,19 @@ plain `def` kopf handlers, which kopf runs in threads)."""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from hibernate.api import constants as c
+from hibernate.kubeclient import api_client
 
 FIELD_MANAGER = "hibernate-operator"
 
 
-@functools.cache
-def client() -> kubernetes.client.ApiClient:
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
+client = api_client
 
 
 def core() -> kubernetes.client.CoreV1Api:
@@ -56,15 +51,19 @@ def server_side_apply(obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
+def _read_or_none(read: Callable[[], Any]) -> dict[str, Any] | None:
     try:
-        result = apps().read_namespaced_deployment(name, namespace)
+        result = read()
     except ApiException as e:
         if e.status == 404:
             return None
         raise
     out: dict[str, Any] = client().sanitize_for_serialization(result)
     return out
+
+
+def read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
+    return _read_or_none(lambda: apps().read_namespaced_deployment(name, namespace))
 
 
 def list_pods(namespace: str, model: str) -> list[dict[str, Any]]:
@@ -94,14 +93,7 @@ def annotate_pod(
 
 
 def read_pod(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        result = core().read_namespaced_pod(name, namespace)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    out: dict[str, Any] = client().sanitize_for_serialization(result)
-    return out
+    return _read_or_none(lambda: core().read_namespaced_pod(name, namespace))
 
 
 def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:

@@ -64,13 +64,7 @@ class PodView:
     @property
     def observed(self) -> SleepLevel | None:
         """The level the agent reports; None before the agent has looked at this pod."""
-        raw = self.annotations.get(c.ANN_OBSERVED_LEVEL)
-        if raw is None:
-            return None
-        try:
-            return SleepLevel.parse(raw)
-        except InvalidSleepLevel:
-            return None
+        return SleepLevel.parse_or_none(self.annotations.get(c.ANN_OBSERVED_LEVEL))
 
     @property
     def state(self) -> str | None:
