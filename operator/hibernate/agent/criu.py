@@ -782,27 +782,22 @@ def restore(
             "is the engine already running?"
         )
     log = image / RESTORE_LOG
-    extra = list(extra_args)
-    if tcp_established:
-        extra += ["--tcp-established", "--network-lock", "nftables"]
+    tcp = ["--tcp-established", "--network-lock", "nftables"] if tcp_established else []
+    warnings = []
     fd = _locked_dir(image)
     try:
-        if pod is None:
-            args = ["-d", "-o", RESTORE_LOG]
-            cmd, env = _criu_command(None, bundle, "restore", fd, args + extra)
-            rc, out = _run(cmd, env, fd, timeout, "restore", fault="agent.criu-restore-running")
-        else:
-            copy_bundle_into(pod.host_path(pod.bundle), bundle)
-            # The work dir (criu's cgroup yard is mounted there) must be inside the pod's mount
-            # namespace, and criu writes its log there; the log is copied beside the image.
-            work = pod.host_path(pod.workdir)
-            work.mkdir(parents=True, exist_ok=True)
-            (work / RESTORE_LOG).unlink(missing_ok=True)
-            args = ["-d", "-W", str(pod.workdir), "-o", RESTORE_LOG]
-            cmd, env = _criu_command(pod, bundle, "restore", fd, args + extra)
-            rc, out = _run(cmd, env, fd, timeout, "restore", fault="agent.criu-restore-running")
-            with contextlib.suppress(OSError):
-                shutil.copyfile(work / RESTORE_LOG, log)
+        rc, out = _restore_once(pod, bundle, fd, timeout, [*extra_args, *tcp], log)
+        if tcp_established and (rc != 0 or not _logged_at_end(log, RESTORE_OK)) and _tcp_trouble(log):
+            # A connection its peer had half closed when the engine was dumped (a client that died
+            # during the dump) cannot be restored under the network lock: criu's FIN is dropped
+            # ("Unable to send a fin packet"). Restore with the TCP connections closed instead;
+            # clients reconnect. The failed attempt's processes must be reaped first.
+            _wait_pid_free(pod, meta.engine_pid)
+            first = _tcp_trouble_line(log)
+            rc, out = _restore_once(
+                pod, bundle, fd, timeout, [*extra_args, "--tcp-close", "--network-lock", "nftables"], log
+            )
+            warnings.append(f"restored with its TCP connections closed, after: {first}")
     finally:
         os.close(fd)
     if rc != 0 or not _logged_at_end(log, RESTORE_OK):
@@ -810,7 +805,58 @@ def restore(
     host_pid = host_pid_in_pod(pod.init_pid, meta.engine_pid) if pod is not None else meta.engine_pid
     if pod is not None and pod.marker is not None:
         pod.host_path(pod.marker).unlink(missing_ok=True)
-    warnings = []
     if host_pid is None or not _alive(host_pid):
         warnings.append(f"restored pid {meta.engine_pid} is not running after the restore")
     return RestoreResult(meta.engine_pid, host_pid, time.monotonic() - started, log, warnings)
+
+
+def _restore_once(
+    pod: Pod | None, bundle: Bundle, fd: int, timeout: float, extra: list[str], log: Path
+) -> tuple[int, str]:
+    if pod is None:
+        args = ["-d", "-o", RESTORE_LOG]
+        cmd, env = _criu_command(None, bundle, "restore", fd, args + extra)
+        return _run(cmd, env, fd, timeout, "restore", fault="agent.criu-restore-running")
+    copy_bundle_into(pod.host_path(pod.bundle), bundle)
+    # The work dir (criu's cgroup yard is mounted there) must be inside the pod's mount
+    # namespace, and criu writes its log there; the log is copied beside the image.
+    work = pod.host_path(pod.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / RESTORE_LOG).unlink(missing_ok=True)
+    args = ["-d", "-W", str(pod.workdir), "-o", RESTORE_LOG]
+    cmd, env = _criu_command(pod, bundle, "restore", fd, args + extra)
+    rc, out = _run(cmd, env, fd, timeout, "restore", fault="agent.criu-restore-running")
+    with contextlib.suppress(OSError):
+        shutil.copyfile(work / RESTORE_LOG, log)
+    return rc, out
+
+
+_TCP_ERROR = re.compile(r"^.*Error \((?:soccr/|criu/sk-tcp).*$", re.MULTILINE)
+
+
+def _tcp_trouble_line(log: Path) -> str:
+    """The line of a failed restore's log that blames a TCP connection (criu's soccr or sk-tcp), or ''."""
+    try:
+        found = _TCP_ERROR.search(log.read_text(errors="replace"))
+    except OSError:
+        return ""
+    return found.group(0).strip() if found else ""
+
+
+def _tcp_trouble(log: Path) -> bool:
+    return bool(_tcp_trouble_line(log))
+
+
+def _wait_pid_free(pod: Pod | None, pid_in_pod: int, timeout: float = 5.0) -> None:
+    """Until no process of the pod, a zombie included, has `pid_in_pod` (a failed restore's leftovers)."""
+    if pod is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        taken = False
+        for host in _descendants(pod.init_pid):
+            with contextlib.suppress(OSError, CriuError):
+                taken = taken or ns_pid(host) == pid_in_pod
+        if not taken:
+            return
+        time.sleep(0.02)
