@@ -38,6 +38,14 @@ _ENGINE_LEVEL = {
 }
 
 
+def _alive(pid: int, proc_root: str) -> bool:
+    try:
+        state = Path(f"{proc_root}/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 class LevelError(RuntimeError):
     """A level change failed; `rolled_back` says whether the pod is back where it started."""
 
@@ -111,7 +119,14 @@ class Levels:
         raise LevelError(f"the agent does not perform level {level.label}", rolled_back=True)
 
     async def wake(self, pod: PodRef, level: SleepLevel) -> dict[str, Any]:
-        """Bring a pod that is at `level` back to Awake."""
+        """Bring a pod that is at `level` back to Awake; LevelError with the engine's, the driver's or
+        criu's reason when it cannot (the caller retries with backoff)."""
+        try:
+            return await self._wake(pod, level)
+        except (EngineError, cuda.CudaError, criu.CriuError, LookupError, OSError) as e:
+            raise LevelError(str(e), rolled_back=False) from e
+
+    async def _wake(self, pod: PodRef, level: SleepLevel) -> dict[str, Any]:
         if level in (SleepLevel.L1, SleepLevel.L2):
             async with self.host.engine(pod) as engine:
                 await engine.wake(int(level))
@@ -120,10 +135,11 @@ class Levels:
             pids = await asyncio.to_thread(self.host.cuda_pids, pod)
             report = await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
             fault_point("agent.after-cuda-resume")
-            under = self.engine_level_under_cuda.pop(pod.key, SleepLevel.L1)
+            under = self.engine_level_under_cuda.get(pod.key, SleepLevel.L1)
             async with self.host.engine(pod) as engine:
                 if await _has_sleep_api(engine) and await engine.is_sleeping():
                     await engine.wake(int(under))
+            self.engine_level_under_cuda.pop(pod.key, None)
             return {"path": "cuda", "cuda_seconds": round(report.seconds, 3)}
         if level == SleepLevel.CHECKPOINT:
             return await self._restore(pod)
@@ -259,7 +275,11 @@ class Levels:
             if await _has_sleep_api(engine) and await engine.is_sleeping():
                 await engine.wake(2)
         await asyncio.to_thread(criu.remove_image, image)
-        return {"path": "criu", "criu_seconds": round(result.seconds, 3)}
+        details: dict[str, Any] = {"path": "criu", "criu_seconds": round(result.seconds, 3)}
+        if result.warnings:
+            log.warning("%s/%s: restored with warnings: %s", *pod.key, "; ".join(result.warnings))
+            details["warnings"] = [w[:300] for w in result.warnings]
+        return details
 
     # -- the truth, after a restart --------------------------------------------------------------
 
@@ -291,13 +311,18 @@ class Levels:
         if procs:
             with contextlib.suppress(LookupError, ValueError):
                 root = discovery.engine_root(procs)
-        engine_running = root is not None and (root.init_is_engine or bool(root.roots))
+        # A zombie is not a running engine: a failed restore's processes wait a moment to be reaped,
+        # and taking one for the restored engine would remove the image and the checkpoint marker.
+        engine_running = root is not None and (
+            root.init_is_engine or any(_alive(p.pid, self.host.proc_root) for p in root.roots)
+        )
         if settle is not None:
             for done in await asyncio.to_thread(criu.settle, settle, engine_running):
                 log.info("%s/%s: %s", *pod.key, done)
-        self.engine_level_under_cuda.pop(pod.key, None)
+        known = self.engine_level_under_cuda.pop(pod.key, None)  # from an earlier probe, if any
         basis = hint if hint is not None else claimed
         under = _ENGINE_LEVEL.get(basis, SleepLevel.L2) if basis is not None else SleepLevel.L2
+        under = known or under
         if procs:
             if image is not None and image.exists():
                 if not engine_running and not criu.check_image(image):

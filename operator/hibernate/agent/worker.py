@@ -282,7 +282,13 @@ class Agent:
         message = str(e)
         result = "failed"
         if action == "wake":
-            where = level  # still asleep there; retried with backoff
+            # Retried with backoff; meanwhile say where it really is (a wake can stop half way).
+            self.verified.discard(ref.key)
+            try:
+                where = await self.levels.probe(ref, level)
+            except Exception:  # unknown: still asleep at the level, as before the wake
+                log.exception("%s/%s: cannot read the level after a failed wake", *ref.key)
+                where = level
         elif e.rolled_back:
             where, result = SleepLevel.AWAKE, "rolled_back"
         else:
