@@ -1,0 +1,332 @@
+"""Hold under faults: the node agent and the operator SIGKILLed at every named step, then restarted.
+
+Every step comes from the code: `hibernate.faults.FAULT_POINTS` names each point, and the first test
+checks that the code uses exactly those names and that this file arms every one of them.
+
+Agent cases run the real agent (a subprocess) against the real API server on a simulated pod (real
+namespaces and pod cgroup) that runs the fake vLLM engine: levels 1-2 through the engine's HTTP API,
+level 3 through the fake CUDA driver (hibernate.agent.fakecuda, a test double: CI has no GPU; it
+stops the engine while "suspended"), level 4 through real CRIU. For each level one test kills the
+agent at a step of the sleep, restarts it, checks the truth, then kills it at a step of the wake,
+restarts it and checks again. "The truth" is read from the processes, files and engine, not from
+the annotations (faultkit.assert_truth): the level really reached, the annotations saying so, no
+half image beside the image and no image lost, the engine serving the same answers once awake.
+
+Operator cases run `hibernate operator` with a stand-in that plays kubelet and agent for its pods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from itertools import zip_longest
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hibernate.api import constants as c
+from hibernate.faults import FAULT_POINTS
+from tests.cluster import Cluster, Process, eventually, hibernate_process
+from tests.faultkit import (
+    AgentRunner,
+    MirrorAgent,
+    assert_truth,
+    engine_pod,
+    need_root_and_criu,
+    reported,
+)
+from tests.modeldeployments import apply, get, manifest, pods, set_level
+from tests.pods import pod_events
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVELS = {0: "Awake", 1: "L1", 2: "L2", 3: "CudaSuspend", 4: "Checkpoint"}
+
+# The steps each transition passes, in order (see FAULT_POINTS for what each one leaves behind).
+SLEEP_STEPS = {
+    1: ["agent.after-start-report", "agent.before-report"],
+    2: ["agent.after-start-report", "agent.before-report"],
+    3: [
+        "agent.after-start-report",
+        "agent.after-engine-sleep",
+        "agent.cuda-after-lock",
+        "agent.after-cuda-suspend",
+        "agent.before-report",
+    ],
+    4: [
+        "agent.after-start-report",
+        "agent.after-engine-sleep",
+        "agent.cuda-after-lock",
+        "agent.after-cuda-suspend",
+        "agent.criu-dump-running",
+        "agent.criu-after-dump",
+        "agent.after-dump",
+        "agent.before-report",
+    ],
+}
+WAKE_STEPS = {
+    1: ["agent.after-start-report", "agent.before-report"],
+    2: ["agent.after-start-report", "agent.before-report"],
+    3: [
+        "agent.after-start-report",
+        "agent.cuda-after-restore",
+        "agent.after-cuda-resume",
+        "agent.before-report",
+    ],
+    4: [
+        "agent.after-start-report",
+        "agent.criu-restore-running",
+        "agent.after-restore",
+        "agent.cuda-after-restore",
+        "agent.after-cuda-resume",
+        "agent.before-report",
+    ],
+}
+# One test per pair: killed at a sleep step, recovered, killed at a wake step, recovered.
+AGENT_CASES = [
+    (level, sleep, wake)
+    for level in (1, 2, 3, 4)
+    for sleep, wake in zip_longest(SLEEP_STEPS[level], WAKE_STEPS[level])
+]
+# Killed mid-transition, and the wish changes while no agent runs.
+CHANGE_OF_MIND = [
+    (2, "sleep", "agent.before-report", 0),  # an L2 engine must be woken with a weight reload
+    (3, "sleep", "agent.after-cuda-suspend", 0),
+    (4, "sleep", "agent.after-cuda-suspend", 0),  # CUDA suspended over an L2 engine
+    (4, "sleep", "agent.criu-dump-running", 1),  # criu finishes alone: its image is adopted, then woken
+    (4, "wake", "agent.after-restore", 3),  # restored, still CUDA-suspended: that is level 3 now
+]
+OPERATOR_CASES = [
+    ("operator.after-deployment", "Awake", "Stop"),
+    ("operator.mid-propagate", "L1", "L2"),
+    ("operator.before-status", "CudaSuspend", "Awake"),
+    ("operator.after-status", "Checkpoint", "L1"),
+]
+
+
+def _case_id(case: tuple[int, str | None, str | None]) -> str:
+    level, sleep, wake = case
+    short = [(p or "none").removeprefix("agent.") for p in (sleep, wake)]
+    return f"L{level}-sleep@{short[0]}-wake@{short[1]}"
+
+
+def test_every_fault_point_is_registered_used_and_armed_here() -> None:
+    code = "\n".join(
+        p.read_text() for p in (ROOT / "operator" / "hibernate").rglob("*.py") if p.name != "faults.py"
+    )
+    used = set(re.findall(r'fault_point\(\s*"([^"]+)"', code)) | set(re.findall(r'\bfault="([^"]+)"', code))
+    assert used == set(FAULT_POINTS), (
+        f"in the code, not registered: {used - set(FAULT_POINTS)}; registered, not in the code: "
+        f"{set(FAULT_POINTS) - used}"
+    )
+    armed = {p for _, s, w in AGENT_CASES for p in (s, w) if p} | {p for p, _, _ in OPERATOR_CASES}
+    armed |= {p for _, _, p, _ in CHANGE_OF_MIND}
+    assert armed == set(FAULT_POINTS), f"registered but never armed: {set(FAULT_POINTS) - armed}"
+    assert len(FAULT_POINTS) == len(set(FAULT_POINTS))
+
+
+# -- the agent --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agents(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[AgentRunner]:
+    need_root_and_criu()
+    runner = AgentRunner(cluster, tmp_path, tmp_path / "checkpoints", tmp_path / "fake-cuda")
+    yield runner
+    runner.stop_all()
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if failed or os.environ.get("HIBERNATE_TEST_LOGS"):
+        print(runner.logs())
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("case", AGENT_CASES, ids=_case_id)
+def test_agent_killed_at_a_step_of_a_sleep_and_of_a_wake_recovers_the_truth(
+    cluster: Cluster, namespace: str, agents: AgentRunner, case: tuple[int, str, str | None]
+) -> None:
+    level, sleep_step, wake_step = case
+    with engine_pod(cluster, namespace, agents.checkpoints, agents.fake_cuda, LEVELS[level]) as pod:
+        agents.died_at(agents.start(sleep_step), sleep_step)
+        assert pod.annotations()[c.ANN_STATE] == "Sleeping", "it died mid-operation"
+        again = agents.start()
+        reported(pod, level, "Asleep")
+        assert_truth(pod, level)
+
+        if wake_step is not None:
+            again.stop()
+            armed = agents.start(wake_step)
+            pod.annotate("Awake")
+            agents.died_at(armed, wake_step)
+            assert pod.annotations()[c.ANN_STATE] == "Waking", "it died mid-operation"
+            again = agents.start()
+        else:
+            pod.annotate("Awake")
+        reported(pod, 0, "Awake")
+        assert_truth(pod, 0)
+        again.stop()
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize(
+    "level,action,step,then", CHANGE_OF_MIND, ids=[f"L{a}-{b}@{c}-then-{d}" for a, b, c, d in CHANGE_OF_MIND]
+)
+def test_agent_killed_mid_transition_while_the_wish_changes_serves_the_new_wish(
+    cluster: Cluster, namespace: str, agents: AgentRunner, level: int, action: str, step: str, then: int
+) -> None:
+    with engine_pod(cluster, namespace, agents.checkpoints, agents.fake_cuda, LEVELS[level]) as pod:
+        if action == "wake":
+            first = agents.start()
+            reported(pod, level, "Asleep")
+            first.stop()
+            armed = agents.start(step)
+            pod.annotate("Awake")
+        else:
+            armed = agents.start(step)
+        agents.died_at(armed, step)
+        pod.annotate(LEVELS[then])  # changed while no agent runs
+        again = agents.start()
+        reported(pod, then, "Awake" if then == 0 else "Asleep")
+        assert_truth(pod, then)
+        op = json.loads(pod.annotations()[c.ANN_LAST_OPERATION])
+        assert op.get("error") is None, op
+        if then != 0:
+            pod.annotate("Awake")
+            reported(pod, 0, "Awake")
+            assert_truth(pod, 0)
+        again.stop()
+
+
+@pytest.mark.criu
+def test_an_interrupted_operation_is_reported_as_verified_not_left_running(
+    cluster: Cluster, namespace: str, agents: AgentRunner
+) -> None:
+    """last-operation says an operation is under way while it is, and what was found after a crash."""
+    with engine_pod(cluster, namespace, agents.checkpoints, agents.fake_cuda, "L1") as pod:
+        agents.died_at(agents.start("agent.before-report"), "agent.before-report")
+        running = json.loads(pod.annotations()[c.ANN_LAST_OPERATION])
+        assert running["action"] == "sleep" and running["target"] == "L1" and "seconds" not in running
+        again = agents.start()
+        op = reported(pod, 1, "Asleep")
+        assert op["action"] == "verify" and op["level"] == 1 and op["error"] is None
+        assert op["interrupted"] == {k: running[k] for k in ("action", "level", "target", "started")}
+        again.stop()
+
+
+@pytest.mark.criu
+def test_a_disk_that_fills_during_a_dump_leaves_the_engine_serving_and_says_why(
+    cluster: Cluster, namespace: str, tmp_path: Path, agents: AgentRunner
+) -> None:
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        agents.checkpoints = small
+        with engine_pod(cluster, namespace, small, agents.fake_cuda, "Awake") as pod:
+            agent = agents.start()
+            reported(pod, 0, "Awake")
+            pod.annotate("Checkpoint")
+            op = reported(pod, 0, "Failed", timeout=90)
+            assert op["action"] == "sleep" and op["target"] == "Checkpoint"
+            assert op["error"].startswith("criu dump of pid"), op["error"]
+            assert "No space left on device for the image under" in op["error"].splitlines()[0], op["error"]
+            assert "rolling back failed" not in op["error"], "the rollback worked: the engine serves"
+            warnings = eventually(
+                lambda: [e for e in pod_events(cluster, namespace, pod.name) if e.type == "Warning"],
+                what="a Warning event",
+            )
+            assert any(
+                "sleep Checkpoint failed" in e.message and "No space left on device" in e.message
+                for e in warnings
+            ), [e.message for e in warnings]
+            # Serving, as it was: awake, CUDA running, the same answer; no partial image anywhere.
+            assert (pod.memory()["sleep_level"] or 0) == 0
+            assert pod.engine_state() not in (None, "T")
+            assert set(pod.cuda_states().values()) <= {"running"}
+            assert pod.complete() == pod.baseline
+            assert not pod.marker()
+            left = [str(p.relative_to(small)) for p in small.rglob("*") if p.is_file()]
+            assert left == [], f"a failed dump left files on the full disk: {left}"
+            assert httpx.get(f"{pod.url}/health").status_code == 200
+            agent.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+# -- the operator ------------------------------------------------------------------------------------
+
+
+def _operator(cluster: Cluster, tmp_path: Path, n: list[int], faults: str = "") -> Process:
+    n[0] += 1
+    proc = hibernate_process(cluster, tmp_path / f"operator-{n[0]}.log", "operator", "--verbose")
+    if faults:
+        proc.env["HIBERNATE_FAULTS"] = faults
+    return proc.start()
+
+
+def _died_at(proc: Process, point: str, timeout: float = 60) -> None:
+    assert proc.popen is not None
+    try:
+        proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{point} did not fire:\n{proc.output()[-3000:]}") from None
+    assert proc.popen.returncode == -signal.SIGKILL and f"fault point {point} armed" in proc.output()
+
+
+def _converged(cluster: Cluster, namespace: str, name: str, level: str, replicas: int) -> None:
+    """Owned objects, every pod's wish and the status all say `level`, for the current generation."""
+
+    def check() -> bool:
+        md = get(cluster, namespace, name)
+        status = md.get("status") or {}
+        assert status.get("observedGeneration") == md["metadata"]["generation"], status
+        want = {"Awake": "Awake", "Stop": "Stopped"}.get(level, "Asleep")
+        assert (status.get("phase"), status.get("sleepLevel")) == (want, level), status
+        assert (status.get("lastTransition") or {}).get("to") == level, status
+        dep = cluster.apps.read_namespaced_deployment(name, namespace)
+        assert dep.spec.replicas == (0 if level == "Stop" else replicas)
+        cluster.core.read_namespaced_service(name, namespace)
+        live = pods(cluster, namespace, name)
+        if level == "Stop":
+            assert live == []
+        else:
+            assert len(live) == replicas
+            assert {(p.metadata.annotations or {}).get(c.ANN_SLEEP_LEVEL) for p in live} == {level}
+        return True
+
+    eventually(check, timeout=60, what=f"{name} converged at {level}")
+
+
+@pytest.mark.parametrize("point,first,then", OPERATOR_CASES, ids=[p for p, _, _ in OPERATOR_CASES])
+def test_operator_killed_at_a_step_finishes_after_restart(
+    cluster: Cluster, namespace: str, tmp_path: Path, point: str, first: str, then: str
+) -> None:
+    n = [0]
+    started: list[Process] = []
+    try:
+        with MirrorAgent(cluster, namespace):
+            started.append(armed := _operator(cluster, tmp_path, n, point))
+            apply(cluster, namespace, manifest("m", level=first, replicas=2))
+            _died_at(armed, point)
+            started.append(clean := _operator(cluster, tmp_path, n))
+            _converged(cluster, namespace, "m", first, 2)
+            clean.stop()
+
+            started.append(armed := _operator(cluster, tmp_path, n, point))
+            set_level(cluster, namespace, "m", then)
+            _died_at(armed, point)
+            started.append(clean := _operator(cluster, tmp_path, n))
+            _converged(cluster, namespace, "m", then, 2)
+            transition = get(cluster, namespace, "m")["status"]["lastTransition"]
+            assert transition["from"] == first and transition["finished"], transition
+    except BaseException:
+        for p in started:
+            print(f"--- {p.log.name} ---\n{p.output()[-3000:]}")
+        raise
+    finally:
+        for p in started:
+            p.stop()
