@@ -238,15 +238,6 @@ def test_generated_model_deployments_are_refused_clearly_or_reconciled(
 
 
 @pytest.mark.k8s
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the property test above: a ModelDeployment's name becomes the Service's name (a "
-    "DNS-1035 label: a letter first, no dot) and the value of the hibernate.dev/model label (at most 63 "
-    "characters), but the CRD accepts any DNS-1123 subdomain, so such an object is accepted and never "
-    "reconciled (the Service or the Deployment is refused, 422). Fix in api/crd.py: metadata: {type: object, "
-    "properties: {name: {type: string, maxLength: 63, pattern: '^[a-z]([-a-z0-9]*[a-z0-9])?$'}}} "
-    "(Kubernetes 1.20 allows restricting metadata.name; checked); then drop this marker.",
-)
 @pytest.mark.parametrize("name", ["model.v1", "9lives", "y" * 64], ids=["dot", "digit-first", "64-chars"])
 def test_a_name_the_workload_cannot_carry_is_refused_at_admission(
     cluster: Cluster, namespace: str, name: str

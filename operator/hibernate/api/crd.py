@@ -126,7 +126,18 @@ def crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                # The name becomes a Service name (a DNS-1035 label) and the value of
+                                # the model label (63 characters at most): refuse what neither can carry.
+                                "metadata": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": {
+                                            "type": "string",
+                                            "maxLength": 63,
+                                            "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                                        }
+                                    },
+                                },
                                 "spec": _spec_schema(),
                                 "status": _status_schema(),
                             },
