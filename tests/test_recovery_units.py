@@ -39,6 +39,10 @@ def test_fake_driver_follows_the_drivers_rules_and_stops_a_suspended_process(
         api.checkpoint(pid)  # not locked
     report = cuda.suspend_all([pid], api=api)
     assert report.changed and api.get_state(pid) is cuda.ProcessState.CHECKPOINTED
+    # SIGSTOP takes effect asynchronously: on a loaded machine /proc may still say R for a moment.
+    deadline = time.monotonic() + 5
+    while _proc_state(pid) != "T" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert _proc_state(pid) == "T", "a suspended CUDA process runs no CUDA call: the fake stops it"
     with pytest.raises(cuda.CudaCallError, match="ILLEGAL_STATE"):
         api.lock(pid)
