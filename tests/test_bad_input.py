@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
@@ -38,6 +39,7 @@ from kubernetes.client.exceptions import ApiException
 from hibernate.api import constants as c
 from hibernate.api.levels import LEVEL_NAMES, InvalidSleepLevel, SleepLevel
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
+from hibernate.controller.kube import apply_body
 from tests.cluster import Cluster, Process, eventually, hibernate_process
 from tests.engine_fixtures import FakeEngine, start_fake_engine
 from tests.faultkit import BadEngine, MirrorAgent, free_port, service_account_ready
@@ -252,14 +254,6 @@ def test_a_name_the_workload_cannot_carry_is_refused_at_admission(
 
 
 @pytest.mark.k8s
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the property test above: the operator's server-side apply sends the Deployment as "
-    "ASCII-escaped JSON under the apply-patch+yaml content type, and the API server's YAML decoder refuses "
-    "the surrogate-pair escape of any character beyond the BMP (an emoji in engine.args or env, say): "
-    "'found invalid Unicode character escape code'. The object is accepted and never reconciled. Fix in "
-    "controller/kube.server_side_apply (send json.dumps(obj, ensure_ascii=False)); then drop this marker.",
-)
 def test_a_character_beyond_the_bmp_in_the_spec_is_reconciled(
     cluster: Cluster, namespace: str, operator_proc: Process
 ) -> None:
@@ -270,9 +264,20 @@ def test_a_character_beyond_the_bmp_in_the_spec_is_reconciled(
         {"model": "facebook/opt-125m", "engine": {"args": ["--served-model-name", "llama-\U0001f999"]}},
     )
     try:
-        eventually(lambda: cluster.apps.read_namespaced_deployment("emoji", namespace), timeout=10)
+        deployment = eventually(lambda: cluster.apps.read_namespaced_deployment("emoji", namespace), timeout=10)
     except AssertionError:
         raise AssertionError("accepted but never reconciled:\n" + operator_proc.output()[-1500:]) from None
+    engine = next(c for c in deployment.spec.template.spec.containers if c.name == "engine")
+    assert "llama-\U0001f999" in engine.args, "the character arrives intact"
+
+
+@settings(max_examples=_examples(200), deadline=None)
+@given(text=st.text())
+def test_an_apply_body_is_ascii_yaml_that_reads_back_as_the_object(text: str) -> None:
+    obj = {"kind": "Deployment", "metadata": {"name": "m"}, "spec": {"args": [text], text: 1}}
+    body = apply_body(obj)
+    assert body.isascii()
+    assert yaml.safe_load(body) == obj
 
 
 @pytest.mark.k8s

@@ -5,6 +5,8 @@ plain `def` kopf handlers, which kopf runs in threads)."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,22 +34,49 @@ def custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(client())
 
 
+_APPLY_PATHS = {
+    "Deployment": "/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
+    "Service": "/api/v1/namespaces/{namespace}/services/{name}",
+}
+
+
+def apply_body(obj: dict[str, Any]) -> str:
+    """`obj` as an apply-patch+yaml body: JSON (which is YAML) in ASCII, every other character escaped
+    the YAML way. The client's own encoding escapes a character beyond the BMP (an emoji in the
+    engine's args) as a JSON surrogate pair, which the API server's YAML decoder refuses."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _NOT_ASCII.sub(_yaml_escape, text)
+
+
+_NOT_ASCII = re.compile(r"[^\x00-\x7e]")
+
+
+def _yaml_escape(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def server_side_apply(obj: dict[str, Any]) -> dict[str, Any]:
-    """Create or update `obj` by server-side apply: idempotent, and a no-op apply writes nothing."""
-    meta = obj["metadata"]
-    kwargs: dict[str, Any] = {
-        "field_manager": FIELD_MANAGER,
-        "force": True,
-        "_content_type": "application/apply-patch+yaml",
-    }
-    result: Any
-    if obj["kind"] == "Deployment":
-        result = apps().patch_namespaced_deployment(meta["name"], meta["namespace"], obj, **kwargs)
-    elif obj["kind"] == "Service":
-        result = core().patch_namespaced_service(meta["name"], meta["namespace"], obj, **kwargs)
-    else:
-        raise ValueError(f"no apply for kind {obj['kind']}")
-    out: dict[str, Any] = client().sanitize_for_serialization(result)
+    """Create or update `obj` by server-side apply: idempotent, and a no-op apply writes nothing.
+
+    The body is sent already encoded (see `apply_body`); the generated `patch_*` methods would
+    encode it again their way."""
+    kind, meta = obj["kind"], obj["metadata"]
+    if kind not in _APPLY_PATHS:
+        raise ValueError(f"no apply for kind {kind}")
+    api = client()
+    request = api.param_serialize(
+        method="PATCH",
+        resource_path=_APPLY_PATHS[kind],
+        path_params={"namespace": meta["namespace"], "name": meta["name"]},
+        query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+        header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+        body=apply_body(obj),
+        auth_settings=["BearerToken"],
+    )
+    response = api.call_api(*request)
+    response.read()
+    out: dict[str, Any] = api.response_deserialize(response, {"200": "object", "201": "object"}).data
     return out
 
 
