@@ -9,7 +9,7 @@ import logging
 import kopf
 from prometheus_client import start_http_server
 
-from hibernate.controller import handlers, idle_handlers  # noqa: F401  (register kopf handlers)
+from hibernate.controller import api_session, handlers, idle_handlers  # noqa: F401  (register kopf handlers)
 from hibernate.controller.reconcile import OperatorContext
 
 assert handlers  # imported for its side effect: kopf's registry
