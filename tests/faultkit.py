@@ -312,8 +312,34 @@ class ApiServer:
         assert not _alive(pid), "kube-apiserver did not die"
 
     def start(self, timeout: float = 60) -> float:
-        """Start it again with the same flags; returns the monotonic time it answered /readyz."""
-        log = open(self.cluster.dir / "logs" / "kube-apiserver.log", "ab")  # noqa: SIM115 - the server owns it
+        """Start it again with the same flags; returns the monotonic time it answered /readyz.
+
+        Its port lies in the ephemeral range: in the moment it is free, an outgoing connection of any
+        process may take it as its source port, and the new server fails "address already in use".
+        Such a connection ends soon; the start is tried again.
+        """
+        kubectl = [str(assets_dir() / "kubectl"), "--kubeconfig", self.cluster.kubeconfig]
+        deadline = time.monotonic() + timeout
+        logs = self.cluster.dir / "logs" / "kube-apiserver.log"
+        while True:
+            mark = logs.stat().st_size if logs.exists() else 0
+            proc = self._spawn(logs)
+            while time.monotonic() < deadline and proc.poll() is None:
+                out = subprocess.run([*kubectl, "get", "--raw", "/readyz"], capture_output=True, text=True)
+                if out.stdout.strip() == "ok":
+                    return time.monotonic()
+                time.sleep(0.1)
+            if proc.poll() is None:
+                raise AssertionError(f"kube-apiserver not ready {timeout} s after its restart")
+            with open(logs, "rb") as f:
+                f.seek(mark)
+                said = f.read().decode(errors="replace")
+            if "address already in use" not in said or time.monotonic() > deadline:
+                raise AssertionError(f"kube-apiserver exited after its restart:\n{said[-2000:]}")
+            time.sleep(0.5)
+
+    def _spawn(self, logs: Path) -> subprocess.Popen[bytes]:
+        log = open(logs, "ab")  # noqa: SIM115 - the server owns it
         proc = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, start_new_session=True
         )
@@ -322,15 +348,7 @@ class ApiServer:
         lines = self.pids_file.read_text().split()
         lines[1] = str(proc.pid)
         self.pids_file.write_text("\n".join(lines) + "\n")
-        kubectl = [str(assets_dir() / "kubectl"), "--kubeconfig", self.cluster.kubeconfig]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "kube-apiserver exited after its restart"
-            out = subprocess.run([*kubectl, "get", "--raw", "/readyz"], capture_output=True, text=True)
-            if out.stdout.strip() == "ok":
-                return time.monotonic()
-            time.sleep(0.1)
-        raise AssertionError(f"kube-apiserver not ready {timeout} s after its restart")
+        return proc
 
 
 def _alive(pid: int) -> bool:
