@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
@@ -76,8 +76,8 @@ def server_side_apply(obj: dict[str, Any]) -> dict[str, Any]:
     )
     response = api.call_api(*request)
     response.read()
-    out: dict[str, Any] = api.response_deserialize(response, {"200": "object", "201": "object"}).data
-    return out
+    data: Any = api.response_deserialize(response, {"200": "object", "201": "object"}).data
+    return cast(dict[str, Any], data)
 
 
 def _read_or_none(read: Callable[[], Any]) -> dict[str, Any] | None:
