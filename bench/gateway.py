@@ -7,7 +7,7 @@
    annotation → agent stand-in → fake engine → pod report → operator status → gateway).
 
 It starts its own throwaway control plane, the operator, the agent stand-in of the tests and a
-fake engine, prints a table and appends a section to bench/RESULTS.md naming the machine.
+fake engine, prints a table and writes its section of bench/RESULTS.md, naming the machine.
 
     .venv/bin/python bench/gateway.py [--requests 2000] [--wakes 5] [--no-write]
 
@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,31 +44,10 @@ from tests.engine_fixtures import free_port  # noqa: E402
 from tests.gateway_helpers import apply_model, start_gateway  # noqa: E402
 from tests.modeldeployments import get, set_level  # noqa: E402
 
+from reporting import machine, percentile, write_section  # noqa: E402
+
 RESULTS = ROOT / "bench" / "RESULTS.md"
 MODEL = "bench/tiny"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=False).stdout.strip()
-    return {
-        "uname": uname,
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "python": platform.python_version(),
-    }
 
 
 def settled(cluster: Cluster, ns: str, level: str, phase: str) -> bool:
@@ -123,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per path for the latency")
     parser.add_argument("--wakes", type=int, default=5, help="wakes per level for the hold times")
-    parser.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -189,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        header = "" if RESULTS.exists() else "# Benchmark results\n\n"
-        with RESULTS.open("a") as out:
-            out.write(header + text + "\n")
-        print(f"appended to {RESULTS}", file=sys.stderr)
+        write_section(RESULTS, "bench:gateway", text)
+        print(f"wrote its section of {RESULTS}", file=sys.stderr)
     return 0
 
 

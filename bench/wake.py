@@ -62,6 +62,7 @@ if str(OPERATOR) not in sys.path:
     sys.path.insert(0, str(OPERATOR))
 
 from hibernate.agent import criu, cuda  # noqa: E402
+from reporting import write_section  # noqa: E402
 
 GIB: Final = 2**30
 MIB: Final = 2**20
@@ -826,7 +827,7 @@ class Report:
         self.write()
 
     def render(self) -> str:
-        out = [f"<!-- wake-bench:{self.section} begin -->", *self.header, f"Status: {self.status}.", ""]
+        out = [*self.header, f"Status: {self.status}.", ""]
         for size, rows in self.sizes.items():
             out += [f"### {size:g} GiB of weights", ""]
             out += [f"- {n}" for n in self.notes.get(size, [])]
@@ -836,27 +837,10 @@ class Report:
                 out += ["Comparisons:", "", *comp, ""]
             if size == 16:
                 out += [*goals(rows), ""]
-        out.append(f"<!-- wake-bench:{self.section} end -->")
         return "\n".join(out) + "\n"
 
     def write(self) -> None:
-        text = self.render()
-        begin, end = f"<!-- wake-bench:{self.section} begin -->", f"<!-- wake-bench:{self.section} end -->"
-        old = (
-            self.path.read_text()
-            if self.path.exists()
-            else "# Sleep/wake bench results\n\nWritten by bench/wake.py.\n\n"
-        )
-        if begin in old and end in old:
-            head, rest = old.split(begin, 1)
-            tail = rest.split(end, 1)[1].lstrip("\n")
-            new = head + text + tail
-        else:
-            new = old.rstrip("\n") + "\n\n" + text
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(f".{self.path.name}.partial")
-        partial.write_text(new)
-        os.replace(partial, self.path)
+        write_section(self.path, f"wake-bench:{self.section}", self.render())
         if self.json_path is not None:
             rows = [asdict(r) for rs in self.sizes.values() for r in rs]
             self.json_path.parent.mkdir(parents=True, exist_ok=True)

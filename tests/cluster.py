@@ -6,6 +6,7 @@ hack/install-k8s-test-assets.sh builds and caches in $KUBE_TEST_ASSETS. No mocke
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -146,7 +147,9 @@ def hibernate_process(cluster: Cluster, log: Path, *args: str) -> Process:
     return Process([sys.executable, "-m", "hibernate", *args], cluster.env(), log)
 
 
+@contextlib.contextmanager
 def running(process: Process) -> Iterator[Process]:
+    """The process started for the block, stopped after it."""
     process.start()
     try:
         yield process
