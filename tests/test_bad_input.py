@@ -264,7 +264,9 @@ def test_a_character_beyond_the_bmp_in_the_spec_is_reconciled(
         {"model": "facebook/opt-125m", "engine": {"args": ["--served-model-name", "llama-\U0001f999"]}},
     )
     try:
-        deployment = eventually(lambda: cluster.apps.read_namespaced_deployment("emoji", namespace), timeout=10)
+        deployment = eventually(
+            lambda: cluster.apps.read_namespaced_deployment("emoji", namespace), timeout=10
+        )
     except AssertionError:
         raise AssertionError("accepted but never reconciled:\n" + operator_proc.output()[-1500:]) from None
     engine = next(c for c in deployment.spec.template.spec.containers if c.name == "engine")
