@@ -63,6 +63,7 @@ class Agent:
     verified: set[Key] = field(default_factory=set)
     wake_failures: dict[Key, int] = field(default_factory=dict)
     seen_at: dict[Key, float] = field(default_factory=dict)
+    reported: dict[Key, str] = field(default_factory=dict)  # the state this process last wrote, by pod
 
     # -- events from the watch -------------------------------------------------------------------
 
@@ -75,6 +76,7 @@ class Agent:
             self.dirty.pop(key, None)
             self.verified.discard(key)
             self.wake_failures.pop(key, None)
+            self.reported.pop(key, None)
             asyncio.get_running_loop().create_task(self._forget_images(ref))
             return
         previous = self.pods.get(key)
@@ -138,6 +140,11 @@ class Agent:
         ref = PodRef.from_pod(pod)
         if ref.deleting:
             return None
+        mine = self.reported.get(ref.key)
+        if mine is not None and ref.state != mine and ref.state in (c.STATE_SLEEPING, c.STATE_WAKING):
+            # An event from before this agent's own last report (the watch delivers them late under
+            # load): taken at its word, the finished operation would look interrupted. Its echo follows.
+            return None
         try:
             desired = ref.desired()
         except InvalidSleepLevel as e:
@@ -150,7 +157,7 @@ class Agent:
             observed = await self._verify(pod, ref, observed)
         if observed == desired:
             if ref.state != self._state_of(desired):
-                await self.reporter.write(pod, kube.state_annotations(self._state_of(desired), int(desired)))
+                await self._report(pod, kube.state_annotations(self._state_of(desired), int(desired)))
             return None
         last = ref.last_operation()
         if (
@@ -176,6 +183,10 @@ class Agent:
         if desired != SleepLevel.AWAKE:
             await self._step(pod, ref, "sleep", desired)
         return None
+
+    async def _report(self, pod: dict[str, Any], annotations: dict[str, str]) -> None:
+        await self.reporter.write(pod, annotations)
+        self.reported[PodRef.from_pod(pod).key] = annotations[c.ANN_STATE]
 
     @staticmethod
     def _state_of(level: SleepLevel) -> str:
@@ -206,7 +217,7 @@ class Agent:
                     "error": None,
                     "interrupted": interrupted,
                 }
-            await self.reporter.write(pod, kube.state_annotations(self._state_of(truth), int(truth), op))
+            await self._report(pod, kube.state_annotations(self._state_of(truth), int(truth), op))
         return truth
 
     @staticmethod
@@ -233,7 +244,7 @@ class Agent:
             return
         observed = ref.observed() or SleepLevel.AWAKE
         op = {"action": "none", "level": int(observed), "started": _stamp(), "seconds": 0.0, "error": message}
-        await self.reporter.write(pod, kube.state_annotations(c.STATE_FAILED, int(observed), op))
+        await self._report(pod, kube.state_annotations(c.STATE_FAILED, int(observed), op))
         await self.reporter.event(pod, "Warning", "InvalidSleepLevel", message)
 
     async def _step(self, pod: dict[str, Any], ref: PodRef, action: str, level: SleepLevel) -> bool:
@@ -244,7 +255,7 @@ class Agent:
         op: dict[str, Any] = {"action": action, "level": int(level), "target": level.label, "started": stamp}
         # Written before anything is done, without `seconds` (under way): an agent that restarts
         # mid-way learns from it which level the engine was being moved to or from.
-        await self.reporter.write(pod, kube.state_annotations(going, int(here), op))
+        await self._report(pod, kube.state_annotations(going, int(here), op))
         fault_point("agent.after-start-report")
         await self.reporter.event(
             pod, "Normal", going, f"{going} {'to' if action == 'sleep' else 'from'} {level.label}"
@@ -263,7 +274,7 @@ class Agent:
         self.metrics.operations.labels(level.label, action, "ok").inc()
         fault_point("agent.before-report")
         now = level if action == "sleep" else SleepLevel.AWAKE
-        await self.reporter.write(pod, kube.state_annotations(self._state_of(now), int(now), op))
+        await self._report(pod, kube.state_annotations(self._state_of(now), int(now), op))
         verb = f"Slept at {level.label}" if action == "sleep" else f"Woke from {level.label}"
         await self.reporter.event(pod, "Normal", self._state_of(now), f"{verb} in {seconds:.2f} s")
         log.info("%s/%s: %s in %.3f s %s", *ref.key, verb, seconds, details)
@@ -295,7 +306,7 @@ class Agent:
             where, message, result = await self._escalate(ref, level, message)
         op.update(seconds=round(time.monotonic() - t0, 3), error=message)
         self.metrics.operations.labels(level.label, action, result).inc()
-        await self.reporter.write(pod, kube.state_annotations(c.STATE_FAILED, int(where), op))
+        await self._report(pod, kube.state_annotations(c.STATE_FAILED, int(where), op))
         await self.reporter.event(pod, "Warning", "Failed", f"{action} {level.label} failed: {message}")
         log.warning("%s/%s: %s %s failed: %s", *ref.key, action, level.label, message)
         return False
