@@ -58,6 +58,21 @@ class FakeEngine:
         return self.log_path.read_text(errors="replace")
 
 
+PROMPT = "The capital of France is"
+
+
+def complete(url: str, prompt: str = PROMPT, max_tokens: int = 8) -> str:
+    """One completion from an engine at `url` (fake model name), its text."""
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "fake-model", "prompt": prompt, "max_tokens": max_tokens},
+        timeout=30,
+    )
+    r.raise_for_status()
+    text: str = r.json()["choices"][0]["text"]
+    return text
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

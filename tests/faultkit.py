@@ -28,19 +28,12 @@ from hibernate.agent import criu, fakecuda
 from hibernate.api import constants as c
 from hibernate.localnode.simpod import SimPod
 from tests.cluster import Cluster, Process, assets_dir, eventually, hibernate_process
-from tests.pods import annotations, create_engine_pod, ensure_node, start_pod
+from tests.engine_fixtures import PROMPT, complete, free_port
+from tests.pods import annotations, create_engine_pod, ensure_node, reached, start_pod
 
 NODE = "fault-test-node"
 ENGINE_WEIGHTS_MIB = 64
 ENGINE_KV_MIB = 16
-PROMPT = "The capital of France is"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def need_root_and_criu() -> criu.Bundle:
@@ -147,14 +140,7 @@ class EnginePod:
         return annotations(self.cluster, self.namespace, self.name)
 
     def complete(self, prompt: str = PROMPT) -> str:
-        r = httpx.post(
-            f"{self.url}/v1/completions",
-            json={"model": "fake-model", "prompt": prompt, "max_tokens": 8},
-            timeout=30,
-        )
-        r.raise_for_status()
-        text: str = r.json()["choices"][0]["text"]
-        return text
+        return complete(self.url, prompt)
 
     def memory(self) -> dict[str, Any]:
         data: dict[str, Any] = httpx.get(f"{self.url}/debug/memory", timeout=10).json()
@@ -162,13 +148,7 @@ class EnginePod:
 
     def engine_state(self) -> str | None:
         """The engine process's scheduler state (`S`, `R`, `T` when stopped), None when it is gone."""
-        pid = self.sim.engine_host_pid()
-        if pid is None:
-            return None
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return None
+        return process_state(self.sim.engine_host_pid())
 
     def cuda_states(self) -> dict[str, str]:
         """The fake driver's state of every process of this pod's engine that it has seen."""
@@ -233,16 +213,17 @@ def service_account_ready(cluster: Cluster, namespace: str) -> None:
 
 def reported(pod: EnginePod, level: int, state: str, timeout: float = 60) -> dict[str, Any]:
     """Wait until the annotations say `state` at `level`; returns last-operation."""
+    return reached(pod.cluster, pod.namespace, pod.name, level, state, timeout)
 
-    def check() -> dict[str, Any] | None:
-        ann = pod.annotations()
-        if ann.get(c.ANN_STATE) == state and ann.get(c.ANN_OBSERVED_LEVEL) == str(level):
-            op: dict[str, Any] = json.loads(ann.get(c.ANN_LAST_OPERATION, "{}"))
-            return op or {"none": True}
+
+def process_state(pid: int | None) -> str | None:
+    """A process's scheduler state (`S`, `R`, `T` when stopped), None when it is gone."""
+    if pid is None:
         return None
-
-    result: dict[str, Any] = eventually(check, timeout=timeout, what=f"{pod.name} {state} at {level}")
-    return result
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
 
 
 def assert_truth(pod: EnginePod, level: int) -> None:

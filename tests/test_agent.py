@@ -16,19 +16,11 @@ import pytest
 
 from hibernate.api import constants as c
 from tests.cluster import Cluster, Process, eventually, hibernate_process
-from tests.engine_fixtures import FakeEngine, free_port, start_fake_engine
+from tests.engine_fixtures import FakeEngine, complete, free_port, start_fake_engine
+from tests.faultkit import need_root_and_criu
 from tests.pods import annotate, annotations, create_engine_pod, ensure_node, pod_events, reached, start_pod
 
 NODE = "agent-test-node"
-
-
-def complete(url: str, prompt: str = "The capital of France is") -> str:
-    r = httpx.post(
-        f"{url}/v1/completions", json={"model": "fake-model", "prompt": prompt, "max_tokens": 8}, timeout=30
-    )
-    r.raise_for_status()
-    text: str = r.json()["choices"][0]["text"]
-    return text
 
 
 def memory(url: str) -> dict[str, int]:
@@ -249,19 +241,7 @@ def test_metrics_and_health_are_served(
 
 @pytest.fixture
 def criu_bundle() -> object:
-    import os
-    import shutil
-
-    from hibernate.agent import criu
-
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("level 4 needs root and util-linux")
-    try:
-        bundle = criu.locate()
-        criu.version(bundle)
-    except criu.CriuError as e:
-        pytest.skip(f"no CRIU 4.2 bundle (hack/build-criu.sh): {e}")
-    return bundle
+    return need_root_and_criu()
 
 
 @pytest.mark.criu

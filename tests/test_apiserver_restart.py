@@ -23,7 +23,15 @@ import pytest
 from hibernate.api import constants as c
 from hibernate.localnode.kubelet import LocalKubelet
 from tests.cluster import Cluster, Process, eventually, hibernate_process
-from tests.faultkit import ApiServer, free_port, need_root_and_criu, service_account_ready, watch_until
+from tests.engine_fixtures import complete
+from tests.faultkit import (
+    ApiServer,
+    free_port,
+    need_root_and_criu,
+    process_state,
+    service_account_ready,
+    watch_until,
+)
 from tests.modeldeployments import apply, get, pods, set_level
 
 NODE = "restart-test-node"
@@ -106,29 +114,9 @@ def _settled(cluster: Cluster, namespace: str, level: str) -> bool:
     return True
 
 
-def _state(pid: int | None) -> str | None:
-    if pid is None:
-        return None
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-
-
 def _awake(port: int) -> bool:
     memory = httpx.get(f"http://127.0.0.1:{port}/debug/memory", timeout=1).json()
     return memory["sleep_level"] is None and bool(memory["weights_loaded"])
-
-
-def _complete(port: int) -> str:
-    r = httpx.post(
-        f"http://127.0.0.1:{port}/v1/completions",
-        json={"model": "fake-model", "prompt": "The capital of France is", "max_tokens": 8},
-        timeout=30,
-    )
-    r.raise_for_status()
-    text: str = r.json()["choices"][0]["text"]
-    return text
 
 
 @pytest.mark.criu
@@ -138,7 +126,7 @@ def test_the_api_server_restarted_mid_transition_converges_within_30_s_of_its_re
     port = free_port()
     apply(cluster, namespace, _manifest(port, loop["checkpoints"]))
     eventually(lambda: _settled(cluster, namespace, "Awake"), timeout=60, what="Awake after a cold start")
-    baseline = _complete(port)
+    baseline = complete(f"http://127.0.0.1:{port}")
     api = ApiServer(cluster)
     took: dict[str, float] = {}
 
@@ -150,7 +138,7 @@ def test_the_api_server_restarted_mid_transition_converges_within_30_s_of_its_re
     def engine_at_work(level: str) -> bool:
         (running,) = kubelet.running.values()
         assert running.sim is not None
-        state = _state(running.sim.engine_host_pid())
+        state = process_state(running.sim.engine_host_pid())
         if level == "Checkpoint":  # the fake CUDA driver has stopped the engine: CRIU is next
             return state in ("T", None)
         return state not in (None, "T") and _awake(port)  # restored and woken, not yet reported
@@ -174,5 +162,5 @@ def test_the_api_server_restarted_mid_transition_converges_within_30_s_of_its_re
         assert took[f"{level} (down at {when})"] < CONVERGE_S, took
     set_level(cluster, namespace, "m", "Awake")
     eventually(lambda: _settled(cluster, namespace, "Awake"), timeout=CONVERGE_S)
-    assert _complete(port) == baseline, "serving the same answers after the wakes"
+    assert complete(f"http://127.0.0.1:{port}") == baseline, "serving the same answers after the wakes"
     print("converged after the API server's restart (s):", {k: round(v, 2) for k, v in took.items()})

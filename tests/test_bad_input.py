@@ -41,7 +41,7 @@ from hibernate.api.levels import LEVEL_NAMES, InvalidSleepLevel, SleepLevel
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.controller.kube import apply_body
 from tests.cluster import Cluster, Process, eventually, hibernate_process
-from tests.engine_fixtures import FakeEngine, start_fake_engine
+from tests.engine_fixtures import FakeEngine, complete, start_fake_engine
 from tests.faultkit import BadEngine, MirrorAgent, free_port, service_account_ready
 from tests.modeldeployments import pods
 from tests.pods import annotate, annotations, create_engine_pod, ensure_node, start_pod
@@ -348,26 +348,15 @@ def test_generated_sleep_level_annotations_move_the_engine_or_are_refused(
             pod = create_engine_pod(cluster, namespace, NODE, port, level="Awake")["name"]
             start_pod(cluster, namespace, pod)
             eventually(lambda: annotations(cluster, namespace, pod).get(c.ANN_STATE) == "Awake", timeout=30)
-            baseline = _complete(engine)
+            baseline = complete(engine.url, max_tokens=6)
             _annotation_property(cluster, namespace, pod, engine, baseline)
             assert agent.popen is not None and agent.popen.poll() is None, "the agent crashed"
             annotate(cluster, namespace, pod, "Awake")
             eventually(lambda: annotations(cluster, namespace, pod).get(c.ANN_STATE) == "Awake", timeout=30)
-            assert _complete(engine) == baseline
+            assert complete(engine.url, max_tokens=6) == baseline
     finally:
         agent.stop()
         print(agent.output()[-3000:])
-
-
-def _complete(engine: FakeEngine) -> str:
-    r = httpx.post(
-        f"{engine.url}/v1/completions",
-        json={"model": "fake-model", "prompt": "The capital of France is", "max_tokens": 6},
-        timeout=30,
-    )
-    r.raise_for_status()
-    text: str = r.json()["choices"][0]["text"]
-    return text
 
 
 def _annotation_property(
@@ -424,7 +413,7 @@ def _annotation_property(
             memory = httpx.get(f"{engine.url}/debug/memory", timeout=5).json()
             assert (memory["sleep_level"] or 0) == int(level), memory
             if level == SleepLevel.AWAKE:
-                assert _complete(engine) == baseline
+                assert complete(engine.url, max_tokens=6) == baseline
 
     check()
 
