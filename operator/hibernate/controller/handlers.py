@@ -81,6 +81,13 @@ def models(
     return {(namespace or "", name): _plain(body)}
 
 
+def _indexed_model(
+    models: kopf.Index[tuple[str, str], dict[str, Any]], key: tuple[str, str]
+) -> dict[str, Any] | None:
+    """The ModelDeployment (namespace, name) as the `models` index holds it; None if there is none."""
+    return next(iter(models.get(key, [])), None)
+
+
 @kopf.index("pods", labels=MANAGED)
 def pods_by_model(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
@@ -102,14 +109,6 @@ def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any
     _refresh(md, [PodView.from_pod(p) for p in kube.list_pods(namespace, name)], memo)
 
 
-def _as_pod(view: PodView) -> dict[str, Any]:
-    """The part of a pod that `reconcile.level_patch` reads, from the index's view of it."""
-    meta: dict[str, Any] = {"name": view.name, "annotations": view.annotations}
-    if view.terminating:
-        meta["deletionTimestamp"] = "set"
-    return {"metadata": meta}
-
-
 @kopf.timer(*MD, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
     """Level-based safety net: a missed pod event is caught here.
@@ -124,7 +123,7 @@ def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwarg
     spec = _spec(md["spec"])
     pods_by_model: kopf.Index[tuple[str, str], PodView] = kwargs["pods_by_model"]
     views = list(pods_by_model.get((namespace, name), []))
-    if any(reconcile.level_patch(_as_pod(view), spec.level) is not None for view in views):
+    if any(reconcile.needs_level(view, spec.level) for view in views):
         pods = kube.list_pods(namespace, name)
         if reconcile.propagate_level(namespace, name, spec.level, pods):
             pods = kube.list_pods(namespace, name)
@@ -149,12 +148,9 @@ def owned_object_changed(
     """
     if event.get("type") != "DELETED":
         return
-    models: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["models"]
     key = (namespace or "", labels.get(c.LABEL_MODEL, ""))
-    if key not in models:
-        return
-    md = next(iter(models[key]))
-    if md["metadata"].get("deletionTimestamp"):
+    md = _indexed_model(kwargs["models"], key)
+    if md is None or md["metadata"].get("deletionTimestamp"):
         return
     log.info("re-creating the objects of %s/%s: its %s was deleted", *key, body.get("kind"))
     reconcile.apply_workload(md, _spec(md["spec"]), memo.ctx)
@@ -170,13 +166,12 @@ def pod_changed(
     **kwargs: Any,
 ) -> None:
     """A pod appeared or the agent reported: give it its level, fold the pods into the status."""
-    models: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["models"]
     pods_by_model: kopf.Index[tuple[str, str], PodView] = kwargs["pods_by_model"]
     namespace = namespace or ""
     key = (namespace, labels.get(c.LABEL_MODEL, ""))
-    if key not in models:
+    md = _indexed_model(kwargs["models"], key)
+    if md is None:
         return
-    md = next(iter(models[key]))
     spec = _spec(md["spec"])
     if event.get("type") != "DELETED":
         reconcile.ensure_pod_level(namespace, dict(body), spec.level)

@@ -57,9 +57,19 @@ def level_patch(pod: dict[str, Any], level: SleepLevel) -> dict[str, str | None]
     person's override; a change of the spec's level overrides everyone again.
     """
     meta = pod.get("metadata") or {}
-    if meta.get("deletionTimestamp") or level == SleepLevel.STOP:
+    return _level_patch(meta.get("annotations") or {}, bool(meta.get("deletionTimestamp")), level)
+
+
+def needs_level(pod: PodView, level: SleepLevel) -> bool:
+    """`level_patch` decided from the operator's view of a pod (kopf's pod index)."""
+    return _level_patch(pod.annotations, pod.terminating, level) is not None
+
+
+def _level_patch(
+    annotations: dict[str, str], terminating: bool, level: SleepLevel
+) -> dict[str, str | None] | None:
+    if terminating or level == SleepLevel.STOP:
         return None  # Stop is the operator's scaling; the agent never sees level 5
-    annotations = meta.get("annotations") or {}
     if annotations.get(c.ANN_SPEC_LEVEL) == level.label and c.ANN_SLEEP_LEVEL in annotations:
         return None
     return {c.ANN_SLEEP_LEVEL: level.label, c.ANN_SPEC_LEVEL: level.label}
