@@ -108,7 +108,7 @@ def test_every_chart_value_named_in_the_docs_exists() -> None:
     for doc in MINE:
         for dotted in set(
             re.findall(
-                r"`((?:agent|operator|gateway|networkPolicy|serviceMonitor|crds|rbac)\.[\w.]+)",
+                r"`((?:agent|operator|gateway|networkPolicy|serviceMonitor|crds|rbac|monitoring)\.[\w.]+)",
                 (DOCS / doc).read_text(),
             )
         ):
