@@ -1,6 +1,6 @@
 # One image for every hibernate component:
 #   hibernate operator | agent | gateway      (ENTRYPOINT hibernate; the chart sets the subcommand)
-#   hibernate-install-tools /.hibernate       (the engine pods' init container: pod init + CRIU)
+#   hibernate-install-tools /.hibernate       (the engine pods' init container: the pod init)
 #   python -m hibernate.engine.fake           (the fake vLLM engine, examples/fake-engine.yaml)
 #
 #   docker build -t ghcr.io/hibernate-dev/hibernate:0.1.0 .
@@ -12,9 +12,10 @@
 # `pip install --no-index`; prebuilt/criu/bin/criu, a CRIU bundle from hack/build-criu.sh built on
 # bookworm, is taken as is. hack/e2e-real-node.sh fills them in a build context of its own.
 #
-# CRIU 4.2+ is built from source (bookworm's 3.17 fails on recent kernels and no Debian package
-# ships the CUDA plugin: shared/notes/checkpointing.md) by hack/build-criu.sh, into a bundle with
-# its own libraries (RPATH $ORIGIN/../lib) that runs here, in the agent, and inside engine pods.
+# CRIU 4.2+ is built from source (bookworm's 3.17 fails on recent kernels: shared/notes/checkpointing.md)
+# by hack/build-criu.sh, into a bundle with its own libraries (RPATH $ORIGIN/../lib) and the preload
+# library that moves criu into a pod's namespaces (hibernate-nsjoin.so). It runs only in the agent,
+# from the agent's filesystem: nothing of it is copied into engine pods (docs/security.md).
 # The image runs as a non-root user; the chart's agent DaemonSet runs it as root, privileged.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -37,12 +38,16 @@ RUN if [ -x /tmp/prebuilt-criu/bin/criu ]; then echo "prebuilt CRIU bundle: not 
     && rm -rf /var/lib/apt/lists/*; fi \
     && useradd --create-home --uid 10002 --user-group builder
 COPY hack/build-criu.sh /usr/local/bin/build-criu.sh
+COPY operator/hibernate/agent/criu/nsjoin.c /usr/local/src/hibernate-nsjoin.c
 USER 10002
 # Fetches criu's upstream tarball through the Debian mirror (apt source, private apt state), builds
-# criu and its cuda plugin, bundles the libraries and checks `criu --version` is 4.2 or newer.
+# criu and hibernate-nsjoin.so, bundles the libraries and checks `criu --version` is 4.2 or newer.
+# A prebuilt bundle must carry hibernate-nsjoin.so already (hack/build-criu.sh puts it there).
 RUN if [ -x /tmp/prebuilt-criu/bin/criu ]; then cp -a /tmp/prebuilt-criu /home/builder/criu-bundle; \
-    else HOME=/home/builder PYTHON=/usr/local/bin/python3 bash /usr/local/bin/build-criu.sh /home/builder/criu-bundle; fi \
-    && /home/builder/criu-bundle/bin/criu --version
+    else HOME=/home/builder PYTHON=/usr/local/bin/python3 NSJOIN_SRC=/usr/local/src/hibernate-nsjoin.c \
+        bash /usr/local/bin/build-criu.sh /home/builder/criu-bundle; fi \
+    && /home/builder/criu-bundle/bin/criu --version \
+    && test -f /home/builder/criu-bundle/lib/hibernate-nsjoin.so
 
 # ---- the hibernate wheel ------------------------------------------------------------------------
 # Without a wheelhouse in prebuilt/wheels/: the hibernate wheel, its dependencies come from PyPI below.
@@ -64,7 +69,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HIBERNATE_CRIU_BUNDLE=/opt/hibernate/criu
-# nsenter and setsid (util-linux) are in the base image already; the agent runs criu through them.
 COPY --from=criu /home/builder/criu-bundle /opt/hibernate/criu
 COPY --from=wheel /dist/ /tmp/dist/
 # hadolint ignore=DL3013

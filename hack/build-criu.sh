@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Build CRIU 4.2.x with the CUDA plugin and pack it as a portable bundle:
+# Build CRIU 4.2.x and pack it as a portable bundle:
 #
 #   DEST/bin/criu                 native binary, DT_RPATH $ORIGIN/../lib
 #   DEST/lib/*.so*                its shared libraries, except glibc's
-#   DEST/bin/setsid               util-linux's, so criu can lead a session inside a pod whose
-#                                 image has no setsid (agent/criu.py runs it through nsenter)
-#   DEST/plugins/cuda_plugin.so   pass `-L DEST/plugins` to criu
+#   DEST/lib/hibernate-nsjoin.so  the preload library that moves criu into a pod's namespaces after
+#                                 the host's loader has loaded it (operator/hibernate/agent/criu/nsjoin.c,
+#                                 docs/security.md); rebuilt alone when only its source changed
+#
+# No CRIU plugin is bundled: the agent does the CUDA checkpoint itself around the dump and the
+# restore, so criu never execs a `cuda-checkpoint` (which inside a pod would be the pod's).
 #
 # Usage: hack/build-criu.sh [DEST]   (default ${HIBERNATE_CRIU_BUNDLE:-$HOME/.cache/hibernate/criu-4.2})
 #        FORCE=1 hack/build-criu.sh  rebuild even when the bundle exists
@@ -36,7 +39,31 @@ log() {
 }
 die() { log "ERROR: $*"; exit 1; }
 
-if [[ -x $DEST/bin/criu && -x $DEST/bin/setsid && -f $DEST/plugins/cuda_plugin.so && ${FORCE:-0} != 1 ]]; then
+NSJOIN_SRC=${NSJOIN_SRC:-$(cd "$(dirname "$0")/.." && pwd)/operator/hibernate/agent/criu/nsjoin.c}
+[[ -f $NSJOIN_SRC ]] || die "no $NSJOIN_SRC (set NSJOIN_SRC to operator/hibernate/agent/criu/nsjoin.c)"
+NSJOIN_SUM=$(sha256sum "$NSJOIN_SRC" | cut -d' ' -f1)
+
+# Builds lib/hibernate-nsjoin.so into the bundle directory $1, with its source digest beside it.
+build_nsjoin() {
+  local out="$1/lib/hibernate-nsjoin.so"
+  gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o "$out.tmp" "$NSJOIN_SRC" || die "nsjoin.c does not compile"
+  chmod 0755 "$out.tmp"
+  mv "$out.tmp" "$out"
+  echo "$NSJOIN_SUM" >"$1/lib/.hibernate-nsjoin.sha256"
+}
+
+# What this script builds, recorded in the bundle: a bundle from another recipe is rebuilt.
+# RUNDIR: criu keeps its kernel-feature cache (criu.kdat) in RUNDIR, which it opens inside the pod it
+# works in; under /proc no pod can create the directory, so no pod can plant a cache for criu to trust.
+RUNDIR=/proc/hibernate-no-kdat-cache
+RECIPE="criu $CRIU_SERIES, RUNDIR=$RUNDIR, no plugins"
+
+if [[ -x $DEST/bin/criu && $(cat "$DEST/.hibernate-recipe" 2>/dev/null) == "$RECIPE" && ${FORCE:-0} != 1 ]]; then
+  if [[ $(cat "$DEST/lib/.hibernate-nsjoin.sha256" 2>/dev/null) != "$NSJOIN_SUM" ]]; then
+    command -v gcc >/dev/null || die "gcc is needed to build hibernate-nsjoin.so"
+    build_nsjoin "$DEST"
+    log "rebuilt $DEST/lib/hibernate-nsjoin.so from $NSJOIN_SRC"
+  fi
   log "bundle exists at $DEST (FORCE=1 rebuilds)"
   exit 0
 fi
@@ -160,7 +187,7 @@ SRC=$(find "$WORK" -maxdepth 1 -type d -name 'criu-*' | head -1)
 [[ -n $SRC ]] || die "tarball has no criu-* directory"
 log "building in $SRC with $(nproc) jobs"
 # The tarball has no .git, so criu's version comes from Makefile.versions, not `git describe`.
-if ! make -C "$SRC" -j"$(nproc)" criu cuda_plugin >"$WORK/make.log" 2>&1; then
+if ! make -C "$SRC" -j"$(nproc)" RUNDIR="$RUNDIR" criu >"$WORK/make.log" 2>&1; then
   tail -40 "$WORK/make.log" >&2
   die "make failed"
 fi
@@ -169,23 +196,23 @@ log "built"
 PATCHELF=$(get_patchelf)
 STAGE="$DEST.tmp.$$"
 rm -rf "$STAGE"
-mkdir -p "$STAGE/bin" "$STAGE/lib" "$STAGE/plugins"
+mkdir -p "$STAGE/bin" "$STAGE/lib"
 install -m 0755 "$SRC/criu/criu" "$STAGE/bin/criu"
-install -m 0755 "$(command -v setsid)" "$STAGE/bin/setsid"
-install -m 0644 "$SRC/plugins/cuda/cuda_plugin.so" "$STAGE/plugins/cuda_plugin.so"
 
 # ldd lists the whole dependency closure, so the libraries' own dependencies are included.
 while read -r soname _ path _; do
   [[ $path == /* ]] || continue
   is_glibc_lib "$soname" && continue
   cp -L "$path" "$STAGE/lib/$soname"
-done < <(ldd "$STAGE/bin/criu" "$STAGE/bin/setsid" "$STAGE/plugins/cuda_plugin.so" | grep '=> /' | sort -u)
+done < <(ldd "$STAGE/bin/criu" | grep '=> /' | sort -u)
 "$PATCHELF" --force-rpath --set-rpath '$ORIGIN/../lib' "$STAGE/bin/criu"
 # A library with its own DT_RUNPATH would ignore the executable's RPATH for its dependencies;
 # giving each one an RPATH of its own directory keeps the closure inside the bundle.
 for lib in "$STAGE"/lib/*.so*; do
   "$PATCHELF" --force-rpath --set-rpath '$ORIGIN' "$lib"
 done
+build_nsjoin "$STAGE"
+echo "$RECIPE" >"$STAGE/.hibernate-recipe"
 log "bundled $(find "$STAGE/lib" -type f | wc -l) libraries, $(du -sh "$STAGE" | cut -f1)"
 
 # Verify from the staging dir, so a broken build never replaces a working bundle.

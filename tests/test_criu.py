@@ -26,7 +26,7 @@ import pytest
 from hibernate.agent import criu
 from hibernate.localnode.simpod import SimPod
 
-PODINIT = Path(criu.__file__).resolve().parents[1] / "podinit.py"
+PODINIT = Path(criu.__file__).resolve().parents[2] / "podinit.py"
 ENGINE_MIB = 256
 
 # The engine under test: an HTTP counter, ENGINE_MIB of touched memory and its hash, and a forked
@@ -81,7 +81,7 @@ http.server.ThreadingHTTPServer((host, port), Handler).serve_forever()
 def bundle() -> criu.Bundle:
     if os.geteuid() != 0:
         pytest.skip("CRIU tests need root")
-    for tool in ("unshare", "nsenter"):
+    for tool in ("unshare",):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} (util-linux) is missing")
     try:
@@ -89,8 +89,8 @@ def bundle() -> criu.Bundle:
         criu.version(b)
     except criu.CriuError as e:
         pytest.skip(f"no usable CRIU bundle: {e}")
-    if b.root is None:
-        pytest.skip(f"{b.criu} is not a bundle; build one with hack/build-criu.sh")
+    if b.root is None or b.nsjoin is None:
+        pytest.skip(f"{b.criu} is not a bundle with hibernate-nsjoin.so; build one with hack/build-criu.sh")
     return b
 
 
@@ -100,7 +100,6 @@ def pod(bundle: criu.Bundle) -> Iterator[SimPod]:
     with SimPod.start(
         [sys.executable, "/.hibernate/engine.py", "8000", str(ENGINE_MIB)], files={"engine.py": ENGINE}
     ) as p:
-        criu.copy_bundle_into(p.root / ".hibernate" / "criu", bundle)
         yield p
 
 
@@ -165,19 +164,9 @@ def test_image_dir_layout(tmp_path: Path) -> None:
 def test_finds_criu_bundle(bundle: criu.Bundle) -> None:
     v = criu.version(bundle)
     assert (v.major, v.minor) >= (4, 2)
-    assert bundle.plugins is not None and (bundle.plugins / "cuda_plugin.so").is_file()
+    assert bundle.nsjoin is not None  # the preload library that enters a pod (nsjoin.c)
     out = subprocess.run([str(bundle.criu), "check"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
-
-
-@pytest.mark.criu
-def test_copy_bundle_into_is_idempotent(bundle: criu.Bundle, tmp_path: Path) -> None:
-    dest = criu.copy_bundle_into(tmp_path / "criu", bundle)
-    assert (dest / "bin" / "criu").is_file() and (dest / "lib").is_dir()
-    mtime = (dest / "bin" / "criu").stat().st_mtime_ns
-    criu.copy_bundle_into(dest, bundle)
-    assert (dest / "bin" / "criu").stat().st_mtime_ns == mtime  # not copied again
-    assert [p.name for p in tmp_path.iterdir()] == ["criu"]
 
 
 # -- a plain process on the host ------------------------------------------------------------------
@@ -304,7 +293,7 @@ def test_restore_refuses_incomplete_image(pod: SimPod, ckpt: Path, tmp_path: Pat
     criu.dump(ckpt, pod.engine_ns_pid(), criu.Pod(pod.init_pid))
     try:
         broken = tmp_path / "broken"
-        broken.mkdir()
+        broken.mkdir(mode=0o700)
         for f in ckpt.iterdir():  # everything but the page data and the process tree
             if not f.name.startswith(("pages-", "pstree")):
                 shutil.copy(f, broken / f.name)
@@ -424,19 +413,3 @@ def test_podinit_outlives_a_checkpointed_engine(tmp_path: Path) -> None:
     (tmp_path / "mark").unlink()
     init.communicate(timeout=10)  # marker gone and no engine: the container ends
     assert init.returncode == 0
-
-
-def test_bundle_copies_carry_a_cuda_checkpoint_for_the_cuda_plugin(
-    bundle: criu.Bundle, tmp_path: Path
-) -> None:
-    """CRIU's cuda plugin execs `cuda-checkpoint -h` and disables itself unless it mentions --action."""
-    dest = criu.copy_bundle_into(tmp_path / "criu", bundle)
-    shim = dest / "bin" / "cuda-checkpoint"
-    out = subprocess.run(
-        [str(shim), "-h"], capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}
-    )
-    assert out.returncode == 0 and "--action" in out.stdout, out.stderr
-    state = subprocess.run(
-        [str(shim), "--get-state", "--pid", "1"], capture_output=True, text=True, timeout=30
-    )
-    assert state.returncode != 0 and state.stderr.strip(), "no driver here: a clear error, not a crash"

@@ -209,6 +209,7 @@ class Levels:
         try:
             await asyncio.to_thread(criu.version)  # a clear error before anything changes
             image = pod.image_dir(self.host.checkpoint_roots)
+            ckpt_root = pod.checkpoint_root(self.host.checkpoint_roots)
             root = await asyncio.to_thread(self._engine_root, pod)
             engine_pid = root.root.ns_pid
         except (LookupError, PermissionError, criu.CriuError) as e:
@@ -232,7 +233,12 @@ class Levels:
                     suspended = True
                 fault_point("agent.after-cuda-suspend")
                 result = await asyncio.to_thread(
-                    criu.dump, image, engine_pid, criu.Pod(root.init.pid), timeout=self.host.criu_timeout_s
+                    criu.dump,
+                    image,
+                    engine_pid,
+                    criu.Pod(root.init.pid),
+                    timeout=self.host.criu_timeout_s,
+                    checkpoint_root=ckpt_root,
                 )
             except (cuda.CudaError, criu.CriuError, OSError) as e:
                 # criu leaves the tree running when a dump fails: undo the CUDA and engine steps.
@@ -255,18 +261,24 @@ class Levels:
     async def _restore(self, pod: PodRef) -> dict[str, Any]:
         try:
             image = pod.image_dir(self.host.checkpoint_roots)
+            ckpt_root = pod.checkpoint_root(self.host.checkpoint_roots)
             procs = await asyncio.to_thread(self.host.processes, pod)
             init = discovery.engine_root(procs).init
         except (LookupError, PermissionError, ValueError) as e:
             raise LevelError(f"cannot restore: {e}", rolled_back=True) from e
         try:
             result = await asyncio.to_thread(
-                criu.restore, image, criu.Pod(init.pid), timeout=self.host.criu_timeout_s
+                criu.restore,
+                image,
+                criu.Pod(init.pid),
+                timeout=self.host.criu_timeout_s,
+                checkpoint_root=ckpt_root,
             )
         except criu.CriuError as e:
             raise LevelError(str(e), rolled_back=True) from e
         fault_point("agent.after-restore")
-        # The CRIU cuda plugin restores CUDA where it ran; resume_all is a no-op then.
+        # criu runs without its cuda plugin (it would exec a cuda-checkpoint inside the pod): the
+        # engine comes back CUDA-checkpointed, as it was dumped, and the agent restores it here.
         pids = await asyncio.to_thread(self.host.cuda_pids, pod)
         if pids:
             await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
@@ -333,7 +345,7 @@ class Levels:
                 # The checkpoint marker keeps the pod init alive while its engine is gone; with the
                 # engine running it is a leftover of a dump or restore an agent did not finish.
                 with contextlib.suppress(OSError):
-                    criu.Pod(root.init.pid).host_path(criu.POD_MARKER).unlink(missing_ok=True)
+                    criu.Pod(root.init.pid).remove_marker()
             pids = self.host.find_cuda_pids(procs, self.host.proc_root)
             if pids:
                 try:

@@ -81,16 +81,20 @@ class PodRef:
             return {}
         return op if isinstance(op, dict) else {}
 
-    def image_dir(self, roots: tuple[Path, ...]) -> Path:
-        """<checkpoint dir>/<namespace>/<pod>/<container>, refusing a directory outside the allowed roots.
+    def checkpoint_root(self, roots: tuple[Path, ...]) -> Path:
+        """The allowed root that holds this pod's checkpoint directory, or PermissionError.
 
         The directory comes from a pod annotation and the agent writes there as root: a pod must not
         be able to point it at /etc.
         """
         base = Path(self.checkpoint_dir).resolve()
-        if not any(base == r.resolve() or r.resolve() in base.parents for r in roots):
-            allowed = ", ".join(str(r) for r in roots)
-            raise PermissionError(
-                f"checkpoint directory {base} is outside the agent's allowed roots ({allowed})"
-            )
-        return base / self.namespace / self.name / self.container
+        for r in roots:
+            if base == r.resolve() or r.resolve() in base.parents:
+                return r.resolve()
+        allowed = ", ".join(str(r) for r in roots)
+        raise PermissionError(f"checkpoint directory {base} is outside the agent's allowed roots ({allowed})")
+
+    def image_dir(self, roots: tuple[Path, ...]) -> Path:
+        """<checkpoint dir>/<namespace>/<pod>/<container>, inside one of the allowed `roots`."""
+        self.checkpoint_root(roots)
+        return Path(self.checkpoint_dir).resolve() / self.namespace / self.name / self.container

@@ -1,0 +1,172 @@
+"""criu dump: checkpoint an engine's process tree into a verified, root-only image; the tree ends.
+
+What criu does on failure (measured on kernel 6.18, criu 4.2.1, and tested in tests/test_criu.py):
+a dump that fails (disk full, an undumpable resource) resumes the tree where it was, and it keeps
+serving; only a dump that succeeds kills it (we never pass --leave-running: resuming a CUDA
+process costs seconds, and the TCP state it would keep running diverges from the image).
+
+Network lock: with --tcp-established criu 4.2 (whose netns it does not dump) drops only the
+dumped connections' 4-tuples, in an nftables table `inet CRIU-<run id>` of the pod's netns. The
+table stays from a good dump until the restore removes it; the listening port stays usable, so
+a container restarted cold after an abandoned image is reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hibernate.agent.criu import images, nsexec
+from hibernate.agent.criu.bundle import Bundle, CriuError, locate, version
+from hibernate.agent.criu.images import DUMP_LOG, GpuInfo, ImageMetadata
+from hibernate.faults import fault_point
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    image: Path
+    metadata: ImageMetadata
+    seconds: float
+    log: Path
+
+
+def dump(
+    image: Path,
+    pid: int,
+    pod: nsexec.Pod | None = None,
+    *,
+    timeout: float = 600.0,
+    tcp_established: bool = True,
+    gpu: GpuInfo | None = None,
+    bundle: Bundle | None = None,
+    extra_args: Sequence[str] = (),
+    checkpoint_root: Path | None = None,
+) -> DumpResult:
+    """Checkpoints the process tree rooted at `pid` into `image`; the tree ends.
+
+    `pid` is as criu sees it: the engine's pid inside the pod's pid namespace when `pod` is
+    given (criu then runs in all of its namespaces), a host pid otherwise. Returns only after
+    the image is verified complete (criu exited 0, its log ends with success, the core, pstree,
+    mm and pagemap images are there and nonempty), made root-only, and metadata.json is written;
+    only then is the image renamed to `image`, replacing an older one. On any failure the
+    partial image is removed and CriuError carries the log's errors; when criu itself failed
+    (disk full, timeout) the tree keeps running and the pod's marker is removed. Should criu
+    report success for an image that then fails verification, the tree has already ended: the
+    error says so. The directories from `checkpoint_root` (default: the image's parent) down are
+    made root-only (0700).
+
+    tcp_established: connections to the engine (probes, the gateway) are dumped and restored
+    instead of failing the dump; the network is locked with nftables, which criu links in, so
+    the container needs no iptables.
+    """
+    started = time.monotonic()
+    bundle = bundle or locate()
+    criu_version = version(bundle)
+    gpu = gpu if gpu is not None else images.detect_gpu()
+    host_pid = pid
+    if pod is not None:
+        bundle.require_nsjoin()
+        found = nsexec.host_pid_in_pod(pod.init_pid, pid)
+        if found is None:
+            raise CriuError(f"no process with pid {pid} in the pod of init {pod.init_pid}")
+        host_pid = found
+    elif not nsexec.alive(pid):
+        raise CriuError(f"no process with pid {pid}")
+    tree = [host_pid, *nsexec.descendants(host_pid)]
+
+    images.make_private_dirs(image.parent, checkpoint_root or image.parent)
+    tmp = image.with_name(f".{image.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(mode=images.DIR_MODE)
+    # Written first, so that a dump criu finishes after its agent died can be completed (`settle`).
+    meta = ImageMetadata(
+        gpu_model=gpu.model,
+        driver_version=gpu.driver,
+        criu_version=str(criu_version),
+        kernel_release=os.uname().release,
+        engine_pid=pid,
+        created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        image_bytes=0,
+    )
+    marked = False
+    try:
+        meta.write(tmp)
+        if pod is not None and pod.marker is not None:
+            # Before criu ends the engine, so the init does not take the container down with it.
+            pod.write_marker(f"{image.name}\n")
+            marked = True
+        fd = images.locked_dir(tmp)
+        try:
+            args = ["-t", str(pid), "-o", DUMP_LOG]
+            if tcp_established:
+                args += ["--tcp-established", "--network-lock", "nftables"]
+            launched = nsexec.launch(pod, bundle, "dump", fd, [*args, *extra_args])
+            rc, out = nsexec.run(launched, fd, timeout, "dump", fault="agent.criu-dump-running")
+        finally:
+            os.close(fd)
+        if rc == 0:
+            fault_point("agent.criu-after-dump")
+        if rc != 0:
+            tail = images.log_tail(tmp / DUMP_LOG)
+            raise CriuError(
+                f"criu dump of pid {pid} failed (rc {rc}){_cause(out + tail, image.parent)}{_fate(host_pid)}: "
+                f"{out}\n{tail}"
+            )
+        problems = images.check_image(tmp)
+        if problems:
+            raise CriuError(
+                f"criu dump of pid {pid} left an incomplete image{_fate(host_pid)}: {'; '.join(problems)}"
+            )
+        meta = ImageMetadata(**{**asdict(meta), "image_bytes": images.image_bytes(tmp)})
+        meta.write(tmp)
+        images.seal(tmp)
+        images.replace_dir(tmp, image)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if marked and pod is not None and nsexec.alive(host_pid):
+            with contextlib.suppress(OSError):
+                pod.remove_marker()  # the engine still runs: back to normal
+        raise
+    _wait_gone(tree, reaped=pod is not None)
+    return DumpResult(image, meta, time.monotonic() - started, image / DUMP_LOG)
+
+
+def _wait_gone(host_pids: Sequence[int], reaped: bool, timeout: float = 5.0) -> None:
+    """Waits until criu's kill has taken the dumped tree down.
+
+    In a pod, until the init has reaped every process: a pid of the image that is still a
+    zombie (or a session or group id held by one) makes the next restore fail with
+    "Can't fork for N: File exists". On the host, the reaper is the caller's business.
+    """
+    deadline = time.monotonic() + timeout
+    for pid in host_pids:
+        while time.monotonic() < deadline and (
+            Path(f"/proc/{pid}").exists() if reaped else nsexec.alive(pid)
+        ):
+            time.sleep(0.005)
+
+
+def _cause(text: str, directory: Path) -> str:
+    """The reason of a failed dump, first in the message (criu's log follows), where it is a known one."""
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+        free = ""
+        with contextlib.suppress(OSError):
+            st = os.statvfs(directory)
+            free = (
+                f", {st.f_bavail * st.f_frsize // 2**20} MiB free of {st.f_blocks * st.f_frsize // 2**20} MiB"
+            )
+        return f": No space left on device for the image under {directory}{free}"
+    return ""
+
+
+def _fate(host_pid: int) -> str:
+    """What became of the engine after a failed dump, for the error message."""
+    if nsexec.alive(host_pid):
+        return "; the engine keeps running"
+    return "; the engine has ended and no image was kept (remove the checkpoint marker for a cold start)"
