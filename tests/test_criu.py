@@ -13,11 +13,12 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,7 @@ def test_pod_dump_and_restore_in_place(pod: SimPod, ckpt: Path) -> None:
     assert host_pid is not None
     rss_awake = rss_bytes(pod)
 
-    result = criu.dump(ckpt, ns_pid, criu.Pod(pod.init_pid))
+    result = criu.dump(ckpt, ns_pid, criu.Pod(pod.init_pid), checkpoint_root=ckpt.parents[2])
 
     # The engine and its worker are gone, their memory freed; the pod's init lives on.
     assert pod.engine_host_pid() is None and not Path(f"/proc/{host_pid}").exists()
@@ -243,6 +244,11 @@ def test_pod_dump_and_restore_in_place(pod: SimPod, ckpt: Path) -> None:
     assert meta["gpu_model"] is None and meta["driver_version"] is None  # no GPU here
     assert meta["image_bytes"] == result.metadata.image_bytes > ENGINE_MIB * 2**20
     assert leftovers(ckpt) == []
+    # Process memory is private: root-only directories from the checkpoint root down, files 0600.
+    for d in (ckpt, ckpt.parent, ckpt.parent.parent, ckpt.parent.parent.parent):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    assert {stat.S_IMODE(f.stat().st_mode) for f in ckpt.iterdir()} == {0o600}
+    assert criu.check_private(ckpt) == []
 
     restored = criu.restore(ckpt, criu.Pod(pod.init_pid))
 
@@ -413,3 +419,39 @@ def test_podinit_outlives_a_checkpointed_engine(tmp_path: Path) -> None:
     (tmp_path / "mark").unlink()
     init.communicate(timeout=10)  # marker gone and no engine: the container ends
     assert init.returncode == 0
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize(
+    ("tamper", "says"),
+    [
+        (
+            lambda image: (image / "pages-1.img").chmod(0o644),
+            r"pages-1\.img is owned by uid 0 with mode 0644",
+        ),
+        (lambda image: os.chown(image / "core-2.img", 1000, 1000), r"core-2\.img is owned by uid 1000"),
+        (lambda image: image.chmod(0o755), r"with mode 0755"),
+        (lambda image: (image / "extra.img").symlink_to("/etc/passwd"), r"extra\.img is not a regular file"),
+    ],
+    ids=["world-readable file", "foreign owner", "open directory", "planted symlink"],
+)
+def test_restore_refuses_an_image_the_agent_did_not_write(
+    pod: SimPod, ckpt: Path, tamper: Callable[[Path], None], says: str
+) -> None:
+    criu.dump(ckpt, pod.engine_ns_pid(), criu.Pod(pod.init_pid))
+    try:
+        if not (ckpt / "core-2.img").exists():  # the engine's pid in the pod names the core image
+            next(ckpt.glob("core-*.img")).rename(ckpt / "core-2.img")
+        tamper(ckpt)
+        with pytest.raises(criu.CriuError, match=rf"not one this agent wrote .*{says}.*refusing to restore"):
+            criu.restore(ckpt, criu.Pod(pod.init_pid))
+    finally:
+        for f in ckpt.iterdir():  # undo, so the module's pod serves again
+            if f.is_symlink():
+                f.unlink()
+            else:
+                os.chown(f, 0, 0)
+                f.chmod(0o600)
+        ckpt.chmod(0o700)
+        criu.restore(ckpt, criu.Pod(pod.init_pid))
+    assert state(pod)["worker_alive"] is True
