@@ -13,6 +13,9 @@
 #      Checkpoint and Stop and back to Awake after each, through kubectl; checks the level/phase in
 #      `kubectl get md`, the same completion answer after every wake, and across L1/L2/Checkpoint the
 #      same pod, pod IP and Service endpoints; prints md, pods -o wide and endpoints at every step,
+#   4b. tests/e2e/hostile.py: a hostile engine that replaces its loader, python3 and more with
+#      recorders and plants symlinks to host canaries; a Checkpoint cycle and a deletion must give
+#      it nothing (docs/security.md),
 #   5. cleans up: helm uninstall, the node (start-real-node.sh stop), the iptables rule, the
 #      checkpoint directory if it made it, DIR. Images stay in /var/lib/docker for the next run.
 #
@@ -38,6 +41,8 @@ ASSETS="${KUBE_TEST_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-test-assets/1.20
 CRIU_BUNDLE=${HIBERNATE_CRIU_BUNDLE:-${XDG_CACHE_HOME:-$HOME/.cache}/hibernate/criu-4.2}
 IMAGE=local/hibernate:dev
 ENGINE_IMAGE=${ENGINE_IMAGE:-local/hibernate-engine:dev}
+HOSTILE_IMAGE=local/hibernate-hostile-engine:dev
+CANARY=/var/lib/hibernate-e2e-canary   # host files the hostile engine's symlinks point at
 BASE=local/python:3.11-bookworm
 RELEASE=hibernate
 RELEASE_NS=hibernate-system
@@ -52,6 +57,7 @@ if [ "${1:-}" = --stop ]; then  # after KEEP=1: what the cleanup would have done
   "$(dirname "$0")/install-helm.sh" >/dev/null 2>&1 && HELM=$("$(dirname "$0")/install-helm.sh" 2>/dev/null)/helm &&
     "$HELM" --kubeconfig "$KC" uninstall "$RELEASE" -n "$RELEASE_NS" --wait --timeout 60s >/dev/null 2>&1 || true
   "$HACK/start-real-node.sh" stop "$DIR/node" || true
+  "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py" stop --dir "$DIR/prometheus" || true
   read -ra DNAT < "$DIR/dnat" || DNAT=()
   [ "${#DNAT[@]}" = 0 ] || iptables -t nat -D PREROUTING "${DNAT[@]}" 2>/dev/null || true
   [ -f "$DIR/route_localnet.orig" ] && cat "$DIR/route_localnet.orig" > /proc/sys/net/ipv4/conf/docker0/route_localnet 2>/dev/null || true
@@ -104,6 +110,7 @@ cleanup() {
     "$HELM" --kubeconfig "$KC" uninstall "$RELEASE" -n "$RELEASE_NS" --wait --timeout 60s >/dev/null 2>&1 || true
   fi
   [ -d "$DIR/node" ] && { "$HACK/start-real-node.sh" stop "$DIR/node" || true; }
+  "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py" stop --dir "$DIR/prometheus" || true
   teardown_host
   rm -rf "$DIR"
   echo "e2e-real-node: cleaned up after $(elapsed) s; rc $rc"
@@ -114,6 +121,7 @@ teardown_host() {  # the host changes of this script (not the node's: start-real
   if [ -f "$DIR/route_localnet.orig" ] && [ -e /proc/sys/net/ipv4/conf/docker0/route_localnet ]; then
     cat "$DIR/route_localnet.orig" > /proc/sys/net/ipv4/conf/docker0/route_localnet || true; fi
   if [ -n "$CKPT_MADE" ]; then rm -rf "$CKPT_MADE"; fi
+  rm -rf "$CANARY"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -164,6 +172,15 @@ if [ "$ENGINE_IMAGE" = local/hibernate-engine:dev ]; then
   printf 'FROM %s\nUSER 0:0\n' "$IMAGE" | docker build -t "$ENGINE_IMAGE" - >"$DIR/logs/build-engine.log" 2>&1 ||
     { tail -20 "$DIR/logs/build-engine.log" >&2; exit 1; }
 fi
+# The hostile engine of tests/e2e/hostile.py: the engine image plus recorders that it plants in its
+# own container (tests/hostile/recorder.c) and the script that plants them.
+mkdir -p "$DIR/hostile"
+gcc -O2 -static-pie -nostdlib -fno-stack-protector -o "$DIR/hostile/recorder" "$ROOT/tests/hostile/recorder.c"
+gcc -O2 -shared -fPIC -DRECORDER_LIBRARY -o "$DIR/hostile/librecorder.so" "$ROOT/tests/hostile/recorder.c"
+cp "$ROOT/tests/e2e/hostile_engine.py" "$DIR/hostile/"
+printf 'FROM %s\nCOPY recorder librecorder.so hostile_engine.py /hostile/\n' "$ENGINE_IMAGE" > "$DIR/hostile/Dockerfile"
+docker build -t "$HOSTILE_IMAGE" "$DIR/hostile" >"$DIR/logs/build-hostile.log" 2>&1 ||
+  { tail -20 "$DIR/logs/build-hostile.log" >&2; exit 1; }
 docker images --format 'table {{.Repository}}:{{.Tag}}\t{{.ID}}\t{{.Size}}' | grep -E '^(REPOSITORY|local/)'
 docker run --rm --entrypoint sh "$IMAGE" -c 'hibernate --help >/dev/null && /opt/hibernate/criu/bin/criu --version | head -1 && id'
 
@@ -197,11 +214,25 @@ if ! { K -n "$RELEASE_NS" rollout status ds/$RELEASE-agent --timeout 180s &&
   exit 1
 fi
 
+# --- a real Prometheus (Debian's) on loopback, scraping the chart's Services' endpoints ---
+step "Prometheus: the operator, agent and gateway through the chart's Services (tests/e2e/prometheus_check.py)"
+PROM=("$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py")
+prom_rc=0
+"${PROM[@]}" start --dir "$DIR/prometheus" --kubectl "$ASSETS/kubectl --kubeconfig $KC" --namespace "$RELEASE_NS" \
+  --release "$RELEASE" --helm "$HELM" || prom_rc=$?
+
 # --- the walk ---
 step "the walk (tests/e2e/walk.py)"
 rc=0
 "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/walk.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
-  --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" ${LEVELS:+--levels "$LEVELS"} || rc=$?
+  --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" ${LEVELS:+--levels "$LEVELS"} \
+  --summary-json "$DIR/walk.json" || rc=$?
+step "Prometheus: a query of each level's wake seconds returns the walk's wakes"
+if [ "$prom_rc" = 0 ]; then "${PROM[@]}" check --dir "$DIR/prometheus" --walk-summary "$DIR/walk.json" || rc=1
+else echo "prometheus did not start (above)"; rc=1; fi
+step "a hostile engine: a Checkpoint cycle and a deletion give it nothing (tests/e2e/hostile.py)"
+"$ROOT/.venv/bin/python" "$ROOT/tests/e2e/hostile.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
+  --engine-image "$HOSTILE_IMAGE" --release-namespace "$RELEASE_NS" --canary-dir "$CANARY" || rc=1
 step "the agent's log (its DaemonSet pod)"
 K -n "$RELEASE_NS" logs ds/$RELEASE-agent --tail 400 2>&1 | grep -v 'GET /healthz\|GET /metrics' | tail -25 || true
 if [ -n "$CKPT_MADE" ] || [ -d "$CKPT/default" ]; then

@@ -1,0 +1,188 @@
+"""A hostile engine on the real node (hack/e2e-real-node.sh): the node agent gives it nothing.
+
+The engine (tests/e2e/hostile_engine.py) replaces what it can reach in its container with
+recorders (its dynamic loader, the python3 on its PATH, the CRIU bundle where an older agent copied
+it, /etc/ld.so.preload, CRIU's plugin directory and config, an NSS module) and plants symlinks at
+every path the agent touches, pointing at canary files on the host. Then a Checkpoint cycle and a
+deletion of the ModelDeployment follow, through kubectl. Passes only when:
+
+- no canary on the host changed (content, mtime, the directory's entries);
+- every line a recorder left (in the container's root, or on the host) shows no more than the
+  container's own capabilities (its CapBnd): nothing planted ran with the agent's rights;
+- the agent either completed the cycle (Asleep at Checkpoint, then Awake in the same pod with the
+  same answer) or reported Failed with a reason; and after the deletion no image is left.
+
+    python3 tests/e2e/hostile.py --kubectl "kubectl --kubeconfig …" --engine-image local/hibernate-hostile-engine:dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import walk
+
+NAME = "hostile"
+RAN_LOG = "hibernate-hostile-ran.log"  # tests/hostile/recorder.c
+CHECKPOINTS = Path("/var/lib/hibernate/checkpoints")
+
+
+def canaries(directory: Path) -> dict[str, object]:
+    """What the host canaries look like now."""
+    return {
+        "file": (directory / "canary").read_text(),
+        "file_mtime": (directory / "canary").stat().st_mtime_ns,
+        "dir": sorted(p.name for p in (directory / "dir").iterdir()),
+        "dir_mtime": (directory / "dir").stat().st_mtime_ns,
+    }
+
+
+def container_pid(pod: dict[str, object]) -> int:
+    statuses = pod["status"]["containerStatuses"]  # type: ignore[index]
+    cid = next(s["containerID"] for s in statuses if s["name"] == "engine").split("://", 1)[1]
+    out = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", cid], capture_output=True, text=True)
+    return int(out.stdout.strip())
+
+
+def cap_bound(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapBnd:"):
+            return int(line.split()[1], 16)
+    raise LookupError(f"no CapBnd for pid {pid}")
+
+
+def recorded(pid: int | None) -> list[str]:
+    lines = []
+    for log in [Path("/") / RAN_LOG, *([Path(f"/proc/{pid}/root") / RAN_LOG] if pid else [])]:
+        if log.exists():
+            lines += log.read_text().splitlines()
+    return lines
+
+
+class Hostile(walk.Walk):
+    def apply_hostile(self, canary_dir: Path) -> None:
+        self.say(f"== kubectl apply: ModelDeployment {NAME}, a hostile engine from {self.image} ==")
+        manifest = {
+            "apiVersion": "hibernate.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": NAME, "namespace": self.ns},
+            "spec": {
+                "model": walk.MODEL,
+                "engine": {
+                    "image": self.image,
+                    "imagePullPolicy": self.pull_policy,
+                    "command": ["python3", "/hostile/hostile_engine.py"],
+                    "args": ["--weights-mib", "64", "--kv-mib", "16"],
+                    "env": [{"name": "HOSTILE_CANARY", "value": str(canary_dir)}],
+                    "port": 8000,
+                    "resources": {
+                        "requests": {"cpu": "100m", "memory": "256Mi"},
+                        "limits": {"memory": "1Gi"},
+                    },
+                    "startupSeconds": 120,
+                },
+            },
+        }
+        self.say(self.kubectl("apply", "-f", "-", stdin=json.dumps(manifest)).rstrip())
+        self.wait_for("Awake", self.reached("Awake", "Awake"))
+
+    def settled(self, level: str) -> bool:
+        """Asleep at `level`, or Failed (the agent gave up with a reason): either is an answer."""
+        status = self.md().get("status") or {}
+        return status.get("phase") == "Failed" or (
+            status.get("phase") == "Asleep" and status.get("sleepLevel") == level
+        )
+
+    def last_operation(self) -> dict[str, object]:
+        ann = self.pod()["metadata"].get("annotations", {})
+        op: dict[str, object] = json.loads(ann.get("hibernate.dev/last-operation") or "{}")
+        return op
+
+    def run_hostile(self, canary_dir: Path) -> int:
+        before = canaries(canary_dir)
+        self.apply_hostile(canary_dir)
+        pod = self.pod()
+        ip, uid = pod["status"]["podIP"], pod["metadata"]["uid"]
+        pid = container_pid(pod)
+        baseline = self.complete(ip)
+        self.wait_for(
+            "the engine planted its traps", lambda: Path(f"/proc/{pid}/root/hostile/planted").exists()
+        )
+        self.say(f"   planted; answer before: {baseline!r}; container CapBnd {cap_bound(pid):#x}")
+
+        self.say("\n== Checkpoint ==")
+        self.patch("Checkpoint")
+        self.wait_for("Asleep at Checkpoint, or Failed", lambda: self.settled("Checkpoint"))
+        status = self.md().get("status") or {}
+        op = self.last_operation()
+        self.say(f"   phase {status.get('phase')}; agent's last-operation: {json.dumps(op)}")
+        completed = status.get("phase") == "Asleep"
+        if not completed:
+            self.check(bool(op.get("error")), f"the agent reported Failed with a reason: {op.get('error')!r}")
+        self.patch("Awake")
+        self.wait_for("Awake", self.reached("Awake", "Awake"))
+        after = self.pod()
+        self.check(after["metadata"]["uid"] == uid, "the same pod after the cycle")
+        answer = self.complete(after["status"]["podIP"])
+        self.check(answer == baseline, f"answer after the cycle {answer!r} == before {baseline!r}")
+        lines = recorded(container_pid(after))
+        bound = cap_bound(container_pid(after))
+        self.say(f"   recorder lines: {lines}")
+        for line in lines:
+            caps = int(line.split("capeff=")[1].split()[0], 16)
+            self.check(
+                caps & ~bound == 0, f"a planted program ran with no more than the container's rights: {line}"
+            )
+        self.check(not (Path("/") / RAN_LOG).exists(), "nothing planted ran on the host")
+
+        self.say("\n== kubectl delete md ==")
+        self.say(self.kubectl("delete", "md", NAME, "-n", self.ns, "--wait=true", "--timeout=120s").rstrip())
+        self.wait_for("no engine pod", lambda: not self.pods())
+        left = list((CHECKPOINTS / self.ns).glob(f"{NAME}-*")) if (CHECKPOINTS / self.ns).exists() else []
+        self.wait_for("no image left", lambda: not any(p.exists() for p in left), timeout=60)
+        self.check(canaries(canary_dir) == before, f"host canaries unchanged: {canaries(canary_dir)}")
+        self.say(f"\nhostile engine: cycle {'completed' if completed else 'refused with a reason'}")
+        if self.failures:
+            self.say(f"FAILED checks ({len(self.failures)}):")
+            for f in self.failures:
+                self.say(f"  - {f}")
+            return 1
+        self.say(f"all hostile-engine checks passed in {time.monotonic() - self.t0:.1f} s")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--kubectl", default="kubectl")
+    parser.add_argument("--namespace", default="default")
+    parser.add_argument("--release-namespace", default="hibernate-system")
+    parser.add_argument("--engine-image", default="local/hibernate-hostile-engine:dev")
+    parser.add_argument("--pull-policy", default="Never", choices=["Never", "IfNotPresent", "Always"])
+    parser.add_argument("--canary-dir", default="/var/lib/hibernate-e2e-canary")
+    parser.add_argument("--timeout", type=float, default=180)
+    args = parser.parse_args(argv)
+    args.http_via, args.summary_json = "", ""
+    walk.NAME = NAME  # the walk's helpers read the ModelDeployment's name from there
+    canary_dir = Path(args.canary_dir)
+    (canary_dir / "dir").mkdir(parents=True, exist_ok=True)
+    (canary_dir / "canary").write_text("host canary: the hostile engine must not change this\n")
+    (canary_dir / "dir" / "inside").write_text("host canary directory\n")
+    (Path("/") / RAN_LOG).unlink(missing_ok=True)
+    os.sync()
+    try:
+        return Hostile(args).run_hostile(canary_dir)
+    except walk.WalkError as e:
+        print(f"FAILED: {e}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
