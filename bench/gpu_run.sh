@@ -56,35 +56,19 @@ say() { echo "[gpu_run $(($(date +%s) - START))s] $*"; }
 } >"$OUT/system.txt" 2>&1
 say "system: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 
-# -- CRIU bundle and the cuda-checkpoint stand-in for its cuda plugin --------------------------
-# The plugin execs `cuda-checkpoint` from PATH. hibernate.agent.criu runs criu with PATH set to the
-# bundle's bin and the system directories only, so the stand-in goes into the bundle's bin too.
-BIN=$(mktemp -d /tmp/hibernate-bin.XXXXXX)
-PYABS=$(command -v "$PY")
-[[ $PYABS == /* ]] || PYABS=$ROOT/$PYABS
-cat >"$BIN/cuda-checkpoint" <<EOF
-#!/bin/sh
-PYTHONPATH="$ROOT/operator\${PYTHONPATH:+:\$PYTHONPATH}" exec "$PYABS" -m hibernate.agent.cuda_checkpoint_cli "\$@"
-EOF
-chmod +x "$BIN/cuda-checkpoint"
-export PATH="$BIN:$PATH"
+# -- CRIU bundle ----------------------------------------------------------------------------------
+# No CRIU plugin and no cuda-checkpoint: the agent (and the bench) checkpoint CUDA around criu.
 BUNDLE=$ROOT/.carry/criu
 if [[ -x $BUNDLE/bin/criu ]]; then
   export HIBERNATE_CRIU=$BUNDLE
-  cp "$BIN/cuda-checkpoint" "$BUNDLE/bin/cuda-checkpoint"
   {
     "$BUNDLE/bin/criu" --version
     "$BUNDLE/bin/criu" check
-    ls -la "$BUNDLE/bin" "$BUNDLE/plugins"
+    ls -la "$BUNDLE/bin" "$BUNDLE/lib"
   } >>"$OUT/system.txt" 2>&1
   say "CRIU bundle at $BUNDLE: $("$BUNDLE/bin/criu" --version 2>&1 | head -1)"
 else
   say "no CRIU bundle at $BUNDLE (carry .carry/criu, built by hack/build-criu.sh .carry/criu): level 4 will be skipped"
-fi
-if cuda-checkpoint -h 2>&1 | grep -q -- --action; then
-  say "cuda-checkpoint stand-in ok"
-else
-  say "WARNING: the cuda-checkpoint stand-in does not answer -h"
 fi
 
 # -- GPU tests -----------------------------------------------------------------------------------
@@ -115,6 +99,6 @@ if [[ -f $OUT/engine-logs/engine.pids ]]; then
     fi
   done <"$OUT/engine-logs/engine.pids"
 fi
-rm -rf /dev/shm/hibernate-bench "$BIN"
+rm -rf /dev/shm/hibernate-bench
 say "done; results in $OUT"
 exit "$RC"

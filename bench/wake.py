@@ -15,7 +15,7 @@ and the image size at level 4. In the same run:
 - `raw` rows: the bare mechanisms (urllib to the engine, the driver's cuCheckpoint* calls through
   cuda.DriverApi on the engine pid, the criu binary run directly) for the agent-overhead ratio;
 - `plain` rows: the paths for engines without the sleep API, on a second engine started without
-  pinned buffers: a driver checkpoint of everything (level 3) and CRIU with the cuda plugin
+  pinned buffers: a driver checkpoint of everything (level 3) and the same followed by CRIU
   (level 4), against the engine-assisted ones;
 - level 2 with 1 reader against 8 (parallel `preadv` loading), and optionally with a cold page
   cache (`--cold`, drops the caches: root);
@@ -398,16 +398,6 @@ def _need_criu() -> criu.Bundle:
         criu.version(bundle)
     except criu.CriuError as exc:
         raise Skip(str(exc).splitlines()[0]) from exc
-    system_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    if (
-        bundle.root is not None
-        and not (bundle.root / "bin" / "cuda-checkpoint").exists()
-        and shutil.which("cuda-checkpoint", path=system_path) is None
-    ):
-        raise Skip(
-            f"no cuda-checkpoint in {bundle.root / 'bin'} for CRIU's cuda plugin (criu.py runs criu with that "
-            "bin first on PATH; bench/gpu_run.sh installs the stand-in there)"
-        )
     return bundle
 
 
@@ -445,9 +435,8 @@ class DirectLevels:
         details: dict[str, Any] = {}
         if self.t.engine_assisted:
             details["engine_s"] = await self._engine_sleep(1 if level == 3 else 2)
-        if level == 3 or self.t.engine_assisted:
-            report = await asyncio.to_thread(cuda.suspend_all, [self.t.pid])
-            details["cuda_s"] = report.seconds
+        report = await asyncio.to_thread(cuda.suspend_all, [self.t.pid])  # level 4 too: no CRIU plugin
+        details["cuda_s"] = report.seconds
         if level == 4:
             _need_criu()
             result = await asyncio.to_thread(self._dump)
@@ -483,7 +472,7 @@ class DirectLevels:
                 criu.restore, self.t.image_dir, tcp_established=self.t.tcp_established
             )
             details["criu_s"] = result.seconds
-        # After a restore the cuda plugin has already resumed CUDA: this is then a state check.
+        # criu restores the process CUDA-checkpointed, as it was dumped: the driver restores it here.
         report = await asyncio.to_thread(cuda.resume_all, [self.t.pid])
         details["cuda_s"] = report.seconds
         if self.t.engine_assisted:
@@ -600,10 +589,7 @@ class RawLevels:
         bundle = _need_criu()
         started = time.monotonic()
         cmd = [str(bundle.criu), action, "-D", str(self.t.image_dir), "-v4", "--shell-job", *args]
-        if bundle.plugins is not None:
-            cmd += ["-L", str(bundle.plugins)]
         env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-        env["PATH"] = f"{bundle.criu.parent}:{env.get('PATH', '/usr/bin:/bin')}"
         done = subprocess.run(
             cmd, env=env, capture_output=True, text=True, start_new_session=True, check=False
         )
@@ -634,8 +620,8 @@ class RawLevels:
         details: dict[str, Any] = {}
         if self.t.engine_assisted:
             details["engine_s"] = self._engine_sleep(1 if level == 3 else 2)
-        if level == 3 or self.t.engine_assisted:
-            details["cuda_s"] = self._cuda(["lock", "checkpoint"])
+        # Level 4 too: criu runs without a CUDA plugin, as in the agent (docs/security.md).
+        details["cuda_s"] = self._cuda(["lock", "checkpoint"])
         if level == 4:
             shutil.rmtree(self.t.image_dir, ignore_errors=True)
             self.t.image_dir.mkdir(parents=True)
@@ -657,9 +643,8 @@ class RawLevels:
             args = ["-d", "-o", "restore.log"]
             if self.t.tcp_established:
                 args += ["--tcp-established", "--network-lock", "nftables"]
-            details["criu_s"] = self._criu("restore", args)  # the plugin restores and unlocks CUDA
-        else:
-            details["cuda_s"] = self._cuda(["restore", "unlock"])
+            details["criu_s"] = self._criu("restore", args)
+        details["cuda_s"] = self._cuda(["restore", "unlock"])
         if self.t.engine_assisted:
             details["engine_s"] = self._engine_wake(1 if level == 3 else 2)
         if level == 4:
@@ -1299,7 +1284,7 @@ def header(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, list[str
         "- sleep s / wake s: the adapter's calls; first correct token s: from the start of the wake to a 1-token "
         "completion equal to the awake answer (the full answer is compared too)",
         "- raw: bare urllib + cuCheckpoint* + criu binary; plain: a second engine (no pinned buffers) slept "
-        "without its API (driver checkpoint of everything / CRIU with the cuda plugin)",
+        "without its API (driver checkpoint of everything / the same, then CRIU)",
         "",
     ]
     return section, lines
