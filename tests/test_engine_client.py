@@ -242,3 +242,10 @@ def test_levels_outside_the_engine_api_are_refused_before_any_request() -> None:
     with pytest.raises(ValueError):
         run(client.wake(4))
     assert seen == []
+
+
+def test_an_endless_answer_is_cut_off_and_reported_not_read_into_memory() -> None:
+    """An engine is hostile input: a 'boolean' answer of 2 MiB stops at the agent's limit."""
+    client, _ = mocked(answer(text="[" + "1," * (1 << 20) + "1]"))
+    with pytest.raises(EngineError, match=r"GET /is_sleeping failed: answer larger than 1048576 bytes"):
+        run(client.is_sleeping())

@@ -22,6 +22,13 @@ log = logging.getLogger("hibernate.agent.engine")
 
 SLEEP_LEVELS: Final = (0, 1, 2)
 _EXCERPT: Final = 200
+# The sleep API answers a few bytes; an engine is hostile input, and an endless answer must not
+# fill the agent's memory.
+MAX_ANSWER_BYTES: Final = 1 << 20
+
+
+class _TooLarge(Exception):
+    pass
 
 
 class EngineError(Exception):
@@ -187,7 +194,9 @@ class EngineClient:
             try:
                 # httpx times each phase; this hard deadline also stops an engine that trickles bytes.
                 async with asyncio.timeout(self.timeout + 1.0):
-                    response = await self._http.request(method, path, params=list(params), json=payload)
+                    response, text = await self._send(method, path, params, payload)
+            except _TooLarge:
+                raise self._error(step, f"answer larger than {MAX_ANSWER_BYTES} bytes, not read") from None
             except httpx.ConnectTimeout:
                 cause = f"connect timed out after {self.timeout:g}s"
             except (TimeoutError, httpx.TimeoutException):
@@ -197,8 +206,8 @@ class EngineClient:
             else:
                 status = response.status_code
                 if status < 400:
-                    return self._parse(step, response)
-                cause = f"HTTP {status}: {_excerpt(response.text)}"
+                    return self._parse(step, text, status)
+                cause = f"HTTP {status}: {_excerpt(text)}"
                 if status < 500:
                     raise self._error(step, cause + _hint(status), status)
             if attempt + 1 < attempts:
@@ -213,16 +222,29 @@ class EngineClient:
                 await asyncio.sleep(self._delay(attempt))
         raise self._error(step, f"{cause} (after {attempts} attempts)", status)
 
-    def _parse(self, step: str, response: httpx.Response) -> Any:
-        text = response.text
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        params: Sequence[tuple[str, str | int]],
+        payload: Mapping[str, Any] | None,
+    ) -> tuple[httpx.Response, str]:
+        """The response and its body, read up to MAX_ANSWER_BYTES (_TooLarge past that)."""
+        async with self._http.stream(method, path, params=list(params), json=payload) as response:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise _TooLarge
+        return response, body.decode(response.encoding or "utf-8", errors="replace")
+
+    def _parse(self, step: str, text: str, status: int) -> Any:
         if not text.strip():
             return None
         try:
             return json.loads(text)
         except ValueError:
-            raise self._error(
-                step, f"garbage answer, not JSON: {_excerpt(text)}", response.status_code
-            ) from None
+            raise self._error(step, f"garbage answer, not JSON: {_excerpt(text)}", status) from None
 
     def _object_or_none(self, step: str, body: Any) -> dict[str, Any] | None:
         if body is None or isinstance(body, dict):
