@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -51,6 +54,70 @@ def _demo(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _labels(text: str) -> dict[str, str]:
+    """`a=b,c=d` (a label selector's matchLabels)."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{part!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("not a JSON object")
+    return value
+
+
+def _operator_security_args(p: argparse.ArgumentParser) -> None:
+    net = p.add_argument_group(
+        "engine network",
+        "Own a NetworkPolicy per ModelDeployment: only the agent, the gateway, the --engine-peer peers and "
+        "the model's spec.network.allowFrom reach its engine port.",
+    )
+    net.add_argument("--network-policy", action="store_true", help="write the per-model NetworkPolicies")
+    net.add_argument(
+        "--release-namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="where the agent and the gateway run (default: $POD_NAMESPACE)",
+    )
+    net.add_argument(
+        "--release-namespace-selector",
+        type=_json_object,
+        default=None,
+        help="a LabelSelector (JSON) for that namespace; default: kubernetes.io/metadata.name (1.21+)",
+    )
+    net.add_argument("--agent-pod-labels", type=_labels, default={}, help="the agent pods' labels, a=b,c=d")
+    net.add_argument("--gateway-pod-labels", type=_labels, default={}, help="the gateway pods' labels")
+    net.add_argument(
+        "--engine-peer",
+        type=_json_object,
+        action="append",
+        default=[],
+        help="one more NetworkPolicyPeer (JSON) allowed to reach every engine (repeatable)",
+    )
+    pods = p.add_argument_group(
+        "pod fields", "What a ModelDeployment may put into its pods beyond the defaults (refused otherwise)."
+    )
+    pods.add_argument("--allow-host-path", action="store_true", help="hostPath volumes")
+    pods.add_argument(
+        "--allow-service-account",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a ServiceAccount name engine pods may run as, besides default (repeatable)",
+    )
+    pods.add_argument(
+        "--allow-unconfined-profiles", action="store_true", help="unconfined AppArmor/seccomp annotations"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hibernate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics port (0: off)")
     p.add_argument("--log-format", choices=["plain", "json"], default="plain")
     p.add_argument("--verbose", action="store_true")
+    _operator_security_args(p)
     p.set_defaults(func=_operator)
 
     p = sub.add_parser("agent", help="run the node agent (performs levels 1-4 on this node's pods)")

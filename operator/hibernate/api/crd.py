@@ -68,7 +68,7 @@ def openapi_schema(model: type[Any]) -> dict[str, Any]:
 def _spec_schema() -> dict[str, Any]:
     schema = openapi_schema(ModelDeploymentSpec)
     # Defaults of nested objects would be written into every stored object; keep only leaf defaults.
-    for key in ("engine", "checkpoint"):
+    for key in ("engine", "checkpoint", "network"):
         schema["properties"][key].pop("default", None)
     return schema
 

@@ -5,11 +5,12 @@ Field names are the API's camelCase; Python attributes are snake_case through al
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from hibernate.api import constants as c
@@ -119,6 +120,81 @@ class IdleSpec(_Model):
         return out
 
 
+class LabelSelectorRequirement(_Model):
+    key: str = Field(min_length=1)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _values_fit_the_operator(self) -> Self:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"matchExpressions: {self.operator} needs values")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"matchExpressions: {self.operator} takes no values")
+        return self
+
+
+class LabelSelector(_Model):
+    """A Kubernetes LabelSelector; `{}` selects everything."""
+
+    match_labels: dict[str, str] | None = None
+    match_expressions: list[LabelSelectorRequirement] | None = None
+
+
+CIDR_PATTERN = r"^[0-9a-fA-F.:]+/[0-9]{1,3}$"
+
+
+class IPBlock(_Model):
+    cidr: str = Field(pattern=CIDR_PATTERN, examples=["10.0.0.0/8"])
+    except_: list[Annotated[str, Field(pattern=CIDR_PATTERN)]] | None = Field(default=None, alias="except")
+
+    @field_validator("cidr")
+    @classmethod
+    def _is_a_network(cls, v: str) -> str:
+        ipaddress.ip_network(v, strict=False)  # ValueError names the bad address
+        return v
+
+
+class NetworkPeer(_Model):
+    """A NetworkPolicyPeer: pods (of this namespace, or of the namespaces selected), or an IP block."""
+
+    # At least one field, and ipBlock alone (1.20 has no CEL; `not` with `required` is structural).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "minProperties": 1,
+            "not": {
+                "anyOf": [
+                    {"required": ["ipBlock", "podSelector"]},
+                    {"required": ["ipBlock", "namespaceSelector"]},
+                ]
+            },
+        }
+    )
+
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+    @model_validator(mode="after")
+    def _says_who(self) -> Self:
+        if self.pod_selector is None and self.namespace_selector is None and self.ip_block is None:
+            raise ValueError("a peer needs podSelector, namespaceSelector or ipBlock")
+        if self.ip_block is not None and (self.pod_selector or self.namespace_selector):
+            raise ValueError("a peer with ipBlock takes no podSelector or namespaceSelector")
+        return self
+
+
+class NetworkSpec(_Model):
+    allow_from: list[NetworkPeer] = Field(
+        default_factory=list,
+        description=(
+            "Who else may reach the engine port (NetworkPolicyPeer objects), besides the hibernate "
+            "agent and gateway: clients that call the Service directly. They reach the engine's "
+            "unauthenticated sleep endpoints too."
+        ),
+    )
+
+
 class ModelDeploymentSpec(_Model):
     model: str = Field(min_length=1, description="What the engine serves (a model name or path).")
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas while awake.")
@@ -128,6 +204,7 @@ class ModelDeploymentSpec(_Model):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     idle: IdleSpec | None = None
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
 
     @field_validator("sleep_level")
     @classmethod

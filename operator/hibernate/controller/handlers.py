@@ -103,7 +103,9 @@ def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any
     namespace = namespace or ""
     md = _plain(body)
     spec = _spec(md["spec"])
-    reconcile.apply_workload(md, spec, memo.ctx)
+    refused = reconcile.apply_workload(md, spec, memo.ctx)
+    if refused:
+        log.warning("%s/%s: no Deployment written: %s", namespace, name, "; ".join(refused))
     pods = kube.list_pods(namespace, name)
     reconcile.propagate_level(namespace, name, spec.level, pods)
     _refresh(md, [PodView.from_pod(p) for p in kube.list_pods(namespace, name)], memo)
@@ -141,7 +143,7 @@ def owned_object_changed(
     memo: Any,
     **kwargs: Any,
 ) -> None:
-    """A Deployment or Service of a live ModelDeployment was deleted: make it again.
+    """A Deployment, Service or NetworkPolicy of a live ModelDeployment was deleted: make it again.
 
     Deleting a ModelDeployment and applying one of the same name at once lets the garbage collector
     delete the new owner's objects (it had decided on the old owner); nothing else would notice.
@@ -154,6 +156,14 @@ def owned_object_changed(
         return
     log.info("re-creating the objects of %s/%s: its %s was deleted", *key, body.get("kind"))
     reconcile.apply_workload(md, _spec(md["spec"]), memo.ctx)
+
+
+def watch_network_policies() -> None:
+    """Re-create a deleted per-model NetworkPolicy too; registered only when the operator writes them,
+    since without them its RBAC has no right to watch NetworkPolicies."""
+    kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels={c.LABEL_MODEL: kopf.PRESENT})(
+        owned_object_changed
+    )
 
 
 @kopf.on.event("pods", labels=MANAGED)

@@ -37,6 +37,7 @@ def custom() -> kubernetes.client.CustomObjectsApi:
 _APPLY_PATHS = {
     "Deployment": "/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
     "Service": "/api/v1/namespaces/{namespace}/services/{name}",
+    "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies/{name}",
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from hibernate.api import constants as c
 from hibernate.api.levels import SleepLevel
+from hibernate.api.pod_fields import PodFieldPolicy, refusals
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.controller import kube, workload
 from hibernate.controller.status import Fold, PodView, fold
@@ -22,6 +23,9 @@ class OperatorContext:
     """Configuration plus the small in-memory caches one operator process keeps (kopf's memo)."""
 
     tools_image: str = ""
+    # None: the operator owns no NetworkPolicy (the cluster's CNI enforces none, or its admin writes them).
+    network: workload.EngineNetwork | None = None
+    pod_fields: PodFieldPolicy = field(default_factory=PodFieldPolicy)
     locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     last_status: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     guard: threading.Lock = field(default_factory=threading.Lock)
@@ -40,14 +44,23 @@ def awake_replicas(spec: ModelDeploymentSpec) -> int:
     return 0 if spec.level == SleepLevel.STOP else spec.replicas
 
 
-def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorContext) -> None:
-    """Deployment and Service, owned by the ModelDeployment. Stop scales to zero and records the count."""
+def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorContext) -> list[str]:
+    """NetworkPolicy, Deployment and Service, owned by the ModelDeployment. Stop scales to zero and
+    records the count. The policy comes first, so no engine pod ever runs unprotected. A spec with
+    fields that widen a pod's rights gets no Deployment (nor a change of the one it has): returns the
+    refusals, which the status reports."""
+    if ctx.network is not None:
+        kube.server_side_apply(workload.network_policy(md, spec, ctx.network))
+    refused = refusals(spec.engine, ctx.pod_fields)
+    if refused:
+        return refused
     dep = workload.deployment(md, spec, awake_replicas(spec), ctx.tools_image)
     if spec.level == SleepLevel.STOP:
         dep["metadata"]["annotations"] = {c.ANN_REPLICAS_BEFORE_STOP: str(spec.replicas)}
     kube.server_side_apply(dep)
     fault_point("operator.after-deployment")
     kube.server_side_apply(workload.service(md, spec))
+    return []
 
 
 def level_patch(pod: dict[str, Any], level: SleepLevel) -> dict[str, str | None] | None:
@@ -120,6 +133,7 @@ def compute_status(
         generation=int(meta.get("generation") or 0),
         pods=pods,
         previous=previous,
+        refused="; ".join(refusals(spec.engine, ctx.pod_fields)),
     )
 
 

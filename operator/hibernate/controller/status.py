@@ -14,6 +14,7 @@ from typing import Any
 
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
+from hibernate.api.pod_fields import REASON as REFUSED
 
 
 def now_iso(now: datetime | None = None) -> str:
@@ -122,8 +123,12 @@ def fold(
     pods: list[PodView],
     previous: dict[str, Any] | None,
     now: datetime | None = None,
+    refused: str = "",
 ) -> Fold:
-    """Compute the status for a model whose spec asks for `desired` and whose live pods are `pods`."""
+    """Compute the status for a model whose spec asks for `desired` and whose live pods are `pods`.
+
+    `refused`: why the operator would not write the spec's pods (fields that widen their rights); the
+    model is Failed until the spec changes, and its pods, if any, are those of an earlier spec."""
     previous = previous or {}
     stamp = now_iso(now)
     live = [p for p in pods if not p.terminating]
@@ -158,7 +163,10 @@ def fold(
             phase = "Sleeping" if deeper else "Waking"
         if desired == SleepLevel.AWAKE and not live and replicas == 0:
             reached = SleepLevel.AWAKE
+    if refused:
+        phase = "Failed"
 
+    problems = [refused, *failures] if refused else failures
     level_name = reached.label if reached is not None else None
     done = phase in ("Awake", "Asleep", "Stopped") and reached == desired
     gen = generation
@@ -172,7 +180,7 @@ def fold(
             {"Awake": "Serving", "Asleep": "Asleep", "Stopped": "Stopped", "Failed": "Failed"}.get(
                 phase, "NotReady"
             ),
-            f"{ready}/{replicas} replicas ready" if phase != "Failed" else "; ".join(failures),
+            f"{ready}/{replicas} replicas ready" if phase != "Failed" else "; ".join(problems),
             gen,
             stamp,
         ),
@@ -197,9 +205,9 @@ def fold(
         _condition(
             prev_conditions,
             "Degraded",
-            bool(failures),
-            "SleepOrWakeFailed" if failures else "AsExpected",
-            "; ".join(failures),
+            bool(problems),
+            REFUSED if refused else "SleepOrWakeFailed" if failures else "AsExpected",
+            "; ".join(problems),
             gen,
             stamp,
         ),
@@ -207,7 +215,12 @@ def fold(
 
     events: list[tuple[str, str, str]] = []
     transition = dict(previous.get("lastTransition") or {})
-    if transition.get("to") != desired.label:
+    degraded_before = prev_conditions.get("Degraded") or {}
+    if refused:
+        # No transition starts while the spec is refused; the Warning is posted once per refusal.
+        if degraded_before.get("reason") != REFUSED or refused not in degraded_before.get("message", ""):
+            events.append(("Warning", REFUSED, refused))
+    elif transition.get("to") != desired.label:
         transition = {"from": previous.get("sleepLevel"), "to": desired.label, "started": stamp}
         origin = previous.get("sleepLevel") or "nothing"
         events.append(("Normal", "Transition", f"Moving from {origin} to {desired.label}"))
@@ -225,7 +238,8 @@ def fold(
         "replicas": len(live),
         "readyReplicas": ready,
         "conditions": conditions,
-        "lastTransition": transition,
         "observedGeneration": gen,
     }
+    if transition:  # none yet while a new model's spec is refused
+        status["lastTransition"] = transition
     return Fold(status=status, events=events)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from hibernate.api import constants as c
@@ -139,5 +140,40 @@ def service(md: dict[str, Any], spec: ModelDeploymentSpec) -> dict[str, Any]:
             "ports": [
                 {"name": PORT_NAME, "port": spec.engine.port, "targetPort": PORT_NAME, "protocol": "TCP"}
             ],
+        },
+    }
+
+
+@dataclass(frozen=True)
+class EngineNetwork:
+    """Who may reach every engine (the agent and the gateway, as NetworkPolicyPeers), besides the peers
+    each ModelDeployment adds in `spec.network.allowFrom`."""
+
+    peers: tuple[dict[str, Any], ...] = ()
+
+
+def network_policy(md: dict[str, Any], spec: ModelDeploymentSpec, net: EngineNetwork) -> dict[str, Any]:
+    """Only `net.peers` and the spec's own peers reach the engine port; nothing reaches another port.
+
+    The sleep endpoints (/sleep, /wake_up, /collective_rpc) share the serving port and are
+    unauthenticated (vLLM dev mode): a policy cannot open a port for some paths only."""
+    name = md["metadata"]["name"]
+    peers = [*net.peers, *(p.to_api() for p in spec.network.allow_from)]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": name,
+            "namespace": md["metadata"]["namespace"],
+            "labels": selector_labels(name),
+            "ownerReferences": [owner_reference(md)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name)},
+            "policyTypes": ["Ingress"],
+            # No peers: nobody (a rule without `from` would let everyone in).
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": spec.engine.port}]}]
+            if peers
+            else [],
         },
     }
