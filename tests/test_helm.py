@@ -22,7 +22,10 @@ import yaml
 
 from hibernate.api import constants as c
 from hibernate.api.crd import crd_yaml
+from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.cli import build_parser
+from hibernate.controller import workload
+from hibernate.controller.main import engine_network
 from tests.cluster import CRD_FILE, ROOT, Cluster, eventually, new_namespace
 
 CHART = ROOT / "helm" / "hibernate"
@@ -36,8 +39,8 @@ VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
 # ---- helm ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def helm() -> Path:
+def helm_binary() -> Path:
+    """helm from hack/install-helm.sh; skips the test, with the reason, when it cannot be had."""
     try:
         out = subprocess.run([str(INSTALL_HELM)], capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -45,6 +48,11 @@ def helm() -> Path:
     if out.returncode != 0:
         pytest.skip(f"helm could not be obtained: {INSTALL_HELM} failed: {out.stderr.strip()[-500:]}")
     return Path(out.stdout.strip().splitlines()[-1]) / "helm"
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    return helm_binary()
 
 
 def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -180,6 +188,19 @@ def test_helm_lint_is_clean(helm: Path, values: Path) -> None:
         ),
         (["--set", "watchNamespaces[0]=Not_A_Namespace"], "watchNamespaces.0: Does not match pattern"),
         (["--set", "serviceMonitor.interval=often"], "serviceMonitor.interval: Does not match pattern"),
+        (
+            ["--set", "security.admissionPolicy.enabled=maybe"],
+            "security.admissionPolicy.enabled: security.admissionPolicy.enabled must be one of",
+        ),
+        (
+            ["--set", "security.allowServiceAccounts[0]=Not_A_Name"],
+            "security.allowServiceAccounts.0: Does not match pattern",
+        ),
+        # The per-namespace policy is gone: each ModelDeployment has its own.
+        (
+            ["--set", "networkPolicy.namespaces={a}"],
+            "networkPolicy: Additional property namespaces is not allowed",
+        ),
     ],
     ids=lambda v: v[1] if isinstance(v, list) else None,
 )
@@ -200,7 +221,7 @@ def test_every_object_is_labelled_and_in_its_namespace(helm: Path, values: Path)
         assert labels["app.kubernetes.io/instance"] == "hibernate"
         if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy"):
             assert "namespace" not in d["metadata"]
-        elif d["kind"] in ("RoleBinding", "NetworkPolicy") and watched:
+        elif d["kind"] == "RoleBinding" and watched:
             assert d["metadata"]["namespace"] in watched
         else:
             assert d["metadata"]["namespace"] == "hib", (d["kind"], d["metadata"]["name"])
@@ -377,37 +398,69 @@ def _pod_labels(docs: list[dict[str, Any]], kind: str, suffix: str) -> dict[str,
     return labels
 
 
-def test_network_policy_lets_only_the_agent_and_the_gateway_reach_engines(helm: Path) -> None:
-    docs = render(helm, "--namespace", "hib")
-    policy = find(docs, "NetworkPolicy")
-    assert policy["metadata"]["namespace"] == "hib"
-    assert policy["spec"]["podSelector"] == {"matchLabels": {c.LABEL_MANAGED: "true"}}
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
-    [rule] = policy["spec"]["ingress"]
-    assert "ports" not in rule  # every port: the sleep endpoints share the serving port
-    peers = rule["from"]
-    assert len(peers) == 2
+def operator_network(docs: list[dict[str, Any]]) -> workload.EngineNetwork | None:
+    """The peers the operator puts into every ModelDeployment's NetworkPolicy, from its rendered flags."""
+    return engine_network(parse_cli(container(find(docs, "Deployment", "-operator"), "operator")))
+
+
+def test_engine_policies_admit_only_the_agent_and_the_gateway_by_default(helm: Path) -> None:
+    docs = render(helm, "--namespace", "hib", "--set", "gateway.enabled=true")
+    assert "NetworkPolicy" not in kinds(docs)  # the operator writes one per ModelDeployment, in its namespace
+    net = operator_network(docs)
+    assert net is not None
+    assert len(net.peers) == 2
     for peer, (kind, suffix) in zip(
-        peers, [("DaemonSet", "-agent"), ("Deployment", "-gateway")], strict=True
+        net.peers, [("DaemonSet", "-agent"), ("Deployment", "-gateway")], strict=True
     ):
         assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "hib"}}
         assert peer["podSelector"]["matchLabels"].items() <= _pod_labels(docs, kind, suffix).items()
-    # The operator does not talk to engines.
-    assert not (
-        peers[0]["podSelector"]["matchLabels"].items() <= _pod_labels(docs, "Deployment", "-operator").items()
+        # The operator does not talk to engines.
+        assert not (
+            peer["podSelector"]["matchLabels"].items() <= _pod_labels(docs, "Deployment", "-operator").items()
+        )
+    policy = workload.network_policy(
+        {"metadata": {"name": "llama", "namespace": "team-a", "uid": "u"}},
+        ModelDeploymentSpec(model="x"),
+        net,
     )
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]  # the engine port, nothing else
 
 
-def test_network_policy_per_engine_namespace_and_closed_without_peers(helm: Path) -> None:
-    docs = render(helm, "--set", "watchNamespaces={a,b}")
-    assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "NetworkPolicy") == ["a", "b"]
-    docs = render(helm, "--set", "watchNamespaces={a,b}", "--set", "networkPolicy.namespaces={c}")
-    assert [d["metadata"]["namespace"] for d in docs if d["kind"] == "NetworkPolicy"] == ["c"]
+def test_engine_policy_values_reach_the_operator(helm: Path) -> None:
+    given = yaml.safe_load((CHART / "ci" / "full-values.yaml").read_text())["networkPolicy"]["extraFrom"]
+    selector = {"matchLabels": {"hibernate.dev/control-plane": "true"}}
+    docs = render(
+        helm,
+        "-f",
+        str(CHART / "ci" / "full-values.yaml"),
+        "--set-json",
+        f"networkPolicy.releaseNamespaceSelector={json.dumps(selector)}",
+    )
+    net = operator_network(docs)
+    assert net is not None
+    assert [p["namespaceSelector"] for p in net.peers[:2]] == [selector, selector]
+    assert list(net.peers[2:]) == given
+    # Agent and gateway off, nothing extra: no peers, and the operator's policies admit nobody.
     docs = render(helm, "--set", "agent.enabled=false", "--set", "gateway.enabled=false")
-    assert find(docs, "NetworkPolicy")["spec"]["ingress"] == []  # not a rule without peers: that allows all
-    assert not [
-        d for d in render(helm, "--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"
+    assert operator_network(docs) == workload.EngineNetwork(peers=())
+
+
+def test_engine_policies_off_leave_the_operator_without_networkpolicy_rights(helm: Path) -> None:
+    def np_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        role = find(docs, "ClusterRole", "-operator")
+        return [r for r in role["rules"] if "networkpolicies" in r["resources"]]
+
+    assert np_rules(render(helm)) == [
+        {
+            "apiGroups": ["networking.k8s.io"],
+            "resources": ["networkpolicies"],
+            "verbs": ["create", "list", "watch", "patch"],
+        }
     ]
+    docs = render(helm, "--set", "networkPolicy.enabled=false")
+    assert operator_network(docs) is None
+    assert np_rules(docs) == []
 
 
 def test_service_monitors_select_the_metrics_services(helm: Path) -> None:
@@ -490,8 +543,8 @@ def test_agent_admission_policy_only_where_served(helm: Path) -> None:
     docs = render(
         helm, "--set", "rbac.agentPodPatchPolicy.enabled=auto", "--api-versions", VAP_API, namespace="hs"
     )
-    policy = find(docs, "ValidatingAdmissionPolicy")
-    binding = find(docs, "ValidatingAdmissionPolicyBinding")
+    policy = find(docs, "ValidatingAdmissionPolicy", "-agent-pod-writes")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", "-agent-pod-writes")
     assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
     sa = find(docs, "ServiceAccount", "-agent")["metadata"]["name"]
     [match] = policy["spec"]["matchConditions"]
@@ -499,10 +552,9 @@ def test_agent_admission_policy_only_where_served(helm: Path) -> None:
     expressions = " ".join(v["expression"] for v in policy["spec"]["validations"])
     assert "object.spec == oldObject.spec" in expressions
     assert "startsWith('hibernate.dev/')" in expressions
-    assert "ValidatingAdmissionPolicy" in kinds(
-        render(helm, "--set", "rbac.agentPodPatchPolicy.enabled=true")
-    )
-    assert "ValidatingAdmissionPolicy" not in kinds(render(helm, "--api-versions", VAP_API))  # default: off
+    assert find(render(helm, "--set", "rbac.agentPodPatchPolicy.enabled=true"), "ValidatingAdmissionPolicy")
+    names = [d["metadata"]["name"] for d in render(helm, "--api-versions", VAP_API)]
+    assert not [n for n in names if n.endswith("-agent-pod-writes")]  # default: off
 
 
 # ---- the real API server -------------------------------------------------------------------------
@@ -656,6 +708,20 @@ def test_rendered_manifests_are_accepted_by_the_api_server(
     applied = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(applied) == len([d for d in yaml.safe_load_all(text) if d])
     assert all(line.endswith("(server dry run)") for line in applied), result.stdout
+    # The NetworkPolicy the operator makes of these values, for a model with peers of its own.
+    net = operator_network([d for d in yaml.safe_load_all(text) if d])
+    assert net is not None
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "model": "x",
+            "network": {"allowFrom": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]},
+        }
+    )
+    md = {
+        "metadata": {"name": "llama", "namespace": namespace, "uid": "0" * 8 + "-0000-0000-0000-" + "0" * 12}
+    }
+    policy = json.dumps(workload.network_policy(md, spec, net))
+    assert "(server dry run)" in cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=policy).stdout
 
 
 # (verb, resource, namespace or None for all/cluster-wide, allowed)
@@ -694,6 +760,11 @@ OPERATOR_RIGHTS = [
 ]
 GATEWAY_RIGHTS = [
     ("patch", "modeldeployments.hibernate.dev", "any", True),
+    ("create", "networkpolicies.networking.k8s.io", "any", True),
+    ("patch", "networkpolicies.networking.k8s.io", "any", True),
+    ("watch", "networkpolicies.networking.k8s.io", None, True),
+    ("delete", "networkpolicies.networking.k8s.io", "any", False),  # the garbage collector's
+    ("update", "networkpolicies.networking.k8s.io", "any", False),
     ("watch", "modeldeployments.hibernate.dev", None, True),
     ("list", "endpoints", "any", True),
     ("get", "services", "any", True),
@@ -765,10 +836,9 @@ def test_watch_namespaces_limit_the_operator_and_gateway_to_them(
     assert not can_i(cluster, namespace, gateway, "patch", "modeldeployments.hibernate.dev", unwatched)
     # The agent serves every namespace: models anywhere run on its node.
     assert can_i(cluster, namespace, f"{release}-hibernate-agent", "patch", "pods", unwatched)
-    policies = {
-        d["metadata"]["namespace"] for d in yaml.safe_load_all(text) if d and d["kind"] == "NetworkPolicy"
-    }
-    assert policies == {watched}
+    np = "networkpolicies.networking.k8s.io"
+    assert can_i(cluster, namespace, operator, "create", np, watched)
+    assert not can_i(cluster, namespace, operator, "create", np, unwatched)
 
 
 def test_people_get_modeldeployment_rights_through_admin_edit_view(

@@ -62,13 +62,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* The namespaces whose engine pods the NetworkPolicy protects, as a list. */}}
-{{- define "hibernate.engineNamespaces" -}}
-{{- $ns := .Values.networkPolicy.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) }}
-{{- toJson (uniq $ns) }}
+{{/* A component's selector labels as the operator's flags take them: a=b,c=d. */}}
+{{- define "hibernate.selectorLabelsFlag" -}}
+{{- $parts := list }}
+{{- range $k, $v := include "hibernate.selectorLabels" . | fromYaml }}
+{{- $parts = append $parts (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $parts }}
 {{- end }}
 
-{{/* The selector of the release namespace, as seen from an engine namespace's NetworkPolicy. */}}
+{{/* The selector of the release namespace, as seen from an engine's NetworkPolicy. */}}
 {{- define "hibernate.releaseNamespaceSelector" -}}
 {{- if .Values.networkPolicy.releaseNamespaceSelector }}
 {{- toYaml .Values.networkPolicy.releaseNamespaceSelector }}
