@@ -747,6 +747,11 @@ OPERATOR_RIGHTS = [
     ("update", "modeldeployments.hibernate.dev:finalizers", "any", True),
     ("create", "deployments.apps", "any", True),
     ("delete", "services", "any", True),
+    ("create", "networkpolicies.networking.k8s.io", "any", True),
+    ("patch", "networkpolicies.networking.k8s.io", "any", True),
+    ("watch", "networkpolicies.networking.k8s.io", None, True),
+    ("delete", "networkpolicies.networking.k8s.io", "any", False),  # the garbage collector's
+    ("update", "networkpolicies.networking.k8s.io", "any", False),
     ("patch", "pods", "any", True),
     ("create", "events", "any", True),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None, True),
@@ -760,11 +765,6 @@ OPERATOR_RIGHTS = [
 ]
 GATEWAY_RIGHTS = [
     ("patch", "modeldeployments.hibernate.dev", "any", True),
-    ("create", "networkpolicies.networking.k8s.io", "any", True),
-    ("patch", "networkpolicies.networking.k8s.io", "any", True),
-    ("watch", "networkpolicies.networking.k8s.io", None, True),
-    ("delete", "networkpolicies.networking.k8s.io", "any", False),  # the garbage collector's
-    ("update", "networkpolicies.networking.k8s.io", "any", False),
     ("watch", "modeldeployments.hibernate.dev", None, True),
     ("list", "endpoints", "any", True),
     ("get", "services", "any", True),
