@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from hibernate.api import constants as c
 from hibernate.api.levels import SleepLevel, valid_values_text
 from hibernate.kubectl_plugin import PluginError, Target, last_operation_text, main, parse_ref, wait_for
 from tests.cluster import Cluster, assets_dir, eventually
-from tests.modeldeployments import apply, get, manifest, report
+from tests.modeldeployments import apply, get, manifest, report, set_level
 
 PLUGIN = Path(sys.executable).parent / "kubectl-hibernate"
 
@@ -373,6 +374,167 @@ def test_the_namespace_comes_from_the_kubeconfig_context_like_kubectl(
     assert get(cluster, namespace, "llama")["spec"]["sleepLevel"] == "L1"
     result = hibernate(cluster, "status", kubeconfig=str(kubeconfig))
     assert result.stdout == f"No pods of ModelDeployments found in namespace {namespace}.\n"
+
+
+# ---- status --watch ------------------------------------------------------------------------------
+
+
+def stamp(seconds_ago: float = 0.0) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - seconds_ago))
+
+
+def report_under_way(cluster: Cluster, ns: str, pod: str, state: str, level: int, started: str) -> None:
+    """What the agent writes when it starts an operation: no `seconds` yet."""
+    op = {"action": "sleep", "level": level, "target": SleepLevel(level).label, "started": started}
+    cluster.core.patch_namespaced_pod(
+        pod, ns, {"metadata": {"annotations": {c.ANN_STATE: state, c.ANN_LAST_OPERATION: json.dumps(op)}}}
+    )
+
+
+def write_transition(cluster: Cluster, ns: str, name: str, transition: dict[str, Any]) -> None:
+    cluster.custom.patch_namespaced_custom_object_status(
+        c.GROUP, c.VERSION, ns, c.PLURAL, name, {"status": {"lastTransition": transition}}
+    )
+
+
+def frames(text: str) -> list[list[str]]:
+    """A piped --watch: one frame per header line `Every ...`, with the lines under it."""
+    out: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("Every "):
+            out.append([line])
+        elif out and line:
+            out[-1].append(line)
+    return out
+
+
+def test_status_watch_redraws_the_table_as_a_transition_runs_with_elapsed_times(
+    cluster: Cluster, namespace: str, background: list[subprocess.Popen[str]]
+) -> None:
+    md = create_md(cluster, namespace, "llama", level="Checkpoint")
+    gen = md["metadata"]["generation"]
+    create_pod(cluster, namespace, "llama", "llama-a", "gpu-node-1", "Checkpoint")
+    write_status(cluster, namespace, "llama", "Sleeping", "Awake", gen)
+    write_transition(cluster, namespace, "llama", {"from": "Awake", "to": "Checkpoint", "started": stamp(40)})
+    report_under_way(cluster, namespace, "llama-a", c.STATE_SLEEPING, 4, stamp(30))
+    started = time.monotonic()
+    proc = start(
+        cluster,
+        background,
+        "status",
+        "md/llama",
+        "-n",
+        namespace,
+        "--watch",
+        "--interval",
+        "0.3",
+        "--timeout",
+        "8",
+    )
+    time.sleep(3)
+    report(cluster, namespace, "llama-a", 4, c.STATE_ASLEEP)
+    write_status(cluster, namespace, "llama", "Asleep", "Checkpoint", gen)
+    write_transition(
+        cluster,
+        namespace,
+        "llama",
+        {"from": "Awake", "to": "Checkpoint", "started": stamp(43), "finished": stamp(), "seconds": 43.2},
+    )
+    rc, out, err = finish(proc)
+    assert rc == 0, err
+    assert 8 <= time.monotonic() - started < 20  # ran until --timeout, then exit 0
+    shown = frames(out)
+    # Piped, a frame is printed when something besides the clocks changed: the first, then the
+    # pod's report and the status as they came in (the status in two writes here).
+    assert 2 <= len(shown) <= 5, out
+    first, last = shown[0], shown[-1]
+    assert re.fullmatch(r"Every 0\.3s: kubectl hibernate status md/llama    watched \d+\.\ds", first[0])
+    assert first[1].endswith("desired Checkpoint, reached Awake, phase Sleeping")
+    m = re.fullmatch(r"  transition Awake -> Checkpoint: running (\d+\.\d)s", first[2])
+    assert m and 39 <= float(m.group(1)) < 60, first[2]
+    row = rows("\n".join(first[3:]))
+    assert row[0] == ["POD", "NODE", "DESIRED", "OBSERVED", "STATE", "LAST OPERATION"]
+    assert row[1][:5] == ["llama-a", "gpu-node-1", "Checkpoint", "-", "Sleeping"]
+    m = re.fullmatch(r"sleep to Checkpoint running (\d+\.\d)s", row[1][5])
+    assert m and 29 <= float(m.group(1)) < 50, row[1][5]
+    assert last[1].endswith("desired Checkpoint, reached Checkpoint, phase Asleep")
+    assert last[2] == "  transition Awake -> Checkpoint: took 43.2s"
+    assert rows("\n".join(last[3:]))[1] == [
+        "llama-a", "gpu-node-1", "Checkpoint", "Checkpoint", "Asleep", "sleep to Checkpoint 0.1s"
+    ]  # fmt: skip
+    watched = [float(re.findall(r"watched (\d+\.\d)s", f[0])[0]) for f in shown]
+    assert watched == sorted(watched) and watched[-1] > watched[0]
+
+
+def test_status_wait_watches_until_the_spec_level_is_reached(
+    cluster: Cluster, namespace: str, background: list[subprocess.Popen[str]]
+) -> None:
+    md = create_md(cluster, namespace, "llama", level="L1")
+    gen = md["metadata"]["generation"]
+    create_pod(cluster, namespace, "llama", "llama-a", "gpu-node-1", "L1")
+    write_status(cluster, namespace, "llama", "Sleeping", "Awake", gen)
+    proc = start(cluster, background, "status", "md/llama", "-n", namespace, "--wait", "--interval", "0.3")
+    assert still_waiting(proc)
+    report(cluster, namespace, "llama-a", 1, c.STATE_ASLEEP)
+    write_status(cluster, namespace, "llama", "Asleep", "L1", gen)
+    rc, out, err = finish(proc)
+    assert rc == 0, err
+    assert out.splitlines()[-1] == "modeldeployments.hibernate.dev/llama is Asleep at L1"
+    assert "phase Sleeping" in frames(out)[0][1]
+
+    # Not reached in time: exit 1 with the level it waited for; a new failure: exit 1 with it.
+    result = hibernate(cluster, "status", "md/llama", "-n", namespace, "--wait", "--timeout", "1")
+    assert result.returncode == 0  # already there
+    set_level(cluster, namespace, "llama", "L2")
+    result = hibernate(cluster, "status", "md/llama", "-n", namespace, "--wait", "--timeout", "1.5")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "error: timed out after 1.5 s waiting for md/llama to reach L2"
+    proc = start(cluster, background, "status", "md/llama", "-n", namespace, "--wait", "--interval", "0.3")
+    assert still_waiting(proc)
+    write_status(
+        cluster, namespace, "llama", "Failed", "L1", gen + 1, failure="engine answered 500 on /sleep"
+    )
+    rc, _, err = finish(proc)
+    assert rc == 1
+    assert err.splitlines()[-1] == (
+        "error: modeldeployments.hibernate.dev/llama failed: engine answered 500 on /sleep"
+    )
+    result = hibernate(cluster, "status", "-n", namespace, "--wait")
+    assert result.returncode == 2 and "status md/NAME --wait" in result.stderr
+
+
+def test_status_watch_redraws_in_place_on_a_terminal(cluster: Cluster, namespace: str) -> None:
+    create_md(cluster, namespace, "llama")
+    create_pod(cluster, namespace, "llama", "llama-a", "gpu-node-1", "0")
+    leader, follower = pty.openpty()
+    args = ["status", "md/llama", "-n", namespace, "-w", "--interval", "0.3", "--timeout", "4"]
+    proc = subprocess.Popen(
+        [str(assets_dir() / "kubectl"), "hibernate", *args],
+        env=kubectl_env(cluster),
+        stdout=follower,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the plugin closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert proc.wait(15) == 0
+    text = screen.decode()
+    redraws = text.split("\x1b[H\x1b[2J")[1:]
+    assert len(redraws) >= 3, text  # every --interval, whether or not anything changed
+    for redraw in redraws:
+        lines = redraw.replace("\r\n", "\n").splitlines()
+        assert lines[0].startswith("Every 0.3s: kubectl hibernate status md/llama    watched ")
+        assert lines[1].startswith("modeldeployments.hibernate.dev/llama: model facebook/opt-125m")
+        assert lines[2].split() == ["POD", "NODE", "DESIRED", "OBSERVED", "STATE", "LAST", "OPERATION"]
+        assert lines[3].split()[:3] == ["llama-a", "gpu-node-1", "Awake"]
 
 
 # ---- without a cluster ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 
     kubectl hibernate sleep md/NAME --level CudaSuspend [--wait] [--timeout 300] [-n NS]
     kubectl hibernate wake md/NAME [--wait] [--timeout 300] [-n NS]
-    kubectl hibernate status [md/NAME] [-n NS | -A]
+    kubectl hibernate status [md/NAME] [-n NS | -A] [--watch [--interval 1]] [--wait] [--timeout S]
 
 kubectl runs this as `kubectl-hibernate` from $PATH (the console script of the hibernate package).
 It talks to the cluster like kubectl: $KUBECONFIG (or ~/.kube/config), --kubeconfig, --context, and
@@ -15,6 +15,12 @@ automaton asked for the last level (a person's request is not the idle ladder's)
 follow the status the operator writes until every replica has reached the level (exit 0), the
 operator reports Failed (exit 1, with its message) or --timeout passes (exit 1). Usage errors, an
 invalid level among them, exit 2 and change nothing.
+
+`status --watch` redraws the per-pod table in place every --interval seconds (on a terminal; piped,
+it prints a new frame whenever something but the clocks changed), with the time watched, how long the
+ModelDeployment's transition has run and how long each pod's operation has run, until Ctrl-C or
+--timeout (exit 0). `status md/NAME --wait` watches until the ModelDeployment reaches the level its
+spec asks for (exit 0), fails anew (exit 1) or --timeout passes (exit 1; default 300 s).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,6 +48,7 @@ MD_KINDS = frozenset(
 )
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 POLL_SECONDS = 0.5
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: `watch` redraws the same way
 
 
 class UsageError(Exception):
@@ -279,8 +287,29 @@ def _level_text(raw: object) -> str:
         return f"{raw}(invalid)"
 
 
-def last_operation_text(raw: str | None) -> str:
-    """`sleep to CudaSuspend 1.2s`, `wake from L2 0.4s`, then `error: ...` when it failed; `-` if none."""
+def _parse_time(text: object) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _since(started: object, now: datetime | None) -> str:
+    """`12.3s` from `started` (an RFC 3339 time) to `now`; empty without either."""
+    when = _parse_time(started)
+    if when is None or now is None:
+        return ""
+    return f"{max(0.0, (now - when).total_seconds()):.1f}s"
+
+
+def last_operation_text(raw: str | None, now: datetime | None = None) -> str:
+    """`sleep to CudaSuspend 1.2s`, `wake from L2 0.4s`, then `error: ...` when it failed; `-` if none.
+
+    An operation under way reads `running`, and with `now` how long it has run: `running 12.3s`.
+    """
     if not raw:
         return "-"
     try:
@@ -298,12 +327,14 @@ def last_operation_text(raw: str | None) -> str:
         parts.append(f"{seconds:.1f}s")
     elif op.get("started"):
         parts.append("running")
+        if elapsed := _since(op["started"], now):
+            parts.append(elapsed)
     if op.get("error"):
         parts.append(f"error: {op['error']}")
     return " ".join(parts)
 
 
-def pod_row(pod: dict[str, Any]) -> dict[str, str]:
+def pod_row(pod: dict[str, Any], now: datetime | None = None) -> dict[str, str]:
     meta = pod.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     state = annotations.get(c.ANN_STATE) or "-"
@@ -317,7 +348,7 @@ def pod_row(pod: dict[str, Any]) -> dict[str, str]:
         "DESIRED": _level_text(annotations.get(c.ANN_SLEEP_LEVEL)),
         "OBSERVED": _level_text(annotations.get(c.ANN_OBSERVED_LEVEL)),
         "STATE": state,
-        "LAST OPERATION": last_operation_text(annotations.get(c.ANN_LAST_OPERATION)),
+        "LAST OPERATION": last_operation_text(annotations.get(c.ANN_LAST_OPERATION), now),
     }
 
 
@@ -328,21 +359,44 @@ def table(rows: list[dict[str, str]], columns: Sequence[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def cmd_status(client: Client, args: argparse.Namespace) -> int:
+def _transition_text(md: dict[str, Any], now: datetime | None) -> str:
+    """`  transition L1 -> Checkpoint: running 12.3s` (or `took 3.2s`); empty when there is none."""
+    transition = (md.get("status") or {}).get("lastTransition") or {}
+    if not transition.get("to"):
+        return ""
+    text = f"  transition {transition.get('from') or '-'} -> {transition['to']}: "
+    if isinstance(transition.get("seconds"), int | float):
+        return text + f"took {transition['seconds']:.1f}s"
+    return text + " ".join(["running", _since(transition.get("started"), now)]).rstrip()
+
+
+@dataclass
+class Frame:
+    text: str
+    key: str  # the text without the clocks: what a piped --watch compares
+    md: dict[str, Any] | None
+
+
+def status_frame(client: Client, args: argparse.Namespace, now: datetime | None) -> Frame:
+    """What `status` prints: the ModelDeployment's line (with md/NAME) and the table of its pods."""
     columns = ["POD", "NODE", "DESIRED", "OBSERVED", "STATE", "LAST OPERATION"]
+    head: list[tuple[str, str]] = []  # (text, text without clocks)
+    md = None
     if args.ref:
-        if args.all_namespaces:
-            raise UsageError("-A lists every namespace; with md/NAME use -n")
         name = parse_ref(args.ref)
         namespace = args.namespace or client.namespace
         md = get_md(client, namespace, name)
         status = md.get("status") or {}
-        print(
+        line = (
             f"{RESOURCE}/{name}: model {md['spec'].get('model')}, desired {_level_text(md['spec'].get('sleepLevel'))}, "
             f"reached {status.get('sleepLevel') or '-'}, phase {status.get('phase') or '-'}"
         )
+        head.append((line, line))
+        if args.watch and (transition := _transition_text(md, now)):
+            head.append((transition, _transition_text(md, None)))
         if status.get("phase") == "Failed":
-            print(f"  failed: {_failure_message(md)}")
+            line = f"  failed: {_failure_message(md)}"
+            head.append((line, line))
         selector = f"{c.LABEL_MODEL}={name}"
     else:
         selector = f"{c.LABEL_MANAGED}=true"
@@ -358,13 +412,90 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     except ApiException as e:
         raise PluginError(f"cannot list pods: {_api_error(e)}") from e
     pods = client.api.sanitize_for_serialization(found).get("items") or []
-    rows = sorted((pod_row(p) for p in pods), key=lambda r: (r["NAMESPACE"], r["MODEL"], r["POD"]))
-    if not rows:
-        where = "any namespace" if namespace is None else f"namespace {namespace}"
-        print(f"No pods of ModelDeployments found in {where}.")
-        return 0
-    print(table(rows, columns))
+
+    def body(clock: datetime | None) -> str:
+        rows = sorted((pod_row(p, clock) for p in pods), key=lambda r: (r["NAMESPACE"], r["MODEL"], r["POD"]))
+        if not rows:
+            where = "any namespace" if namespace is None else f"namespace {namespace}"
+            return f"No pods of ModelDeployments found in {where}."
+        return table(rows, columns)
+
+    text = "\n".join([*(h for h, _ in head), body(now)])
+    key = "\n".join([*(k for _, k in head), body(None)])
+    return Frame(text, key, md)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    if args.ref and args.all_namespaces:
+        raise UsageError("-A lists every namespace; with md/NAME use -n")
+    if args.wait and not args.ref:
+        raise UsageError("--wait follows one ModelDeployment: status md/NAME --wait")
+    if args.watch or args.wait:
+        args.watch = True
+        return watch(client, args)
+    print(status_frame(client, args, datetime.now(UTC)).text)
     return 0
+
+
+def watch(
+    client: Client,
+    args: argparse.Namespace,
+    out: TextIO | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Redraw the status every --interval until Ctrl-C, --timeout, or (--wait) the spec's level."""
+    out = out or sys.stdout
+    tty = out.isatty()
+    started = clock()
+    target = stale = None
+    if args.wait:
+        md = get_md(client, args.namespace or client.namespace, parse_ref(args.ref))
+        try:
+            level = SleepLevel.parse(md["spec"].get("sleepLevel", "Awake"))
+        except InvalidSleepLevel as e:
+            raise PluginError(f"{RESOURCE}/{md['metadata']['name']}: {e}") from e
+        target = Target(level, int(md["metadata"].get("generation") or 0))
+        stale = _failure_mark(md)
+    timeout = args.timeout if args.timeout is not None else (300.0 if args.wait else None)
+    command = " ".join(["kubectl hibernate status", *([args.ref] if args.ref else [])])
+    last_key = None
+    try:
+        while True:
+            elapsed = clock() - started
+            frame = status_frame(client, args, datetime.now(UTC))
+            header = f"Every {args.interval:g}s: {command}    watched {elapsed:.1f}s"
+            if tty:
+                out.write(f"{CLEAR}{header}\n{frame.text}\n")
+            elif frame.key != last_key:
+                out.write(f"{'' if last_key is None else chr(10)}{header}\n{frame.text}\n")
+            out.flush()
+            last_key = frame.key
+            if target is not None and frame.md is not None:
+                if target.reached(frame.md):
+                    name = frame.md["metadata"]["name"]
+                    suffix = "" if target.phase == "Awake" else f" at {target.level.label}"
+                    print(f"{RESOURCE}/{name} is {target.phase}{suffix}", file=out, flush=True)
+                    return 0
+                mark = _failure_mark(frame.md)
+                if mark is None:
+                    stale = None
+                elif mark != stale:
+                    raise PluginError(
+                        f"{RESOURCE}/{frame.md['metadata']['name']} failed: {_failure_message(frame.md)}"
+                    )
+            if timeout is not None and clock() - started >= timeout:
+                if target is not None:
+                    raise PluginError(
+                        f"timed out after {timeout:g} s waiting for {args.ref} to reach {target.level.label}"
+                    )
+                return 0
+            left = args.interval if timeout is None else min(args.interval, timeout - (clock() - started))
+            sleep(max(0.0, left))
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        return 130 if target is not None else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="every pod's desired and observed level")
     p.add_argument("ref", metavar="md/NAME", nargs="?")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="pods of every namespace")
+    p.add_argument("-w", "--watch", action="store_true", help="redraw the table until Ctrl-C or --timeout")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default 1)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="with md/NAME: watch until it reaches its spec's level (implies --watch)",
+    )
+    p.add_argument("--timeout", type=float, help="seconds to watch (default: until Ctrl-C; 300 with --wait)")
     p.set_defaults(func=cmd_status)
     return parser
 
@@ -400,8 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "timeout", 1.0) <= 0:
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and timeout <= 0:
         parser.error("--timeout must be positive")
+    if getattr(args, "interval", 1.0) <= 0:
+        parser.error("--interval must be positive")
     func: Callable[[Client, argparse.Namespace], int] = args.func
     try:
         if args.command == "sleep":
