@@ -54,6 +54,8 @@ class Walk:
         self.timeout = args.timeout
         self.failures: list[str] = []
         self.t0 = time.monotonic()
+        self.summary_json = args.summary_json
+        self.apply_seconds = 0.0
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class Walk:
         }
         self.say(self.kubectl("apply", "-f", "-", stdin=json.dumps(manifest)).rstrip())
         seconds = self.wait_for("Awake", self.reached("Awake", "Awake"))
+        self.apply_seconds = seconds
         ip = self.pod()["status"]["podIP"]
         self.wait_for("the pod IP in the Service's ready endpoints", lambda: ip in self.ready_endpoints())
         self.say(f"   Awake after {seconds:.1f} s (a cold start)")
@@ -298,6 +301,9 @@ class Walk:
         baseline = self.complete(self.pod()["status"]["podIP"])
         self.say(f"   answer before any sleep: {baseline!r}")
         rows = [self.cycle(level, baseline) for level in levels]
+        if self.summary_json:  # what the walk measured, for tests/e2e/prometheus_check.py
+            with open(self.summary_json, "w") as f:
+                json.dump({"apply_seconds": self.apply_seconds, "rows": rows}, f, indent=1)
         self.delete()
         self.say("\nlevel         sleep s   wake s  same answer  same pod+IP")
         for r in rows:
@@ -328,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "--levels", default=",".join(LEVELS), help="comma-separated, default L1,L2,Checkpoint,Stop"
     )
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for each state")
+    parser.add_argument("--summary-json", default="", help="write the apply and per-level seconds here")
     args = parser.parse_args(argv)
     walk = Walk(args)
     try:
