@@ -330,7 +330,10 @@ def _check(workdir: Path, summary_file: Path) -> int:
         count, seconds = measured(prom, selector)
         walk = walk_wake.get(label)
         walk_text = f"{walk:.2f}" if walk is not None else f"{at_most:.2f} (all)"
-        say(f"{label:<18} {walk_text:>11} {count:>6} {seconds:>12.2f}  {selector}_{{count,sum}}: {note}")
+        name, _, matchers = selector.partition("{")
+        say(
+            f"{label:<18} {walk_text:>11} {count:>6} {seconds:>12.2f}  {name}_{{count,sum}}{{{matchers}: {note}"
+        )
         if count != n:
             failures.append(f"{label}: {count} wake(s) in Prometheus, the walk made {n}")
         elif not 0 < seconds <= at_most:
