@@ -1,5 +1,14 @@
 """Pods bound to a node no kubelet runs: the tests play the kubelet (pod IP, container status) and
-the agent acts on them for real, over HTTP and on real processes."""
+the agent acts on them for real, over HTTP and on real processes.
+
+The agent acts only on pods that a ModelDeployment owns (agent/ownership.py), so each engine pod
+hangs from a real chain of owners, as the operator and the controllers would make it:
+ModelDeployment -> Deployment -> ReplicaSet -> Pod, every ownerReference with the owner's real UID.
+The operator does not run in these tests, and the control plane's controllers must leave the chain
+alone: the Deployment is paused with the ReplicaSet's replica count (no rollout, no scaling), the
+ReplicaSet wants one replica and selects only its pod (no pod made or deleted while it lives). A
+replacement for a deleted pod comes from an inert template: not managed, and no node can take it.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +27,95 @@ def ensure_node(cluster: Cluster, name: str) -> None:
         cluster.core.create_node({"metadata": {"name": name, "labels": {"hibernate.dev/test": "true"}}})
 
 
+Ref = dict[str, str]  # an object as an ownerReference names it: apiVersion, kind, name, uid
+TEMPLATE_HASH = "5b7d9c8f64"  # the ReplicaSet's pod-template-hash (any stable value)
+
+
+def owner_reference(owner: Ref) -> dict[str, Any]:
+    return {**owner, "controller": True, "blockOwnerDeletion": True}
+
+
+def _ref(api_version: str, kind: str, meta: Any) -> Ref:
+    name, uid = (meta["name"], meta["uid"]) if isinstance(meta, dict) else (meta.name, meta.uid)
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid}
+
+
+def inert_template(model: str, with_hash: bool) -> dict[str, Any]:
+    """A pod template that yields nothing the tests or the agent would see: not managed, and bound to
+    no node (a node selector that no node matches)."""
+    labels = {c.LABEL_MODEL: model, **({"pod-template-hash": TEMPLATE_HASH} if with_hash else {})}
+    return {
+        "metadata": {"labels": labels},
+        "spec": {
+            "nodeSelector": {"hibernate.dev/test-no-node": "true"},
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": c.ENGINE_CONTAINER, "image": "local/fake-engine"}],
+        },
+    }
+
+
+def create_model(cluster: Cluster, namespace: str, name: str) -> Ref:
+    """A ModelDeployment object (the operator is not running: nothing reconciles it)."""
+    body = {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name}, "spec": {"model": "m"}}
+    md = cluster.custom.create_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, body)
+    return _ref(c.API_VERSION, c.KIND, md["metadata"])
+
+
+def create_deployment(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    model: str,
+    owner: Ref | None,
+    finalizers: tuple[str, ...] = (),
+) -> Ref:
+    """A paused Deployment of one replica selecting `hibernate.dev/model=<model>`, owned by `owner`."""
+    meta: dict[str, Any] = {"name": name, "labels": {c.LABEL_MODEL: model}}
+    if owner is not None:
+        meta["ownerReferences"] = [owner_reference(owner)]
+    if finalizers:
+        meta["finalizers"] = list(finalizers)
+    body = {
+        "metadata": meta,
+        "spec": {
+            "paused": True,
+            "replicas": 1,
+            "selector": {"matchLabels": {c.LABEL_MODEL: model}},
+            "template": inert_template(model, with_hash=False),
+        },
+    }
+    return _ref("apps/v1", "Deployment", cluster.apps.create_namespaced_deployment(namespace, body).metadata)
+
+
+def create_replicaset(
+    cluster: Cluster, namespace: str, model: str, owner: Ref | None, finalizers: tuple[str, ...] = ()
+) -> Ref:
+    """A ReplicaSet of one replica that selects only the pod of `model` (made next), owned by `owner`."""
+    labels = {c.LABEL_MODEL: model, "pod-template-hash": TEMPLATE_HASH}
+    meta: dict[str, Any] = {"name": f"{model}-{TEMPLATE_HASH}", "labels": labels}
+    if owner is not None:
+        meta["ownerReferences"] = [owner_reference(owner)]
+    if finalizers:
+        meta["finalizers"] = list(finalizers)
+    body = {
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": inert_template(model, with_hash=True),
+        },
+    }
+    return _ref("apps/v1", "ReplicaSet", cluster.apps.create_namespaced_replica_set(namespace, body).metadata)
+
+
+def create_chain(cluster: Cluster, namespace: str, name: str) -> Ref:
+    """ModelDeployment `name` -> Deployment `name` (the operator's naming) -> ReplicaSet; returns the
+    ReplicaSet, for the pod's ownerReference."""
+    model = create_model(cluster, namespace, name)
+    deployment = create_deployment(cluster, namespace, name, name, model)
+    return create_replicaset(cluster, namespace, name, deployment)
+
+
 def create_engine_pod(
     cluster: Cluster,
     namespace: str,
@@ -27,19 +125,32 @@ def create_engine_pod(
     name: str | None = None,
     level: str | None = None,
     checkpoint_dir: str | None = None,
+    owner: Ref | None = None,
+    bare: bool = False,
+    model: str | None = None,
 ) -> dict[str, Any]:
+    """A managed engine pod bound to `node`, owned by a ModelDeployment's chain made for it
+    (create_chain, the model named after the pod); `owner`: the ReplicaSet (or anything) to name as
+    its controller instead; `bare`: no owner at all. `model`: its hibernate.dev/model label (what the
+    owners' selectors match; default: the pod's name)."""
     name = name or f"engine-{uuid.uuid4().hex[:6]}"
+    model = model or name
+    if owner is None and not bare:
+        owner = create_chain(cluster, namespace, name)
     annotations = {}
     if level is not None:
         annotations[c.ANN_SLEEP_LEVEL] = level
     if checkpoint_dir is not None:
         annotations[c.ANN_CHECKPOINT_DIR] = checkpoint_dir
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": {c.LABEL_MANAGED: "true", c.LABEL_MODEL: model, "pod-template-hash": TEMPLATE_HASH},
+        "annotations": annotations,
+    }
+    if owner is not None:
+        meta["ownerReferences"] = [owner_reference(owner)]
     body = {
-        "metadata": {
-            "name": name,
-            "labels": {c.LABEL_MANAGED: "true", c.LABEL_MODEL: "m"},
-            "annotations": annotations,
-        },
+        "metadata": meta,
         "spec": {
             "nodeName": node,
             "terminationGracePeriodSeconds": 0,
