@@ -736,8 +736,21 @@ AGENT_RIGHTS = [
     ("update", "pods", "any", False),
     ("patch", "pods:status", "any", False),
     ("create", "pods:exec", "any", False),
+    ("get", "replicasets.apps", "any", True),  # a pod's owners, checked by UID (ownership.py)
+    ("get", "deployments.apps", "any", True),
+    ("get", "modeldeployments.hibernate.dev", "any", True),
     ("patch", "deployments.apps", "any", False),
     ("patch", "modeldeployments.hibernate.dev", "any", False),
+    ("list", "replicasets.apps", "any", False),
+    ("watch", "replicasets.apps", None, False),
+    ("patch", "replicasets.apps", "any", False),
+    ("list", "deployments.apps", "any", False),
+    ("watch", "deployments.apps", None, False),
+    ("update", "deployments.apps:scale", "any", False),
+    ("list", "modeldeployments.hibernate.dev", None, False),
+    ("watch", "modeldeployments.hibernate.dev", None, False),
+    ("patch", "modeldeployments.hibernate.dev:status", "any", False),
+    ("get", "statefulsets.apps", "any", False),
     ("list", "nodes", None, False),
 ]
 OPERATOR_RIGHTS = [

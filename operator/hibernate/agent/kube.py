@@ -1,6 +1,8 @@
 # mypy: disallow-untyped-calls=False
 # (the official client ships no type hints; this module is the typed boundary around it)
-"""The agent's only writes to the API: its pod annotations and Events. Blocking; run in a thread."""
+"""The agent's only writes to the API (its pod annotations and Events) and its reads of a pod's owners.
+
+Blocking; run in a thread."""
 
 from __future__ import annotations
 
@@ -25,6 +27,35 @@ def core() -> kubernetes.client.CoreV1Api:
     return kubernetes.client.CoreV1Api(client())
 
 
+def read_owner(
+    kind: str, namespace: str, name: str, api: kubernetes.client.ApiClient | None = None
+) -> dict[str, Any] | None:
+    """A pod's owner as the API server has it now (a GET, not a cache): ReplicaSet, Deployment or
+    ModelDeployment; None when there is no such object."""
+    api = api or client()
+    # Any: the generated signatures do not know the legacy `_preload_content` (raw JSON, no models)
+    apps: Any = kubernetes.client.AppsV1Api(api)
+    custom: Any = kubernetes.client.CustomObjectsApi(api)
+    try:
+        if kind == "ReplicaSet":
+            response = apps.read_namespaced_replica_set(name, namespace, _preload_content=False)
+        elif kind == "Deployment":
+            response = apps.read_namespaced_deployment(name, namespace, _preload_content=False)
+        elif kind == c.KIND:
+            obj: dict[str, Any] = custom.get_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.PLURAL, name
+            )
+            return obj
+        else:
+            raise ValueError(f"not an owner the agent reads: {kind}")
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    data: dict[str, Any] = json.loads(response.data)
+    return data
+
+
 def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -47,12 +78,22 @@ def state_annotations(state: str, observed: int, operation: dict[str, Any] | Non
     return out
 
 
-def event(pod: dict[str, Any], node: str, kind: str, reason: str, message: str) -> None:
-    """An Event on the pod for humans (`kubectl describe pod`). Never fails the operation."""
+def event(
+    pod: dict[str, Any], node: str, kind: str, reason: str, message: str, *, once: bool = False
+) -> None:
+    """An Event on the pod for humans (`kubectl describe pod`). Never fails the operation.
+
+    `once`: the Event is named after the pod's UID and the reason, so that it is posted once per pod
+    for as long as the API server keeps it, whichever agent process posts it (a second is refused)."""
     meta = pod["metadata"]
     stamp = now_iso()
+    naming = (
+        {"name": f"{meta['name'][:180]}.{meta.get('uid', '')}.{reason.lower()[:30]}"}
+        if once
+        else {"generateName": f"{meta['name']}."}
+    )
     body = {
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "metadata": {**naming, "namespace": meta["namespace"]},
         "involvedObject": {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -73,6 +114,12 @@ def event(pod: dict[str, Any], node: str, kind: str, reason: str, message: str) 
     try:
         core().create_namespaced_event(meta["namespace"], kubernetes.client.CoreV1Event.model_validate(body))
     except ApiException as e:
+        if once and e.status == 409:
+            return  # posted before, by this agent or an earlier one
         log.warning(
             "could not post event %s on pod %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason
         )
+
+
+def warn_once(pod: dict[str, Any], node: str, reason: str, message: str) -> None:
+    event(pod, node, "Warning", reason, message, once=True)

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hibernate.agent import kube
+from hibernate.agent import kube, ownership
 from hibernate.agent.levels import LevelError, Levels
 from hibernate.agent.metrics import AgentMetrics
+from hibernate.agent.ownership import Ownership, Verdict
 from hibernate.agent.podref import PodRef
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
@@ -38,6 +39,8 @@ class Reporter:
     node: str
     annotate: Callable[[str, str, dict[str, str]], bool] = kube.report
     post_event: Callable[[dict[str, Any], str, str, str, str], None] = kube.event
+    # A Warning posted once per pod and reason, whichever agent process posts it (kube.event `once`).
+    post_warning_once: Callable[[dict[str, Any], str, str, str], None] = kube.warn_once
 
     async def write(self, pod: dict[str, Any], annotations: dict[str, str]) -> None:
         meta = pod["metadata"]
@@ -45,6 +48,9 @@ class Reporter:
 
     async def event(self, pod: dict[str, Any], kind: str, reason: str, message: str) -> None:
         await asyncio.to_thread(self.post_event, pod, self.node, kind, reason, message)
+
+    async def warn_once(self, pod: dict[str, Any], reason: str, message: str) -> None:
+        await asyncio.to_thread(self.post_warning_once, pod, self.node, reason, message)
 
 
 def _stamp() -> str:
@@ -64,6 +70,15 @@ class Agent:
     wake_failures: dict[Key, int] = field(default_factory=dict)
     seen_at: dict[Key, float] = field(default_factory=dict)
     reported: dict[Key, str] = field(default_factory=dict)  # the state this process last wrote, by pod
+    # Only pods that a ModelDeployment owns are served (ownership.py); the others wait here, unserved.
+    ownership: Ownership = field(default_factory=Ownership)
+    unowned: dict[Key, dict[str, Any]] = field(default_factory=dict)  # newest event of a pod not (yet) owned
+    owner_checks: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
+    owner_changed: dict[Key, asyncio.Event] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)  # uids of pods told they are not a ModelDeployment's
+    served: set[str] = field(default_factory=set)  # uids of pods this agent has acted on
+    max_owner_backoff_s: float = 60.0
+    owner_grace_s: float = 5.0  # an owner missing this long is worth a Warning (it may be on its way)
 
     # -- events from the watch -------------------------------------------------------------------
 
@@ -72,13 +87,28 @@ class Agent:
         ref = PodRef.from_pod(pod)
         key = ref.key
         if kind == "DELETED":
+            self.ownership.forget(ref.uid)
+            self.warned.discard(ref.uid)
+            if self.unowned.pop(key, None) is not None and key in self.owner_changed:
+                self.owner_changed[key].set()  # its owner check ends now, not after its backoff
             self.pods.pop(key, None)
             self.dirty.pop(key, None)
             self.verified.discard(key)
             self.wake_failures.pop(key, None)
             self.reported.pop(key, None)
-            asyncio.get_running_loop().create_task(self._forget_images(ref))
+            if ref.uid in self.served:  # a pod never served has no images of this agent's to remove
+                self.served.discard(ref.uid)
+                asyncio.get_running_loop().create_task(self._forget_images(ref))
             return
+        verdict = self.ownership.cached(pod)  # no API call: checked once per pod and owner
+        if verdict is None or not verdict.owned:
+            self.pods.pop(key, None)  # a served pod whose owners or labels changed waits for the check
+            self.unowned[key] = pod
+            if verdict is None:
+                self._check_owner(key)
+            return
+        self.unowned.pop(key, None)
+        self.served.add(ref.uid)
         previous = self.pods.get(key)
         self.pods[key] = pod
         if previous is None or PodRef.from_pod(previous).annotations.get(
@@ -93,6 +123,66 @@ class Agent:
             self.dirty.setdefault(key, asyncio.Event()).set()  # served when the current operation ends
             return
         self.workers[key] = asyncio.get_running_loop().create_task(self._work(key), name=f"pod {key}")
+
+    def _check_owner(self, key: Key) -> None:
+        task = self.owner_checks.get(key)
+        if task is not None and not task.done():
+            self.owner_changed[key].set()  # wakes it from its backoff: check the newest event now
+            return
+        self.owner_changed[key] = asyncio.Event()
+        self.owner_checks[key] = asyncio.get_running_loop().create_task(
+            self._owner_check(key), name=f"owners of pod {key}"
+        )
+
+    async def _owner_check(self, key: Key) -> None:
+        """Read the pod's owners (in a thread); serve it if a ModelDeployment owns it, else warn once and
+        leave it alone. An owner that does not exist (yet) is looked for again with backoff."""
+        changed = self.owner_changed[key]
+        attempts, missing_since = 0, time.monotonic()
+        try:
+            while (pod := self.unowned.get(key)) is not None:
+                changed.clear()
+                verdict = await asyncio.to_thread(self.ownership.verify, pod)
+                newest = self.unowned.get(key)
+                if newest is None:
+                    return  # deleted, or served, meanwhile
+                if self.ownership.cached(newest) is None:
+                    continue  # its owners or labels changed meanwhile: check the newest
+                if verdict.owned:
+                    del self.unowned[key]
+                    self.observe("MODIFIED", newest)
+                    return
+                if not verdict.retry or time.monotonic() - missing_since >= self.owner_grace_s:
+                    await self._warn_not_owned(newest, verdict)
+                if not verdict.retry:
+                    if changed.is_set():
+                        continue  # a newer event with other owners or labels came during the warning
+                    return
+                attempts += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        changed.wait(), min(self.max_owner_backoff_s, 2.0 ** (attempts - 1))
+                    )
+        except Exception:  # never serve on an error: the pod's next event checks it again
+            log.exception("checking the owners of pod %s/%s failed", *key)
+            if (pod := self.unowned.get(key)) is not None:
+                self.ownership.forget(PodRef.from_pod(pod).uid)
+        finally:
+            if self.owner_checks.get(key) is asyncio.current_task():
+                del self.owner_checks[key]
+                del self.owner_changed[key]
+
+    async def _warn_not_owned(self, pod: dict[str, Any], verdict: Verdict) -> None:
+        ref = PodRef.from_pod(pod)
+        if not verdict.warn or ref.deleting or ref.uid in self.warned:
+            return
+        self.warned.add(ref.uid)
+        log.warning("pod %s/%s is left alone: %s", *ref.key, verdict.reason)
+        await self.reporter.warn_once(
+            pod,
+            ownership.REASON,
+            f"hibernate-agent leaves this pod alone: no ModelDeployment owns it ({verdict.reason})",
+        )
 
     def update_gauges(self) -> None:
         counts: dict[str, int] = dict.fromkeys((*c.POD_STATES, "Unknown"), 0)
