@@ -23,7 +23,9 @@ Tests inject driver failures with files in the state directory: `fail-<step>` (s
 lock, checkpoint, restore, unlock) makes that call fail for every process.
 
 This never runs in production: the real driver stays the default, and the GPU tests (marked `gpu`)
-cover it. The agent logs a warning at start when the double is in use.
+cover it. The agent logs a warning at start when the double is in use, and refuses to start with it
+on a node that has an NVIDIA GPU (`/dev/nvidiactl` exists): there the double would report pods
+CudaSuspend while they hold their GPU (`refusal`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ from typing import Final
 from hibernate.agent import cuda, discovery
 
 ENV: Final = "HIBERNATE_FAKE_CUDA"
+# The NVIDIA driver's control device, present on every node with an NVIDIA GPU (the privileged agent
+# sees the host's /dev). A module constant, not a setting: what can set HIBERNATE_FAKE_CUDA (the
+# chart's extraEnv) must not also be able to move it. Tests patch it in the agent's process.
+NVIDIA_CONTROL_DEVICE = "/dev/nvidiactl"
 _ILLEGAL_STATE: Final = 401
 _NOT_FOUND: Final = 500
 _INJECTED: Final = 999
@@ -149,6 +155,17 @@ class FakeCheckpointApi:
     def restore_thread_id(self, pid: int) -> int:
         self._check("cuCheckpointProcessGetRestoreThreadId", pid, "get_state")
         return pid
+
+
+def refusal() -> str | None:
+    """Why the double must not stand in for the driver on this node, or None where it may."""
+    if os.path.lexists(NVIDIA_CONTROL_DEVICE):
+        return (
+            f"{ENV} is set, but this node has an NVIDIA GPU ({NVIDIA_CONTROL_DEVICE} exists): the CUDA "
+            "test double would report pods CudaSuspend while they hold their GPU. Refusing to start; "
+            f"remove {ENV} from the agent's environment (the chart's agent.extraEnv)."
+        )
+    return None
 
 
 def engine_pids(procs: Sequence[discovery.ProcessInfo], proc_root: str) -> list[int]:

@@ -113,5 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if not node:
         print("hibernate agent: the node name is unknown: pass --node-name or set NODE_NAME", file=sys.stderr)
         return 2
+    if os.environ.get(fakecuda.ENV) and (why := fakecuda.refusal()):
+        log.error("%s", why)  # before anything is watched or served
+        return 2
     asyncio.run(serve(args, node))
     return 0
