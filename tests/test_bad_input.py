@@ -487,7 +487,7 @@ def test_engines_that_answer_garbage_hang_or_hang_up_give_a_clear_failure_not_a_
         "trickle": "timeout",
         "close": "",
         "close-mid-body": "",
-        "huge": "garbage answer, not JSON",
+        "huge": "answer larger than 1048576 bytes, not read",
         "error": "HTTP 500",
     }
     engines = [BadEngine(mode) for mode in BadEngine.MODES]
