@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -123,6 +124,9 @@ class Hostile(walk.Walk):
         op = self.last_operation()
         self.say(f"   phase {status.get('phase')}; agent's last-operation: {json.dumps(op)}")
         completed = status.get("phase") == "Asleep"
+        if completed:
+            mode = stat.S_IMODE(CHECKPOINTS.stat().st_mode)
+            self.check(mode == 0o700, f"the checkpoint root {CHECKPOINTS} is root-only: {mode:04o}")
         if not completed:
             self.check(bool(op.get("error")), f"the agent reported Failed with a reason: {op.get('error')!r}")
         self.patch("Awake")
