@@ -30,6 +30,18 @@ import httpx
 import pytest
 
 OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
+# The fake engine as a simulated pod's command (hibernate.localnode.simpod), on the pod's port 8000.
+SIMPOD_ENGINE = [
+    sys.executable,
+    "-m",
+    "hibernate.engine.fake",
+    "--model",
+    "tiny",
+    "--port",
+    "8000",
+    "--weights-mib",
+    "8",
+]
 
 
 @dataclass(frozen=True)

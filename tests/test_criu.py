@@ -26,6 +26,7 @@ import pytest
 
 from hibernate.agent import criu
 from hibernate.localnode.simpod import SimPod
+from tests.engine_fixtures import SIMPOD_ENGINE
 
 PODINIT = Path(criu.__file__).resolve().parents[2] / "podinit.py"
 ENGINE_MIB = 256
@@ -346,18 +347,7 @@ def test_fake_engine_in_a_pod(bundle: criu.Bundle, tmp_path: Path) -> None:
     probe = subprocess.run([sys.executable, "-c", "import hibernate.engine.fake"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("hibernate.engine.fake is not importable")
-    cmd = [
-        sys.executable,
-        "-m",
-        "hibernate.engine.fake",
-        "--model",
-        "tiny",
-        "--port",
-        "8000",
-        "--weights-mib",
-        "8",
-    ]
-    with SimPod.start(cmd, ready_path="/health") as p:
+    with SimPod.start(SIMPOD_ENGINE, ready_path="/health") as p:
         image = criu.image_dir(tmp_path, "default", "tiny-0", "engine")
         status, models = p.http_get("/v1/models")
         assert status == 200
@@ -365,6 +355,90 @@ def test_fake_engine_in_a_pod(bundle: criu.Bundle, tmp_path: Path) -> None:
         assert p.engine_host_pid() is None
         criu.restore(image, criu.Pod(p.init_pid), bundle=bundle)
         assert p.http_get("/v1/models") == (200, models)
+
+
+# -- a pod given host devices and volumes (a GPU's nodes, a weights directory) ----------------------
+
+# Runs in the pod: stats and opens each path, writes a file into the volume, reports to the emptyDir.
+DEVICE_PROBE = r"""
+import json, os, stat, sys, time
+paths, volume = json.loads(sys.argv[1]), sys.argv[2]
+seen = {}
+for path in paths:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        seen[path] = {"error": str(e)}
+        continue
+    entry = {"chr": stat.S_ISCHR(st.st_mode), "dir": stat.S_ISDIR(st.st_mode), "rdev": st.st_rdev}
+    if stat.S_ISCHR(st.st_mode) and path != "/dev/net/tun":
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+            entry["opened"] = True
+        except OSError as e:
+            entry["opened"] = str(e)
+    seen[path] = entry
+with open(os.path.join(volume, "from-host")) as f:
+    seen["volume read"] = f.read()
+with open(os.path.join(volume, "from-pod"), "w") as f:
+    f.write("pod")
+with open("/.hibernate/devices.json.tmp", "w") as f:
+    json.dump(seen, f)
+os.rename("/.hibernate/devices.json.tmp", "/.hibernate/devices.json")
+time.sleep(600)
+"""
+
+
+def test_simpod_binds_host_devices_and_volumes(tmp_path: Path) -> None:
+    """SimPod.start(devices=..., volumes=...), as the GPU tests use it for /dev/nvidia* and the weights:
+    host device nodes show up in the pod's own /dev as the host's (same device numbers, usable, though
+    the pod made none of them with mknod), a directory of devices with its nodes, and a host directory
+    at the same path, written through to the host."""
+    if os.geteuid() != 0:
+        pytest.skip("a simulated pod needs root")
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing")
+    # A char device the pod does not make itself, harmless to open for reading.
+    fresh = next(
+        (d for d in ("/dev/kmsg", "/dev/loop-control", "/dev/fuse") if Path(d).is_char_device()), None
+    )
+    if fresh is None:
+        pytest.skip("no harmless host char device to bind (/dev/kmsg, /dev/loop-control, /dev/fuse)")
+    devices = ["/dev/full", fresh]  # /dev/full is also one the pod mknods: the bind goes over it
+    if Path("/dev/net/tun").is_char_device():
+        devices.append("/dev/net")  # a directory of devices, as /dev/nvidia-caps
+    volume = tmp_path / "weights"
+    volume.mkdir()
+    (volume / "from-host").write_text("host")
+    paths = [*devices, "/dev/null", *(["/dev/net/tun"] if "/dev/net" in devices else [])]
+
+    with pytest.raises(ValueError, match="not under /dev"):
+        SimPod.start(["true"], devices=["/etc/passwd"])
+    with pytest.raises(NotADirectoryError):
+        SimPod.start(["true"], volumes=[volume / "from-host"])
+
+    cmd = [sys.executable, "/.hibernate/probe.py", json.dumps(paths), str(volume)]
+    with SimPod.start(
+        cmd, files={"probe.py": DEVICE_PROBE}, ready_path=None, devices=devices, volumes=[volume]
+    ) as p:
+        report = p.emptydir / "devices.json"
+        deadline = time.monotonic() + 20
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert report.exists(), p.log()
+        seen = json.loads(report.read_text())
+        for path in paths:
+            host = os.stat(path)
+            if stat.S_ISDIR(host.st_mode):
+                assert seen[path]["dir"], (path, seen[path])
+                continue
+            assert seen[path]["chr"] and seen[path]["rdev"] == host.st_rdev, (path, seen[path])
+            if path != "/dev/net/tun":
+                assert seen[path]["opened"] is True, (path, seen[path])
+        assert seen["volume read"] == "host"
+        assert (volume / "from-pod").read_text() == "pod", "the volume writes through to the host"
+        # The binds stay in the pod's mount namespace (private propagation): none shows on the host.
+        assert str(p.base) not in Path("/proc/self/mountinfo").read_text()
 
 
 # -- the pod init ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 
 from hibernate.agent import criu
 from hibernate.localnode.simpod import SimPod
+from tests.engine_fixtures import SIMPOD_ENGINE
 
 pytestmark = pytest.mark.criu
 RECORDER_SRC = Path(__file__).with_name("hostile") / "recorder.c"
@@ -59,18 +60,7 @@ def recorders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def pod(bundle: criu.Bundle) -> Iterator[SimPod]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "hibernate.engine.fake",
-        "--model",
-        "tiny",
-        "--port",
-        "8000",
-        "--weights-mib",
-        "8",
-    ]
-    with SimPod.start(cmd, ready_path="/health") as p:
+    with SimPod.start(SIMPOD_ENGINE, ready_path="/health") as p:
         yield p
 
 

@@ -18,7 +18,7 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import PurePosixPath
 
@@ -67,6 +67,23 @@ def _walk(dir_fd: int, path: str, flags: int, mode: int) -> int:
         return os.open(last, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=cur)
     finally:
         os.close(cur)
+
+
+def _take_back(dir_fd: int, name: str, keep: Callable[[int], bool]) -> bool:
+    """Whether `name` is there as the kind `keep` accepts; anything else planted there (a symlink, a
+    FIFO, a device, an empty directory) is removed, so the agent's own file or directory can take
+    the name back instead of being written through it."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if keep(st.st_mode):
+        return True
+    if stat.S_ISDIR(st.st_mode):
+        os.rmdir(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+    return False
 
 
 class PodRoot:
@@ -131,30 +148,14 @@ class PodRoot:
         """Makes `path` a real directory of the agent's: a symlink or file planted there is removed."""
         self.makedirs(path.parent)
         with self.parent(path) as d:
-            try:
-                st = os.stat(path.name, dir_fd=d, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is not None and not stat.S_ISDIR(st.st_mode):
-                os.unlink(path.name, dir_fd=d)
-                st = None
-            if st is None:
+            if not _take_back(d, path.name, keep=stat.S_ISDIR):
                 os.mkdir(path.name, mode, dir_fd=d)
 
     def write_file(self, path: PurePosixPath, data: bytes, mode: int = 0o600) -> None:
         """Creates or replaces the regular file `path` (never writes through a symlink or into a FIFO)."""
         self.makedirs(path.parent)
         with self.parent(path) as d:
-            try:
-                st = os.stat(path.name, dir_fd=d, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                # A symlink, FIFO or device planted at our path: take the name back.
-                if stat.S_ISDIR(st.st_mode):
-                    os.rmdir(path.name, dir_fd=d)
-                else:
-                    os.unlink(path.name, dir_fd=d)
+            _take_back(d, path.name, keep=stat.S_ISREG)
             fd = os.open(
                 path.name,
                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
