@@ -13,6 +13,15 @@ bind-mounted /etc/hosts; lo up; the hostname set; the cgroup
 /sys/fs/cgroup/<ctrl>/kubepods/besteffort/pod<uid>/<container id> in every mounted hierarchy. PID 1 is
 hibernate/podinit.py, copied into the pod's emptyDir (mounted at /.hibernate) as the operator does.
 
+A GPU, as a container runtime with the NVIDIA toolkit gives one: `devices` binds host device nodes
+(`/dev/nvidiactl`, `/dev/nvidia0`, `/dev/nvidia-uvm`, ... and the `/dev/nvidia-caps` directory; see
+`nvidia_devices()`) into the pod's own /dev, each onto an empty file (or directory) made there, so no
+mknod right is needed. They are bound into the pod's /dev itself: a bind of a tmpfs that holds them
+would drop them (shared/notes/checkpointing.md, "A GPU inside a simulated pod"). `volumes` binds host
+directories at the same path, like hostPath volumes: what the overlay of the host's / does not show
+(other file systems: the driver's libraries, a Python installation, a checkout), and directories the
+engine writes to the host's disk (model weights) rather than into the pod's tmpfs layer.
+
 How the test reaches the engine: no veth and no routed addresses (private ranges are off limits
 as traffic targets here). A helper thread of the test process joins the pod's network namespace with
 setns(2) (which affects only that thread), creates and connects a TCP socket to 127.0.0.1 there, and
@@ -79,10 +88,25 @@ for name, major, minor in (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("ran
                            ("tty", 5, 0)):
     os.mknod(f"{root}/dev/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
     os.chmod(f"{root}/dev/{name}", 0o666)
+# Host devices (a GPU's nodes): each bound onto an empty file, or directory, made in the pod's /dev.
+for dev in cfg["devices"]:
+    dst = root + dev
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.isdir(dev):
+        os.makedirs(dst, exist_ok=True)
+        mount(dev, dst, None, MS_BIND | MS_REC)
+    else:
+        if not os.path.lexists(dst):
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o666))
+        mount(dev, dst, None, MS_BIND)
 os.mkdir(f"{root}/dev/shm")
 mount("shm", f"{root}/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
 os.symlink("/proc/self/fd", f"{root}/dev/fd")
 mount(cfg["hosts"], f"{root}/etc/hosts", None, MS_BIND)
+# Host directories at the same path (hostPath volumes), parents first, with what is mounted below them.
+for vol in cfg["volumes"]:
+    os.makedirs(root + vol, exist_ok=True)
+    mount(vol, root + vol, None, MS_BIND | MS_REC)
 os.makedirs(f"{root}/.hibernate", exist_ok=True)
 mount(cfg["emptydir"], f"{root}/.hibernate", None, MS_BIND)
 os.makedirs(f"{root}/.oldroot", exist_ok=True)
@@ -100,6 +124,30 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 0x1 | 0x40))
 os.execv(cfg["python"], [cfg["python"], "/.hibernate/podinit.py", "--", *cfg["command"]])
 """
+
+
+def _host_path(path: str | os.PathLike[str], what: str, under: str | None = None) -> str:
+    """An absolute, normalised host path that exists (and lies under `under`), for a bind into the pod."""
+    text = os.fspath(path)
+    norm = os.path.normpath(text)
+    if not os.path.isabs(text) or norm in ("/", under):
+        raise ValueError(f"{what} {text!r}: an absolute path below {under or '/'} is needed")
+    if under is not None and not norm.startswith(under + "/"):
+        raise ValueError(f"{what} {text!r} is not under {under}")
+    if under is None and any(norm == p or norm.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
+        raise ValueError(f"{what} {text!r}: the pod has its own /proc, /sys and /dev")
+    if not os.path.exists(norm):
+        raise FileNotFoundError(f"{what} {text!r} does not exist on the host")
+    if under is None and not os.path.isdir(norm):
+        raise NotADirectoryError(f"{what} {text!r} is not a directory")
+    return norm
+
+
+def nvidia_devices(dev: Path = Path("/dev")) -> list[str]:
+    """The NVIDIA device nodes a container runtime with the NVIDIA toolkit gives a GPU container:
+    /dev/nvidiactl, /dev/nvidia<N>, /dev/nvidia-uvm, /dev/nvidia-uvm-tools, /dev/nvidia-modeset, and
+    the /dev/nvidia-caps directory; those that exist here (an empty list without a GPU)."""
+    return sorted(str(p) for p in dev.glob("nvidia*") if p.is_char_device() or p.is_dir())
 
 
 def _cgroup_mounts() -> list[Path]:
@@ -202,6 +250,8 @@ class SimPod:
         container_id: str | None = None,
         host_network: bool = False,
         env: Mapping[str, str] | None = None,
+        devices: Sequence[str | os.PathLike[str]] = (),
+        volumes: Sequence[str | os.PathLike[str]] = (),
     ) -> SimPod:
         """Starts a pod whose engine is `command`, run by podinit; waits until it answers HTTP.
 
@@ -209,7 +259,11 @@ class SimPod:
         `container_id` name its cgroup (give the UID of a real Pod object to tie the two together).
         `host_network` keeps the host's network namespace, like a hostNetwork pod, so that a process
         on the host (the agent) reaches the engine at 127.0.0.1 without any routed address.
+        `devices` are host device nodes (or directories of them) under /dev, bound at the same path in
+        the pod's /dev; `volumes` are host directories bound (with their submounts) at the same path.
         """
+        device_paths = [_host_path(d, "device", under="/dev") for d in devices]
+        volume_paths = sorted({_host_path(v, "volume") for v in volumes}, key=lambda v: (v.count("/"), v))
         uid = uid or str(uuid.uuid4())
         container_id = container_id or uuid.uuid4().hex + uuid.uuid4().hex
         rel = Path("kubepods", "besteffort", f"pod{uid}", container_id)
@@ -231,6 +285,8 @@ class SimPod:
             "python": sys.executable,
             "command": list(command),
             "cgroup_procs": [str(c / "cgroup.procs") for c in cgroups],
+            "devices": device_paths,
+            "volumes": volume_paths,
         }
         with open(base / "pod.log", "ab") as log:
             proc = subprocess.Popen(
