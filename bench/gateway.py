@@ -42,6 +42,7 @@ from tests.cluster import (  # noqa: E402
 )
 from tests.engine_fixtures import free_port  # noqa: E402
 from tests.gateway_helpers import apply_model, start_gateway  # noqa: E402
+from tests.gateway_helpers import settled as model_settled  # noqa: E402
 from tests.modeldeployments import get, set_level  # noqa: E402
 
 from reporting import machine, percentile, write_section  # noqa: E402
@@ -51,13 +52,8 @@ MODEL = "bench/tiny"
 
 
 def settled(cluster: Cluster, ns: str, level: str, phase: str) -> bool:
-    obj = get(cluster, ns, "m")
-    status = obj.get("status") or {}
-    return bool(
-        obj["spec"]["sleepLevel"] == level
-        and status.get("phase") == phase
-        and status.get("observedGeneration") == obj["metadata"]["generation"]
-    )
+    """The level in effect (the gateway's wake is an automatic level over the spec) is `level`, at `phase`."""
+    return model_settled(get(cluster, ns, "m"), level, phase)
 
 
 def latency(client: httpx.Client, direct: str, gateway: str, count: int) -> dict[str, list[float]]:

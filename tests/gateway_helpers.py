@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from hibernate.api import auto_level
 from hibernate.api import constants as c
 from tests.cluster import Cluster, Process, hibernate_process
 from tests.engine_fixtures import free_port
@@ -42,6 +43,24 @@ def model_manifest(
 
 def apply_model(cluster: Cluster, namespace: str, name: str, model: str, port: int, **kwargs: Any) -> None:
     apply(cluster, namespace, model_manifest(name, model, port, **kwargs))
+
+
+def level_in_effect(obj: dict[str, Any]) -> str | None:
+    """The level the operator applies: the automatic level in effect (idle ladder, wake on request),
+    else spec.sleepLevel."""
+    level = auto_level.effective_level_of(obj)
+    return level.label if level is not None else None
+
+
+def settled(obj: dict[str, Any], level: str, phase: str) -> bool:
+    """The model's level in effect is `level`, and its status, caught up with it, says `phase`."""
+    status = obj.get("status") or {}
+    return bool(
+        level_in_effect(obj) == level
+        and status.get("effectiveLevel") == level
+        and status.get("phase") == phase
+        and status.get("observedGeneration") == obj["metadata"]["generation"]
+    )
 
 
 @dataclass

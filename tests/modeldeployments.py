@@ -46,9 +46,12 @@ def pods(cluster: Cluster, namespace: str, name: str) -> list[Any]:
 
 
 def mark_ready(cluster: Cluster, namespace: str, pod: str) -> None:
-    """What the kubelet does when the readiness probe passes (no kubelet runs in these tests)."""
+    """What the kubelet does when the readiness probe passes (no kubelet runs in these tests); the
+    pod's IP is the loopback, where the test engines listen."""
     cluster.core.patch_namespaced_pod_status(
-        pod, namespace, {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+        pod,
+        namespace,
+        {"status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}},
     )
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -157,6 +159,56 @@ def test_an_engine_that_hangs_gives_a_clear_failure_not_a_hung_agent(
         pod = engine_pod(cluster, namespace, engine, level="L1")
         op = reached(cluster, namespace, pod, 0, "Failed", timeout=60)
         assert "timed out" in op["error"] or "timeout" in op["error"].lower()
+
+
+def _completion(url: str, max_tokens: int) -> dict[str, Any]:
+    body = {"model": "fake-model", "prompt": "drain me", "max_tokens": max_tokens}
+    choice: dict[str, Any] = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    return choice
+
+
+def _until_running(url: str) -> None:
+    def running() -> bool:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        return any(
+            line.startswith("vllm:num_requests_running{") and not line.endswith(" 0")
+            for line in text.splitlines()
+        )
+
+    eventually(running, timeout=10, interval=0.02, what="a request running in the engine")
+
+
+def test_a_sleep_lets_the_requests_in_flight_finish_up_to_the_pods_drain_deadline(
+    cluster: Cluster, namespace: str, agent: Process
+) -> None:
+    with start_fake_engine("--token-delay", "0.05", weights_mib=4, kv_mib=1) as engine:
+        pod = engine_pod(cluster, namespace, engine, level="Awake")
+        reached(cluster, namespace, pod, 0, "Awake")
+        # The operator writes spec.drainSeconds on each pod; here by hand.
+        drain = {"metadata": {"annotations": {c.ANN_DRAIN_SECONDS: "20"}}}
+        cluster.core.patch_namespaced_pod(pod, namespace, drain)
+        with ThreadPoolExecutor(1) as pool:
+            request = pool.submit(_completion, engine.url, 40)  # about 2 s of tokens
+            _until_running(engine.url)
+            annotate(cluster, namespace, pod, "L1")
+            reached(cluster, namespace, pod, 1, "Asleep")
+            assert request.done(), "the engine slept under a request in flight"
+            choice = request.result()
+        assert choice["finish_reason"] == "length" and len(choice["text"].split()) == 40
+
+        # Past the deadline, what still runs is aborted, and the sleep goes on.
+        annotate(cluster, namespace, pod, "Awake")
+        reached(cluster, namespace, pod, 0, "Awake")
+        drain = {"metadata": {"annotations": {c.ANN_DRAIN_SECONDS: "1"}}}
+        cluster.core.patch_namespaced_pod(pod, namespace, drain)
+        with ThreadPoolExecutor(1) as pool:
+            request = pool.submit(_completion, engine.url, 1000)  # about 50 s of tokens
+            _until_running(engine.url)
+            started = time.monotonic()
+            annotate(cluster, namespace, pod, "L1")
+            reached(cluster, namespace, pod, 1, "Asleep", timeout=20)
+            assert time.monotonic() - started < 15
+            assert request.result(timeout=10)["finish_reason"] == "abort"
 
 
 def test_cuda_suspend_of_a_pod_without_gpu_fails_clearly_and_leaves_it_serving(

@@ -70,10 +70,22 @@ def test_defaults_are_applied_by_the_api_server(cluster: Cluster, namespace: str
     assert obj["spec"]["replicas"] == 1
 
 
-def test_get_md_shows_model_desired_level_phase_age(cluster: Cluster, namespace: str) -> None:
+def test_get_md_shows_model_desired_auto_level_phase_age(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("cols", "L1")))
-    header = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "MODEL", "DESIRED", "LEVEL", "PHASE", "AGE"]
+    lines = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()
+    assert lines[0].split() == ["NAME", "MODEL", "DESIRED", "AUTO", "LEVEL", "PHASE", "AGE"]
+    # DESIRED is the person's spec; AUTO the automatic level in effect (none here), from the status.
+    assert lines[1].split()[2:4] == ["L1", "<none>"]
+    cluster.custom.patch_namespaced_custom_object_status(
+        "hibernate.dev",
+        "v1alpha1",
+        namespace,
+        "modeldeployments",
+        "cols",
+        {"status": {"automaticLevel": {"level": "L2", "source": "idle"}, "effectiveLevel": "L2"}},
+    )
+    row = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()[1].split()
+    assert row[2:4] == ["L1", "L2"]
 
 
 @pytest.mark.parametrize(

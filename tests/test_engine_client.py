@@ -6,12 +6,16 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 
 from hibernate.agent.engine_client import EngineClient, EngineError
+from hibernate.agent.levels import Host
+from hibernate.agent.podref import PodRef
+from hibernate.api import constants as c
 from tests.engine_fixtures import FakeEngine, free_port, start_fake_engine
 
 T = TypeVar("T")
@@ -249,3 +253,101 @@ def test_an_endless_answer_is_cut_off_and_reported_not_read_into_memory() -> Non
     client, _ = mocked(answer(text="[" + "1," * (1 << 20) + "1]"))
     with pytest.raises(EngineError, match=r"GET /is_sleeping failed: answer larger than 1048576 bytes"):
         run(client.is_sleeping())
+
+
+# --- a sleep drains first -------------------------------------------------------------------------
+
+
+def completion(engine: FakeEngine, max_tokens: int) -> dict[str, Any]:
+    body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": max_tokens}
+    choice: dict[str, Any] = httpx.post(f"{engine.url}/v1/completions", json=body, timeout=60).json()[
+        "choices"
+    ][0]
+    return choice
+
+
+def running(engine: FakeEngine) -> int:
+    for line in httpx.get(f"{engine.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return int(line.split()[-1])
+    return 0
+
+
+def in_flight(engine: FakeEngine, max_tokens: int) -> tuple[ThreadPoolExecutor, Future[dict[str, Any]]]:
+    pool = ThreadPoolExecutor(1)
+    request = pool.submit(completion, engine, max_tokens)
+    deadline = time.monotonic() + 5
+    while running(engine) < 1:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.02)
+    return pool, request
+
+
+def test_a_sleep_lets_the_request_in_flight_finish_before_the_engine_sleeps() -> None:
+    with start_fake_engine("--token-delay", "0.05", weights_mib=4, kv_mib=1) as engine:
+        pool, request = in_flight(engine, 30)  # about 1.5 s of tokens
+        started = time.monotonic()
+        run(EngineClient(engine.url, timeout=5, drain_seconds=10).sleep_level(1))
+        took = time.monotonic() - started
+        assert request.done(), "the engine slept before the request finished"
+        choice = request.result()
+        pool.shutdown()
+        assert choice["finish_reason"] == "length" and len(choice["text"].split()) == 30
+        assert 0.5 < took < 8, took
+        assert httpx.get(f"{engine.url}/is_sleeping").json() == {"is_sleeping": True}
+
+
+def test_after_the_drain_deadline_the_requests_still_running_are_aborted() -> None:
+    with start_fake_engine("--token-delay", "0.1", weights_mib=4, kv_mib=1) as engine:
+        pool, request = in_flight(engine, 300)  # about 30 s of tokens
+        started = time.monotonic()
+        run(EngineClient(engine.url, timeout=5, drain_seconds=1).sleep_level(1))
+        took = time.monotonic() - started
+        assert 0.9 < took < 5, took
+        assert request.result(timeout=5)["finish_reason"] == "abort"
+        pool.shutdown()
+        assert httpx.get(f"{engine.url}/is_sleeping").json() == {"is_sleeping": True}
+
+
+def test_the_drain_asks_for_mode_wait_and_falls_back_to_abort_where_it_is_refused() -> None:
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/is_sleeping":
+            return httpx.Response(200, json={"is_sleeping": True})
+        if request.url.params.get("mode") == "wait":
+            return httpx.Response(400, json={"error": {"message": "mode must be one of ['abort']"}})
+        return httpx.Response(200, json={"status": "sleeping", "level": 2})
+
+    client, seen = mocked(engine, drain_seconds=30)
+    run(client.sleep_level(2))
+    assert seen == ["POST /sleep?level=2&mode=wait", "POST /sleep?level=2&mode=abort", "GET /is_sleeping"]
+    # No drain (0 s), or an explicit mode: one call, as asked.
+    client, seen = mocked(engine)
+    run(client.sleep_level(1))
+    assert seen == ["POST /sleep?level=1&mode=abort", "GET /is_sleeping"]
+    client, seen = mocked(engine, drain_seconds=30)
+    run(client.sleep_level(1, mode="keep"))
+    assert seen[0] == "POST /sleep?level=1&mode=keep"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, 30.0),
+        ("5", 5.0),
+        ("0", 0.0),
+        ("2.5", 2.5),
+        ("-3", 0.0),
+        ("1e9", 3600.0),
+        ("soon", 30.0),
+        ("nan", 30.0),
+    ],
+)
+def test_the_agent_takes_the_drain_deadline_from_the_pod(raw: str | None, expected: float) -> None:
+    annotations = {c.ANN_DRAIN_SECONDS: raw} if raw is not None else {}
+    pod = PodRef.from_pod(
+        {"metadata": {"name": "p", "annotations": annotations}, "status": {"podIP": "10.0.0.1"}}
+    )
+    assert pod.drain_seconds == expected
+    client = Host().engine(pod)
+    assert client.drain_seconds == expected
+    run(client.aclose())

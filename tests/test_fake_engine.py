@@ -193,6 +193,87 @@ def test_sleep_in_abort_mode_aborts_the_requests_it_holds(engine: FakeEngine) ->
         assert held.result(timeout=5) == "abort"
 
 
+def running_requests(engine: FakeEngine) -> int:
+    for line in call(engine, "GET", "/metrics").text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return int(line.split()[-1])
+    raise AssertionError("no vllm:num_requests_running in /metrics")
+
+
+def until_running(engine: FakeEngine, count: int = 1) -> None:
+    deadline = time.monotonic() + 5
+    while running_requests(engine) < count:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.02)
+
+
+def long_completion(engine: FakeEngine, max_tokens: int) -> dict[str, Any]:
+    body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": max_tokens}
+    response = httpx.post(f"{engine.url}/v1/completions", json=body, timeout=60)
+    response.raise_for_status()
+    choice: dict[str, Any] = response.json()["choices"][0]
+    return choice
+
+
+def test_a_sleep_in_wait_mode_lets_the_running_requests_finish_and_holds_new_ones() -> None:
+    with (
+        start_fake_engine("--token-delay", "0.05", weights_mib=4, kv_mib=1) as engine,
+        ThreadPoolExecutor(3) as pool,
+    ):
+        running = pool.submit(long_completion, engine, 20)  # about 1 s
+        until_running(engine)
+        started = time.monotonic()
+        sleep = pool.submit(call, engine, "POST", "/sleep?level=1&mode=wait")
+        time.sleep(0.2)
+        assert not sleep.done()  # waits for the running request
+        newcomer = pool.submit(long_completion, engine, 2)
+        until_held(engine)  # a new request queues, as in vLLM (PAUSED_NEW)
+        choice = running.result(timeout=10)
+        assert choice["finish_reason"] == "length" and len(choice["text"].split()) == 20
+        assert sleep.result(timeout=5).status_code == 200
+        assert time.monotonic() - started >= 0.5
+        assert is_sleeping(engine) and memory(engine)["sleep_level"] == 1
+        assert not newcomer.done()
+        call(engine, "POST", "/wake_up")
+        assert newcomer.result(timeout=5)["finish_reason"] == "length"
+
+
+def test_an_abort_sleep_ends_a_drain_that_is_still_waiting() -> None:
+    with (
+        start_fake_engine("--token-delay", "0.1", weights_mib=4, kv_mib=1) as engine,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        running = pool.submit(long_completion, engine, 200)  # about 20 s
+        until_running(engine)
+        waiting = pool.submit(call, engine, "POST", "/sleep?level=1&mode=wait")
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert call(engine, "POST", "/sleep?level=1&mode=abort").status_code == 200
+        assert time.monotonic() - started < 2
+        assert running.result(timeout=5)["finish_reason"] == "abort"
+        assert waiting.result(timeout=5).status_code == 200  # then finds it asleep: a no-op
+        assert is_sleeping(engine)
+
+
+def test_metrics_count_finished_requests_by_finish_reason_as_vllm_does(engine: FakeEngine) -> None:
+    def finished() -> dict[str, float]:
+        out = {}
+        for line in call(engine, "GET", "/metrics").text.splitlines():
+            if line.startswith("vllm:request_success_total{"):
+                reason = line.split('finished_reason="')[1].split('"')[0]
+                out[reason] = float(line.split()[-1])
+        return out
+
+    before = finished()
+    assert set(before) >= {"length", "abort"}
+    complete(engine)
+    complete(engine, "another prompt")
+    after = finished()
+    assert after["length"] == before["length"] + 2 and after["abort"] == before["abort"]
+    text = call(engine, "GET", "/metrics").text
+    assert "# TYPE vllm:request_success_total counter" in text
+
+
 def test_streaming_sends_sse_chunks_then_done_with_the_same_text(engine: FakeEngine) -> None:
     text = complete(engine)
     completion = stream(engine, "/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "stream": True})

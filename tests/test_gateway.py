@@ -1,6 +1,6 @@
 """The wake-on-request gateway against a real API server, the operator, the agent stand-in and fake
 engines: no request is lost to sleep, one wake for many requests, failures answer 503 in time,
-streams pass through chunk by chunk."""
+streams pass through chunk by chunk. A wake is an automatic level: the spec, the person's, stays."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tests.gateway_helpers import (
     apply_model,
     complete,
     metric_sum,
+    settled,
     start_gateway,
 )
 from tests.modeldeployments import get, set_level
@@ -29,13 +30,8 @@ WAKE_ON_REQUEST = "hibernate.dev/wake-on-request"
 
 
 def phase_is(cluster: Cluster, ns: str, name: str, level: str, phase: str) -> bool:
-    obj = get(cluster, ns, name)
-    status = obj.get("status") or {}
-    return bool(
-        obj["spec"]["sleepLevel"] == level
-        and status.get("phase") == phase
-        and status.get("observedGeneration") == obj["metadata"]["generation"]
-    )
+    """The level in effect (the automatic one, else the spec's) is `level`, at `phase`."""
+    return settled(get(cluster, ns, name), level, phase)
 
 
 def wait_phase(cluster: Cluster, ns: str, name: str, level: str, phase: str, timeout: float = 30) -> None:
@@ -98,8 +94,12 @@ def test_200_concurrent_requests_to_a_sleeping_model_are_all_answered_after_exac
         assert standin.wakes("m") == 1
         assert [call for _, call in standin.calls].count("POST /wake_up") == 1, standin.calls
         obj = get(cluster, namespace, "m")
-        assert obj["spec"]["sleepLevel"] == "Awake"
-        assert obj["metadata"]["annotations"][c.ANN_LEVEL_SOURCE] == "gateway"
+        # The person's L1 stays in the spec; the request's wake is an automatic level over it.
+        assert obj["spec"]["sleepLevel"] == "L1" and obj["metadata"]["generation"] == 2
+        assert obj["metadata"]["annotations"][c.ANN_AUTO_LEVEL] == "Awake"
+        assert obj["metadata"]["annotations"][c.ANN_AUTO_SOURCE] == "gateway"
+        assert obj["status"]["automaticLevel"]["source"] == "gateway"
+        assert obj["status"]["effectiveLevel"] == "Awake"
         assert c.ANN_LAST_ACTIVITY in obj["metadata"]["annotations"]
         held = after["hibernate_gateway_hold_seconds_count"] - before.get(
             "hibernate_gateway_hold_seconds_count", 0
@@ -138,6 +138,7 @@ def test_routing_models_listing_health_and_activity(
             by_id = {m["id"]: m for m in listed}
             assert set(by_id) == {"hib/awake", "hib/asleep"}
             assert by_id["hib/asleep"]["hibernate"]["sleepLevel"] == "L2"
+            assert by_id["hib/asleep"]["hibernate"]["automaticLevel"] is None
             assert by_id["hib/asleep"]["hibernate"]["ready"] is False
 
             unknown = complete(client, gw, "no/such-model", "x")

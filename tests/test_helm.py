@@ -403,21 +403,23 @@ def operator_network(docs: list[dict[str, Any]]) -> workload.EngineNetwork | Non
     return engine_network(parse_cli(container(find(docs, "Deployment", "-operator"), "operator")))
 
 
-def test_engine_policies_admit_only_the_agent_and_the_gateway_by_default(helm: Path) -> None:
+def test_engine_policies_admit_only_the_agent_the_gateway_and_the_operator_by_default(helm: Path) -> None:
     docs = render(helm, "--namespace", "hib", "--set", "gateway.enabled=true")
     assert "NetworkPolicy" not in kinds(docs)  # the operator writes one per ModelDeployment, in its namespace
     net = operator_network(docs)
     assert net is not None
-    assert len(net.peers) == 2
-    for peer, (kind, suffix) in zip(
-        net.peers, [("DaemonSet", "-agent"), ("Deployment", "-gateway")], strict=True
-    ):
+    assert len(net.peers) == 3
+    components = [("DaemonSet", "-agent"), ("Deployment", "-gateway"), ("Deployment", "-operator")]
+    for i, (peer, (kind, suffix)) in enumerate(zip(net.peers, components, strict=True)):
         assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "hib"}}
         assert peer["podSelector"]["matchLabels"].items() <= _pod_labels(docs, kind, suffix).items()
-        # The operator does not talk to engines.
-        assert not (
-            peer["podSelector"]["matchLabels"].items() <= _pod_labels(docs, "Deployment", "-operator").items()
-        )
+        # Each peer selects its component's pods and no other's (the operator reads /metrics only).
+        for j, (other_kind, other_suffix) in enumerate(components):
+            if j != i:
+                assert not (
+                    peer["podSelector"]["matchLabels"].items()
+                    <= _pod_labels(docs, other_kind, other_suffix).items()
+                )
     policy = workload.network_policy(
         {"metadata": {"name": "llama", "namespace": "team-a", "uid": "u"}},
         ModelDeploymentSpec(model="x"),
@@ -439,11 +441,16 @@ def test_engine_policy_values_reach_the_operator(helm: Path) -> None:
     )
     net = operator_network(docs)
     assert net is not None
-    assert [p["namespaceSelector"] for p in net.peers[:2]] == [selector, selector]
-    assert list(net.peers[2:]) == given
-    # Agent and gateway off, nothing extra: no peers, and the operator's policies admit nobody.
+    assert [p["namespaceSelector"] for p in net.peers[:3]] == [selector, selector, selector]
+    assert list(net.peers[3:]) == given
+    # Agent and gateway off, nothing extra: the operator alone (the idle ladder reads /metrics).
     docs = render(helm, "--set", "agent.enabled=false", "--set", "gateway.enabled=false")
-    assert operator_network(docs) == workload.EngineNetwork(peers=())
+    net = operator_network(docs)
+    assert net is not None and len(net.peers) == 1
+    assert (
+        net.peers[0]["podSelector"]["matchLabels"].items()
+        <= _pod_labels(docs, "Deployment", "-operator").items()
+    )
 
 
 def test_engine_policies_off_leave_the_operator_without_networkpolicy_rights(helm: Path) -> None:
@@ -555,6 +562,112 @@ def test_agent_admission_policy_only_where_served(helm: Path) -> None:
     assert find(render(helm, "--set", "rbac.agentPodPatchPolicy.enabled=true"), "ValidatingAdmissionPolicy")
     names = [d["metadata"]["name"] for d in render(helm, "--api-versions", VAP_API)]
     assert not [n for n in names if n.endswith("-agent-pod-writes")]  # default: off
+
+
+def test_gateway_admission_policy_allows_only_its_annotations_never_the_spec(helm: Path) -> None:
+    """RBAC's patch right on ModelDeployments covers the spec; the policy narrows the gateway's writes
+    to its activity mark and its automatic level (on 1.30+; rendered where served, or when asked)."""
+    import copy
+
+    import celpy
+
+    unserved = render(helm, "--set", "gateway.enabled=true")
+    assert not [d for d in unserved if d["metadata"]["name"].endswith("-gateway-writes")]
+    docs = render(helm, "--set", "gateway.enabled=true", "--api-versions", VAP_API, namespace="hs")
+    policy = find(docs, "ValidatingAdmissionPolicy", "-gateway-writes")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", "-gateway-writes")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    sa = find(docs, "ServiceAccount", "-gateway")["metadata"]["name"]
+    [match] = policy["spec"]["matchConditions"]
+    assert match["expression"] == f"request.userInfo.username == 'system:serviceaccount:hs:{sa}'"
+    [rule] = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["modeldeployments"] and rule["operations"] == ["UPDATE"]
+    off = render(
+        helm,
+        "--set",
+        "gateway.enabled=true",
+        "--api-versions",
+        VAP_API,
+        "--set",
+        "rbac.gatewayPatchPolicy.enabled=false",
+    )
+    assert not [d for d in off if d["metadata"]["name"].endswith("-gateway-writes")]
+
+    old = {
+        "metadata": {
+            "name": "llama",
+            "labels": {"team": "a"},
+            "annotations": {"team": "a", c.ANN_AUTO_LEVEL: "L1", c.ANN_AUTO_SOURCE: "idle"},
+            "finalizers": ["hibernate.dev/cleanup"],
+        },
+        "spec": {"model": "m", "sleepLevel": "Awake", "replicas": 1},
+    }
+    env = celpy.Environment()
+
+    def refusals(change: Any) -> list[str]:
+        new = change(copy.deepcopy(old))
+        activation = {k: celpy.json_to_cel(v) for k, v in {"object": new, "oldObject": old}.items()}
+        return [
+            v["message"]
+            for v in policy["spec"]["validations"]
+            if not env.program(env.compile(v["expression"])).evaluate(activation)
+        ]
+
+    def activity(md: dict[str, Any]) -> dict[str, Any]:
+        md["metadata"]["annotations"][c.ANN_LAST_ACTIVITY] = "2025-01-01T00:00:00.000Z"
+        return md
+
+    def wake(md: dict[str, Any]) -> dict[str, Any]:  # clears the idle ladder's automatic level
+        for key in c.AUTO_ANNOTATIONS:
+            md["metadata"]["annotations"].pop(key, None)
+        return md
+
+    def wake_over_a_person(md: dict[str, Any]) -> dict[str, Any]:
+        md["metadata"]["annotations"] |= {
+            c.ANN_AUTO_LEVEL: "Awake",
+            c.ANN_AUTO_SOURCE: "gateway",
+            c.ANN_AUTO_GENERATION: "3",
+        }
+        return md
+
+    for allowed in (activity, wake, wake_over_a_person):
+        assert refusals(allowed) == [], allowed.__name__
+
+    def spec(md: dict[str, Any]) -> dict[str, Any]:
+        md["spec"]["sleepLevel"] = "Awake" if md["spec"]["sleepLevel"] != "Awake" else "L1"
+        return md
+
+    def image(md: dict[str, Any]) -> dict[str, Any]:
+        md["spec"]["engine"] = {"image": "evil/engine"}
+        return md
+
+    def other_annotation(md: dict[str, Any]) -> dict[str, Any]:
+        md["metadata"]["annotations"]["team"] = "b"
+        return md
+
+    def wake_on_request(md: dict[str, Any]) -> dict[str, Any]:
+        md["metadata"]["annotations"][c.ANN_WAKE_ON_REQUEST] = "true"
+        return md
+
+    def labels(md: dict[str, Any]) -> dict[str, Any]:
+        del md["metadata"]["labels"]
+        return md
+
+    def finalizers(md: dict[str, Any]) -> dict[str, Any]:
+        md["metadata"]["finalizers"] = []
+        return md
+
+    assert [m.split(" (")[0] for m in refusals(spec)] == [
+        "the hibernate gateway may not change a ModelDeployment's spec"
+    ]
+    assert len(refusals(image)) == 1
+    annotations_only = (
+        "the hibernate gateway may only write its activity mark and its automatic level (annotations)"
+    )
+    assert refusals(other_annotation) == [annotations_only]
+    assert refusals(wake_on_request) == [annotations_only]
+    assert refusals(labels) == ["the hibernate gateway may not change a ModelDeployment's labels"]
+    assert refusals(finalizers) == ["the hibernate gateway may not change a ModelDeployment's finalizers"]
 
 
 # ---- the real API server -------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Idle auto-sleep: the pure ladder logic (table-driven), then the whole ladder on a real API server
 with the operator, the gateway, the agent stand-in and a fake engine: down every step, and a request
-wakes the model from every step, Stop included."""
+wakes the model from every step, Stop included; all of it as automatic levels, with the spec
+untouched, so that a GitOps tool applying the manifest again changes nothing; and requests sent to
+the engine directly (the engine's own counters) keep the model awake too."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,8 +23,15 @@ from hibernate.controller import idle
 from tests.agent_standin import AgentStandin
 from tests.cluster import Cluster, Process, eventually, hibernate_process
 from tests.engine_fixtures import free_port
-from tests.gateway_helpers import apply_model, complete, start_gateway
-from tests.modeldeployments import events_for, get
+from tests.gateway_helpers import (
+    apply_model,
+    complete,
+    level_in_effect,
+    model_manifest,
+    settled,
+    start_gateway,
+)
+from tests.modeldeployments import events_for, get, pods
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 A, L1, L2, CS, CP, STOP = (
@@ -110,9 +120,19 @@ def md(
     generation: int = 3,
     observed: int | None = 3,
     idle_spec: dict[str, Any] | None = None,
+    auto: str | None = None,
+    folded_for: str | None = None,
 ) -> dict[str, Any]:
     annotations = {c.ANN_LAST_ACTIVITY: activity} if activity else {}
+    if auto:  # an automatic level, decided on the current spec
+        annotations |= {
+            c.ANN_AUTO_LEVEL: auto,
+            c.ANN_AUTO_SOURCE: "idle",
+            c.ANN_AUTO_GENERATION: str(generation),
+        }
     status: dict[str, Any] = {"phase": phase}
+    if folded_for:
+        status["effectiveLevel"] = folded_for
     if observed is not None:
         status["observedGeneration"] = observed
     if status_activity:
@@ -202,10 +222,31 @@ DECIDE_CASES: list[tuple[str, dict[str, Any], SleepLevel | None, str | None, str
     ("idle 20 min: L1, then L2", md(activity="2025-01-01T11:40:00Z"), L1, "L2", ""),
     (
         "already at L1 by the ladder: waits for L2",
+        md(auto="L1", activity="2025-01-01T11:40:00Z", folded_for="L1"),
+        None,
+        "L2",
+        "",
+    ),
+    (
+        "a person's L1: waits for L2 the same",
         md(level="L1", activity="2025-01-01T11:40:00Z"),
         None,
         "L2",
         "",
+    ),
+    (
+        "a wake on request over a person's L1 counts from its activity",
+        md(level="L1", auto="Awake", activity="2025-01-01T11:40:00Z", folded_for="Awake"),
+        L1,
+        "L2",
+        "",
+    ),
+    (
+        "an automatic level the status does not show yet: wait",
+        md(auto="Awake", folded_for="L1"),
+        None,
+        None,
+        "status behind the automatic level",
     ),
     ("status behind the spec: wait", md(generation=4, observed=3), None, None, "status behind the spec"),
     ("no status yet: wait", md(observed=None), None, None, "status behind the spec"),
@@ -228,6 +269,15 @@ def test_decide(obj: dict[str, Any], move_to: SleepLevel | None, next_level: str
         assert decision.idle_status is not None
         assert decision.idle_status["nextLevel"] == next_level
         assert idle.parse_time(decision.idle_status["lastActivity"]) == idle.last_activity(obj, T0)
+
+
+def test_requests_the_engines_counted_are_activity() -> None:
+    obj = md(activity="2025-01-01T11:40:00Z")  # idle 20 min by the gateway's mark: L1 due
+    assert idle.decide(obj, T0).move_to == L1
+    busy = idle.decide(obj, T0, engine_activity=at(seconds=-1))
+    assert busy.move_to is None and busy.idle_status is not None
+    assert busy.idle_status["lastActivity"] == "2025-01-01T11:59:59.000Z"  # kept in status.idle
+    assert busy.idle_status["nextLevel"] == "L1"
 
 
 def test_idle_status_comparison_and_time_format() -> None:
@@ -257,18 +307,18 @@ def idle_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Process]:
     proc.stop()
 
 
-def spec_level(cluster: Cluster, ns: str) -> str:
-    return str(get(cluster, ns, "m")["spec"]["sleepLevel"])
+def current_level(cluster: Cluster, ns: str, name: str = "m") -> str | None:
+    return level_in_effect(get(cluster, ns, name))
 
 
-def settled_at(cluster: Cluster, ns: str, level: str, phase: str, timeout: float) -> dict[str, Any]:
+def settled_at(
+    cluster: Cluster, ns: str, level: str, phase: str, timeout: float, name: str = "m"
+) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
-        obj = get(cluster, ns, "m")
-        status = obj.get("status") or {}
-        ok = obj["spec"]["sleepLevel"] == level and status.get("phase") == phase
-        return obj if ok and status.get("observedGeneration") == obj["metadata"]["generation"] else None
+        obj = get(cluster, ns, name)
+        return obj if settled(obj, level, phase) else None
 
-    result: dict[str, Any] = eventually(check, timeout=timeout, what=f"{level} {phase}")
+    result: dict[str, Any] = eventually(check, timeout=timeout, what=f"{name} {level} {phase}")
     return result
 
 
@@ -288,10 +338,10 @@ def test_a_model_idles_down_the_whole_ladder_and_a_request_wakes_it_from_every_s
             woke = time.monotonic()
 
             # Down the ladder, step by step, with nobody sending requests.
-            seen: list[tuple[str, float]] = []
+            seen: list[tuple[str | None, float]] = []
 
             def at_stop() -> bool:
-                level = spec_level(cluster, namespace)
+                level = current_level(cluster, namespace)
                 if not seen or seen[-1][0] != level:
                     seen.append((level, time.monotonic() - woke))
                 return level == "Stop"
@@ -302,7 +352,11 @@ def test_a_model_idles_down_the_whole_ladder_and_a_request_wakes_it_from_every_s
             assert 1.5 <= times["L1"] < times["L2"] < times["Stop"], seen
             assert times["L2"] >= 3.5 and times["Stop"] >= 5.5, seen
             obj = settled_at(cluster, namespace, "Stop", "Stopped", timeout=20)
-            assert obj["metadata"]["annotations"][c.ANN_LEVEL_SOURCE] == "idle"
+            # Automatic levels: the spec is the person's and was never written.
+            assert obj["spec"]["sleepLevel"] == "Awake" and obj["metadata"]["generation"] == 1
+            assert obj["metadata"]["annotations"][c.ANN_AUTO_SOURCE] == "idle"
+            assert obj["status"]["automaticLevel"]["level"] == "Stop"
+            assert obj["status"]["automaticLevel"]["source"] == "idle"
             assert obj["status"]["idle"]["lastActivity"]
             assert "nextLevel" not in obj["status"]["idle"]  # the end of the ladder
             moves = [e.message for e in events_for(cluster, namespace, "m") if e.reason == "IdleSleep"]
@@ -319,8 +373,10 @@ def test_a_model_idles_down_the_whole_ladder_and_a_request_wakes_it_from_every_s
                     f"wrong answer after a wake from {level}"
                 )
                 obj = get(cluster, namespace, "m")
-                assert obj["spec"]["sleepLevel"] == "Awake"
-                assert obj["metadata"]["annotations"][c.ANN_LEVEL_SOURCE] == "gateway"
+                # The wake removed the automatic level; the spec (Awake) applies again.
+                assert level_in_effect(obj) == "Awake"
+                assert c.ANN_AUTO_LEVEL not in obj["metadata"]["annotations"]
+                assert obj["metadata"]["generation"] == 1
                 # The request is activity: the ladder starts again from it, not from long ago.
                 eventually(
                     lambda: get(cluster, namespace, "m")["status"]["idle"].get("nextLevel") == "L1",
@@ -332,5 +388,112 @@ def test_a_model_idles_down_the_whole_ladder_and_a_request_wakes_it_from_every_s
             assert standin.wakes("m") == 2  # from L1 and L2; Stop was a new engine
             # After the last wake the model is given its full first step again.
             awake_since = time.monotonic()
-            eventually(lambda: spec_level(cluster, namespace) == "L1", timeout=10, what="L1 again")
+            eventually(lambda: current_level(cluster, namespace) == "L1", timeout=10, what="L1 again")
             assert time.monotonic() - awake_since >= 1.0
+
+
+ARGO = "argocd-controller"
+
+
+def sync(cluster: Cluster, ns: str, manifest: dict[str, Any]) -> None:
+    """What Argo CD (or Flux) does at every sync: apply the manifest from Git, server-side, as its own
+    field manager, taking over any field someone else changed (--force-conflicts)."""
+    cluster.kubectl(
+        *("apply", "-n", ns, "-f", "-", "--server-side", "--field-manager", ARGO, "--force-conflicts"),
+        input=json.dumps(manifest),
+    )
+
+
+def test_a_gitops_managed_model_sleeps_when_idle_and_wakes_on_request_while_its_manifest_is_reapplied(
+    cluster: Cluster, namespace: str, idle_operator: Process, tmp_path: Path
+) -> None:
+    port = free_port()
+    manifest = model_manifest("m", "hib/gitops", port, idle={"after": "2s", "level": "L1"})
+    with (
+        AgentStandin(cluster, namespace, tmp_path) as standin,
+        start_gateway(cluster, namespace, tmp_path) as gw,
+        httpx.Client(timeout=30) as client,
+    ):
+        standin.serve("m", "hib/gitops", port)
+        sync(cluster, namespace, manifest)
+        settled_at(cluster, namespace, "Awake", "Awake", timeout=30)
+        expected = complete(client, gw, "hib/gitops", "a prompt").json()["choices"][0]["text"]
+
+        # Idle: the ladder puts it to sleep, as an automatic level beside the spec.
+        obj = settled_at(cluster, namespace, "L1", "Asleep", timeout=20)
+        assert obj["spec"]["sleepLevel"] == "Awake" and obj["metadata"]["generation"] == 1
+        assert obj["metadata"]["annotations"][c.ANN_AUTO_LEVEL] == "L1"
+
+        # Argo CD syncs again, server-side and (as older setups do) client-side: nothing to revert.
+        sync(cluster, namespace, manifest)
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+        time.sleep(1.0)
+        obj = get(cluster, namespace, "m")
+        assert obj["metadata"]["generation"] == 1, "the spec changed"
+        assert settled(obj, "L1", "Asleep"), obj.get("status")
+        assert standin.wakes("m") == 0
+        # Only the appliers own fields of the spec: no automaton wrote it.
+        spec_owners = {
+            m["manager"]
+            for m in obj["metadata"]["managedFields"]
+            if '"f:spec"' in json.dumps(m.get("fieldsV1") or {})
+        }
+        assert spec_owners <= {ARGO, "kubectl-client-side-apply"}, spec_owners
+
+        # A request wakes it: through its automatic level, not through the spec.
+        response = complete(client, gw, "hib/gitops", "a prompt")
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == expected
+        obj = get(cluster, namespace, "m")
+        assert obj["metadata"]["generation"] == 1 and obj["spec"]["sleepLevel"] == "Awake"
+        assert level_in_effect(obj) == "Awake" and standin.wakes("m") == 1
+        sync(cluster, namespace, manifest)
+        woke = time.monotonic()
+
+        # ... and idle again, it sleeps again: the sync reverted nothing of either.
+        obj = settled_at(cluster, namespace, "L1", "Asleep", timeout=20)
+        assert time.monotonic() - woke >= 1.0
+        assert obj["metadata"]["generation"] == 1
+
+        # A person's change in Git resets the automatic level: the spec applies again (Awake).
+        changed = json.loads(json.dumps(manifest))
+        changed["spec"]["drainSeconds"] = 5
+        sync(cluster, namespace, changed)
+        obj = settled_at(cluster, namespace, "Awake", "Awake", timeout=20)
+        assert obj["metadata"]["generation"] == 2
+        eventually(
+            lambda: (
+                not set(c.AUTO_ANNOTATIONS) & set(get(cluster, namespace, "m")["metadata"]["annotations"])
+            ),
+            what="the stale automatic annotations removed",
+        )
+        assert any(e.reason == "AutomaticLevelReset" for e in events_for(cluster, namespace, "m"))
+        [pod] = pods(cluster, namespace, "m")
+        assert pod.metadata.annotations[c.ANN_DRAIN_SECONDS] == "5"
+
+
+def test_requests_sent_straight_to_the_engine_keep_the_model_awake_past_its_idle_timeout(
+    cluster: Cluster, namespace: str, idle_operator: Process, tmp_path: Path
+) -> None:
+    port = free_port()
+    with AgentStandin(cluster, namespace, tmp_path) as standin, httpx.Client(timeout=30) as client:
+        standin.serve("d", "hib/direct", port)
+        apply_model(cluster, namespace, "d", "hib/direct", port, idle={"after": "2s", "level": "L1"})
+        settled_at(cluster, namespace, "Awake", "Awake", timeout=30, name="d")
+        # No gateway: a client calls the model's engine directly, every 0.5 s, for three idle timeouts.
+        started = last = time.monotonic()
+        while time.monotonic() - started < 6.0:
+            assert complete(client, standin.engine_url("d"), "hib/direct", "hello").status_code == 200
+            last = time.monotonic()
+            assert current_level(cluster, namespace, "d") == "Awake", "put to sleep while busy"
+            time.sleep(0.5)
+        # Once the traffic stops, the ladder counts from the last request the engine counted.
+        eventually(lambda: current_level(cluster, namespace, "d") == "L1", timeout=10, what="L1")
+        assert time.monotonic() - last >= 1.5
+        obj = get(cluster, namespace, "d")
+        assert c.ANN_LAST_ACTIVITY not in obj["metadata"].get("annotations", {})  # no gateway ran
+        since = idle.parse_time(obj["status"]["idle"]["lastActivity"])
+        assert (
+            since is not None
+            and (since - idle.parse_time(obj["metadata"]["creationTimestamp"])).total_seconds() >= 5
+        )

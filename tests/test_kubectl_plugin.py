@@ -140,7 +140,13 @@ def requested(cluster: Cluster, ns: str, name: str, level: str) -> dict[str, Any
 def test_sleep_wait_returns_when_every_replica_reached_the_level(
     cluster: Cluster, namespace: str, background: list[subprocess.Popen[str]]
 ) -> None:
-    create_md(cluster, namespace, "llama", annotations={c.ANN_LEVEL_SOURCE: "idle"})
+    # The idle ladder had put it at L1 (an automatic level, decided on generation 1).
+    create_md(
+        cluster,
+        namespace,
+        "llama",
+        annotations={c.ANN_AUTO_LEVEL: "L1", c.ANN_AUTO_SOURCE: "idle", c.ANN_AUTO_GENERATION: "1"},
+    )
     write_status(cluster, namespace, "llama", "Awake", "Awake", 1)
     proc = start(
         cluster,
@@ -158,8 +164,8 @@ def test_sleep_wait_returns_when_every_replica_reached_the_level(
     md = requested(cluster, namespace, "llama", "CudaSuspend")
     gen = md["metadata"]["generation"]
     assert gen == 2
-    # A person asked: the idle ladder's mark is gone.
-    assert c.ANN_LEVEL_SOURCE not in md["metadata"].get("annotations", {})
+    # A person asked: the idle ladder's automatic level is gone.
+    assert not set(c.AUTO_ANNOTATIONS) & set(md["metadata"].get("annotations", {}))
 
     write_status(cluster, namespace, "llama", "Sleeping", "Awake", gen)
     assert still_waiting(proc)

@@ -78,14 +78,15 @@ def _json_object(text: str) -> dict[str, Any]:
 def _operator_security_args(p: argparse.ArgumentParser) -> None:
     net = p.add_argument_group(
         "engine network",
-        "Own a NetworkPolicy per ModelDeployment: only the agent, the gateway, the --engine-peer peers and "
-        "the model's spec.network.allowFrom reach its engine port.",
+        "Own a NetworkPolicy per ModelDeployment: only the agent, the gateway, the operator (which reads "
+        "the engines' /metrics for the idle ladder), the --engine-peer peers and the model's "
+        "spec.network.allowFrom reach its engine port.",
     )
     net.add_argument("--network-policy", action="store_true", help="write the per-model NetworkPolicies")
     net.add_argument(
         "--release-namespace",
         default=os.environ.get("POD_NAMESPACE", ""),
-        help="where the agent and the gateway run (default: $POD_NAMESPACE)",
+        help="where the agent, the gateway and the operator run (default: $POD_NAMESPACE)",
     )
     net.add_argument(
         "--release-namespace-selector",
@@ -95,6 +96,12 @@ def _operator_security_args(p: argparse.ArgumentParser) -> None:
     )
     net.add_argument("--agent-pod-labels", type=_labels, default={}, help="the agent pods' labels, a=b,c=d")
     net.add_argument("--gateway-pod-labels", type=_labels, default={}, help="the gateway pods' labels")
+    net.add_argument(
+        "--operator-pod-labels",
+        type=_labels,
+        default={},
+        help="the operator's own pod labels (it reads the engines' /metrics for the idle ladder)",
+    )
     net.add_argument(
         "--engine-peer",
         type=_json_object,

@@ -10,8 +10,9 @@ kubectl runs this as `kubectl-hibernate` from $PATH (the console script of the h
 It talks to the cluster like kubectl: $KUBECONFIG (or ~/.kube/config), --kubeconfig, --context, and
 the context's namespace unless -n says otherwise; inside a pod, the pod's ServiceAccount.
 
-`sleep` and `wake` set spec.sleepLevel, as `kubectl patch` would, and clear the record of which
-automaton asked for the last level (a person's request is not the idle ladder's). With --wait they
+`sleep` and `wake` set spec.sleepLevel, as `kubectl patch` would, and remove the automatic level
+(the idle ladder's or a wake on request's, hibernate.api.auto_level): a person's request wins, even
+when the spec already says that level. With --wait they
 follow the status the operator writes until every replica has reached the level (exit 0), the
 operator reports Failed (exit 1, with its message) or --timeout passes (exit 1). Usage errors, an
 invalid level among them, exit 2 and change nothing.
@@ -19,8 +20,9 @@ invalid level among them, exit 2 and change nothing.
 `status --watch` redraws the per-pod table in place every --interval seconds (on a terminal; piped,
 it prints a new frame whenever something but the clocks changed), with the time watched, how long the
 ModelDeployment's transition has run and how long each pod's operation has run, until Ctrl-C or
---timeout (exit 0). `status md/NAME --wait` watches until the ModelDeployment reaches the level its
-spec asks for (exit 0), fails anew (exit 1) or --timeout passes (exit 1; default 300 s).
+--timeout (exit 0). `status md/NAME --wait` watches until the ModelDeployment reaches the level in
+effect (its automatic level while one is set, else its spec's) (exit 0), fails anew (exit 1) or
+--timeout passes (exit 1; default 300 s).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, TextIO
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from hibernate.api import auto_level
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
 
@@ -116,8 +119,8 @@ def get_md(client: Client, namespace: str, name: str) -> dict[str, Any]:
 
 def set_level(client: Client, namespace: str, name: str, level: SleepLevel) -> dict[str, Any]:
     body = {
-        # A person asked: forget that the gateway or the idle ladder set the current level.
-        "metadata": {"annotations": {c.ANN_LEVEL_SOURCE: None}},
+        # A person asked: whatever the idle ladder or the gateway decided no longer applies.
+        "metadata": {"annotations": auto_level.cleared()},
         "spec": {"sleepLevel": level.label},
     }
     try:
@@ -444,7 +447,7 @@ def watch(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Redraw the status every --interval until Ctrl-C, --timeout, or (--wait) the spec's level."""
+    """Redraw the status every --interval until Ctrl-C, --timeout, or (--wait) the level in effect."""
     out = out or sys.stdout
     tty = out.isatty()
     started = clock()
@@ -455,6 +458,8 @@ def watch(
             level = SleepLevel.parse(md["spec"].get("sleepLevel", "Awake"))
         except InvalidSleepLevel as e:
             raise PluginError(f"{RESOURCE}/{md['metadata']['name']}: {e}") from e
+        # The level in effect: an automatic level (idle ladder, wake on request) wins over the spec's.
+        level = auto_level.effective_level(md, level)
         target = Target(level, int(md["metadata"].get("generation") or 0))
         stale = _failure_mark(md)
     timeout = args.timeout if args.timeout is not None else (300.0 if args.wait else None)
@@ -529,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait",
         action="store_true",
-        help="with md/NAME: watch until it reaches its spec's level (implies --watch)",
+        help="with md/NAME: watch until it reaches its level in effect (implies --watch)",
     )
     p.add_argument("--timeout", type=float, help="seconds to watch (default: until Ctrl-C; 300 with --wait)")
     p.set_defaults(func=cmd_status)

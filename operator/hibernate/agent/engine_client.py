@@ -4,6 +4,11 @@ Bodies of `/sleep` and `/wake_up` are optional (empty up to vLLM 0.30, JSON from
 call accepts both; the engine's state is read from `GET /is_sleeping` only. Every attempt has a
 deadline (`timeout`), connection errors and 5xx answers are retried with exponential backoff, and
 every failure surfaces as one `EngineError` that names the URL, the step and the cause.
+
+A sleep drains first (`drain_seconds`): `POST /sleep?mode=wait` makes vLLM queue new requests and
+sleep once the running ones have finished; if they have not within the deadline, `POST
+/sleep?mode=abort` aborts them and sleeps at once (the waiting call then finds the engine asleep, a
+no-op in vLLM). Engines that refuse `mode=wait` (a 4xx) are slept with `mode=abort`.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class EngineClient:
 
     A call takes at most (retries + 1) * (timeout + 1 s) plus the backoff sleeps. Read timeouts are not
     retried: the engine got the request and is stuck in it, and sending it again would only queue
-    another.
+    another. `drain_seconds`: how long `sleep_level` lets the requests in flight finish (0: abort them).
     """
 
     def __init__(
@@ -58,9 +63,11 @@ class EngineClient:
         backoff: float = 0.5,
         max_backoff: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        drain_seconds: float = 0.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.drain_seconds = max(0.0, drain_seconds)
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -98,11 +105,15 @@ class EngineClient:
             raise self._error("GET /is_sleeping", f"unexpected answer {_excerpt(json.dumps(body))}")
         return bool(body["is_sleeping"])
 
-    async def sleep(self, level: int, mode: str = "abort") -> dict[str, Any] | None:
-        """`POST /sleep?level=N&mode=M`; returns the JSON body, or None where the engine sends none."""
+    async def sleep(
+        self, level: int, mode: str = "abort", timeout: float | None = None
+    ) -> dict[str, Any] | None:
+        """`POST /sleep?level=N&mode=M`; returns the JSON body, or None where the engine sends none.
+        `timeout`: for this call instead of the client's (a drain may take longer than a sleep)."""
         params: list[tuple[str, str | int]] = [("level", level), ("mode", mode)]
         step = f"POST /sleep?{urlencode(params)}"
-        return self._object_or_none(step, await self._call("POST", "/sleep", params=params, step=step))
+        body = await self._call("POST", "/sleep", params=params, step=step, timeout=timeout)
+        return self._object_or_none(step, body)
 
     async def wake_up(self, tags: Sequence[str] | None = None) -> dict[str, Any] | None:
         """`POST /wake_up`, all tags when `tags` is None; returns the JSON body or None."""
@@ -143,13 +154,36 @@ class EngineClient:
 
     # --- whole transitions --------------------------------------------------------------------
 
-    async def sleep_level(self, level: int, mode: str = "abort") -> None:
-        """Sleep at `level` (0-2) and check that the engine says it sleeps."""
+    async def sleep_level(self, level: int, mode: str | None = None) -> None:
+        """Sleep at `level` (0-2) and check that the engine says it sleeps. Without `mode`, the requests
+        in flight get `drain_seconds` to finish first (see `drain_then_sleep`)."""
         if level not in SLEEP_LEVELS:
             raise ValueError(f"the engine sleeps at levels {SLEEP_LEVELS}, not {level}")
-        await self.sleep(level, mode)
+        if mode is None and self.drain_seconds > 0:
+            await self.drain_then_sleep(level)
+        else:
+            await self.sleep(level, mode or "abort")
         if not await self.is_sleeping():
             raise self._error(f"sleep level {level}", "POST /sleep answered, but /is_sleeping is false")
+
+    async def drain_then_sleep(self, level: int) -> None:
+        """`POST /sleep?mode=wait`: new requests queue and the engine sleeps once the running ones are
+        done; after `drain_seconds`, `POST /sleep?mode=abort` ends what still runs and sleeps now."""
+        try:
+            async with asyncio.timeout(self.drain_seconds):
+                await self.sleep(level, "wait", timeout=self.drain_seconds + self.timeout)
+            return
+        except TimeoutError:
+            log.warning(
+                "engine %s: requests still running after the %gs drain; aborting them to sleep",
+                self.base_url,
+                self.drain_seconds,
+            )
+        except EngineError as e:
+            if e.status is None or not 400 <= e.status < 500:
+                raise
+            log.warning("engine %s: no drain (%s); sleeping with mode=abort", self.base_url, e)
+        await self.sleep(level, "abort")
 
     async def wake(self, from_level: int) -> None:
         """Wake from `from_level` (0-2) with the sequence that level needs, and check it is awake.
@@ -184,23 +218,25 @@ class EngineClient:
         params: Sequence[tuple[str, str | int]] = (),
         payload: Mapping[str, Any] | None = None,
         step: str | None = None,
+        timeout: float | None = None,
     ) -> Any:
         """One request with retries; returns the parsed JSON body, or None for an empty body."""
         step = step or (f"{method} {path}?{urlencode(params)}" if params else f"{method} {path}")
+        timeout = timeout if timeout is not None else self.timeout
         attempts = self.retries + 1
         cause, status = "", None
         for attempt in range(attempts):
             status = None
             try:
                 # httpx times each phase; this hard deadline also stops an engine that trickles bytes.
-                async with asyncio.timeout(self.timeout + 1.0):
-                    response, text = await self._send(method, path, params, payload)
+                async with asyncio.timeout(timeout + 1.0):
+                    response, text = await self._send(method, path, params, payload, timeout)
             except _TooLarge:
                 raise self._error(step, f"answer larger than {MAX_ANSWER_BYTES} bytes, not read") from None
             except httpx.ConnectTimeout:
                 cause = f"connect timed out after {self.timeout:g}s"
             except (TimeoutError, httpx.TimeoutException):
-                raise self._error(step, f"no answer within {self.timeout:g}s (timeout)") from None
+                raise self._error(step, f"no answer within {timeout:g}s (timeout)") from None
             except httpx.TransportError as exc:
                 cause = _describe(exc)
             else:
@@ -228,9 +264,13 @@ class EngineClient:
         path: str,
         params: Sequence[tuple[str, str | int]],
         payload: Mapping[str, Any] | None,
+        timeout: float,
     ) -> tuple[httpx.Response, str]:
         """The response and its body, read up to MAX_ANSWER_BYTES (_TooLarge past that)."""
-        async with self._http.stream(method, path, params=list(params), json=payload) as response:
+        limits = httpx.Timeout(timeout, connect=self.timeout)
+        async with self._http.stream(
+            method, path, params=list(params), json=payload, timeout=limits
+        ) as response:
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body += chunk

@@ -71,7 +71,13 @@ class Host:
     details: dict[str, Any] = field(default_factory=dict)
 
     def engine(self, pod: PodRef) -> EngineClient:
-        return EngineClient(pod.engine_url, timeout=self.engine_timeout_s, retries=self.engine_retries)
+        # Its sleeps let the requests in flight finish first, up to the pod's drain deadline.
+        return EngineClient(
+            pod.engine_url,
+            timeout=self.engine_timeout_s,
+            retries=self.engine_retries,
+            drain_seconds=pod.drain_seconds,
+        )
 
     def processes(self, pod: PodRef) -> list[discovery.ProcessInfo]:
         if pod.container_id:

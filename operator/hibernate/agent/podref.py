@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,18 @@ class PodRef:
     @property
     def state(self) -> str | None:
         return self.annotations.get(c.ANN_STATE)
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long a sleep waits for the requests in flight (the operator writes spec.drainSeconds
+        here); the default when absent or unreadable, at most an hour."""
+        try:
+            value = float(self.annotations.get(c.ANN_DRAIN_SECONDS, c.DEFAULT_DRAIN_SECONDS))
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            return float(c.DEFAULT_DRAIN_SECONDS)
+        return min(max(value, 0.0), 3600.0)
 
     def last_operation(self) -> dict[str, Any]:
         try:

@@ -23,10 +23,15 @@ ANN_SLEEP_LEVEL: Final = f"{GROUP}/sleep-level"
 ANN_STATE: Final = f"{GROUP}/state"
 ANN_OBSERVED_LEVEL: Final = f"{GROUP}/observed-sleep-level"
 ANN_LAST_OPERATION: Final = f"{GROUP}/last-operation"
-# Operator bookkeeping on pods: the spec level the operator last wrote onto this pod. While the spec
-# keeps that level, the pod's own sleep-level is left alone, so a person's override of one pod holds
-# until the spec's level changes again.
+# Operator bookkeeping on pods: the model's level (spec.sleepLevel, or the automatic level while one
+# is set) the operator last wrote onto this pod. While the model keeps that level, the pod's own
+# sleep-level is left alone, so a person's override of one pod holds until the level changes again.
 ANN_SPEC_LEVEL: Final = f"{GROUP}/spec-sleep-level"
+
+# Written by the operator on each pod (spec.drainSeconds): how long a sleep waits for the requests
+# in flight to finish before it aborts them. The agent reads it; absent, DEFAULT_DRAIN_SECONDS.
+ANN_DRAIN_SECONDS: Final = f"{GROUP}/drain-seconds"
+DEFAULT_DRAIN_SECONDS: Final = 30
 
 # Written by the operator into the pod template: where this model's level-4 images go on the node
 # (spec.checkpoint.directory). The agent only accepts directories under its own allowed roots.
@@ -40,8 +45,24 @@ ANN_LAST_ACTIVITY: Final = f"{GROUP}/last-activity"
 # A ModelDeployment annotated `hibernate.dev/wake-on-request: "false"` is never woken by a request:
 # the gateway answers 503 while it sleeps (a person's level wins).
 ANN_WAKE_ON_REQUEST: Final = f"{GROUP}/wake-on-request"
-# Who asked for the current spec.sleepLevel ("gateway", "idle", or absent for a person).
-ANN_LEVEL_SOURCE: Final = f"{GROUP}/sleep-level-source"
+
+# The automatic level of a ModelDeployment (docs/gateway.md, "Automatic levels"): what the idle
+# ladder or a wake on request decided, kept out of `spec` (the person's, and GitOps tools') as
+# annotations that GitOps tools leave alone. It applies only while ANN_AUTO_GENERATION equals the
+# object's metadata.generation, so a person's change of the spec resets it. Written only through
+# hibernate.controller.auto_level; read through hibernate.api.auto_level.
+ANN_AUTO_LEVEL: Final = f"{GROUP}/auto-sleep-level"
+ANN_AUTO_SOURCE: Final = f"{GROUP}/auto-sleep-level-source"  # who decided: idle, gateway, …
+ANN_AUTO_REASON: Final = f"{GROUP}/auto-sleep-level-reason"  # why, in words
+ANN_AUTO_GENERATION: Final = f"{GROUP}/auto-sleep-level-generation"  # the spec it was decided on
+ANN_AUTO_TIME: Final = f"{GROUP}/auto-sleep-level-time"  # when (RFC 3339 UTC)
+AUTO_ANNOTATIONS: Final = (
+    ANN_AUTO_LEVEL,
+    ANN_AUTO_SOURCE,
+    ANN_AUTO_REASON,
+    ANN_AUTO_GENERATION,
+    ANN_AUTO_TIME,
+)
 
 # kopf keeps its own progress here, never in the user's status.
 KOPF_PREFIX: Final = f"kopf.{GROUP}"

@@ -114,6 +114,8 @@ def crd() -> dict[str, Any]:
                     "additionalPrinterColumns": [
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
                         {"name": "Desired", "type": "string", "jsonPath": ".spec.sleepLevel"},
+                        # The automatic level in effect (idle ladder, wake on request), beside the spec.
+                        {"name": "Auto", "type": "string", "jsonPath": ".status.automaticLevel.level"},
                         {"name": "Level", "type": "string", "jsonPath": ".status.sleepLevel"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -204,7 +204,24 @@ class ModelDeploymentSpec(_Model):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     idle: IdleSpec | None = None
+    drain_seconds: int = Field(
+        default=c.DEFAULT_DRAIN_SECONDS,
+        ge=0,
+        le=3600,
+        description=(
+            "How long a sleep waits for the requests in flight to finish before it aborts them "
+            "(0: abort at once)."
+        ),
+    )
     network: NetworkSpec = Field(default_factory=NetworkSpec)
+    verify_wake: bool = Field(
+        default=True,
+        description=(
+            "After a wake from CudaSuspend or Checkpoint, a replica serves only once a short greedy "
+            "completion gives the same tokens as before its sleep; otherwise it is restarted cold. "
+            "false: no check (changing it rolls the pods, like any pod template change)."
+        ),
+    )
 
     @field_validator("sleep_level")
     @classmethod
@@ -244,9 +261,28 @@ class IdleStatus(_Model):
     next_at: str | None = None
 
 
+class AutomaticLevelStatus(_Model):
+    """The automatic level in effect (hibernate.api.auto_level): what an automaton decided, not the spec."""
+
+    level: str
+    source: str = Field(
+        description="Who decided: idle (the idle ladder), gateway (a wake on request), or another automaton."
+    )
+    reason: str | None = None
+    since: str | None = None
+
+
 class ModelDeploymentStatus(_Model):
     phase: Phase | None = None
     sleep_level: str | None = Field(default=None, description="The level every replica has reached.")
+    effective_level: str | None = Field(
+        default=None,
+        description="The level the operator applies: automaticLevel while one is set, else spec.sleepLevel.",
+    )
+    automatic_level: AutomaticLevelStatus | None = Field(
+        default=None,
+        description="The level the idle ladder or a wake on request set, outside the spec; absent when none.",
+    )
     replicas: int | None = None
     ready_replicas: int | None = None
     conditions: list[Condition] = Field(default_factory=list)

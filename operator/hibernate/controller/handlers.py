@@ -7,10 +7,12 @@ from typing import Any, cast
 
 import kopf
 
+from hibernate.api import auto_level
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.controller import kube, metrics, reconcile
+from hibernate.controller.auto_level import clear_automatic_level
 from hibernate.controller.reconcile import OperatorContext
 from hibernate.controller.status import PodView
 
@@ -95,20 +97,69 @@ def pods_by_model(
     return {(namespace or "", labels.get(c.LABEL_MODEL, "")): PodView.from_pod(dict(body))}
 
 
+def _reconcile(md: dict[str, Any], namespace: str, name: str, memo: Any) -> None:
+    """Owned objects, then the level on every pod, then the status; for the model's effective level
+    (the automatic level in effect, else the spec's)."""
+    spec = _spec(md["spec"])
+    level = reconcile.target_level(md, spec)
+    refused = reconcile.apply_workload(md, spec, memo.ctx)
+    if refused:
+        log.warning("%s/%s: no Deployment written: %s", namespace, name, "; ".join(refused))
+    pods = kube.list_pods(namespace, name)
+    reconcile.propagate_level(namespace, name, level, pods, spec.drain_seconds)
+    _refresh(md, [PodView.from_pod(p) for p in kube.list_pods(namespace, name)], memo)
+    ctx: OperatorContext = memo.ctx
+    ctx.applied[(namespace, name)] = (int(md["metadata"].get("generation") or 0), level)
+
+
 @kopf.on.resume(*MD, backoff=RETRY_SECONDS)
 @kopf.on.create(*MD, backoff=RETRY_SECONDS)
 @kopf.on.update(*MD, field="spec", backoff=RETRY_SECONDS)
 def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     """Owned objects, then the level on every pod, then the status."""
+    _reconcile(_plain(body), namespace or "", name, memo)
+
+
+@kopf.on.event(*MD)
+def automatic_level_changed(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
+) -> None:
+    """An automaton set or cleared the automatic level (annotations: no new generation, so no spec
+    update): apply the new effective level. Automatic annotations left over from before a person's
+    change of the spec no longer apply; they are removed, so that nobody reads them as in effect."""
+    if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+        return
     namespace = namespace or ""
     md = _plain(body)
-    spec = _spec(md["spec"])
-    refused = reconcile.apply_workload(md, spec, memo.ctx)
-    if refused:
-        log.warning("%s/%s: no Deployment written: %s", namespace, name, "; ".join(refused))
-    pods = kube.list_pods(namespace, name)
-    reconcile.propagate_level(namespace, name, spec.level, pods)
-    _refresh(md, [PodView.from_pod(p) for p in kube.list_pods(namespace, name)], memo)
+    if auto_level.stale(md):
+        old = auto_level.recorded(md)
+        # Conditional: an automaton may have decided anew on the current spec a moment ago.
+        cleared = clear_automatic_level(
+            namespace, name, resource_version=md["metadata"].get("resourceVersion")
+        )
+        if cleared and old is not None:
+            message = (
+                f"The spec changed since {old.source or 'an automaton'} set {old.level.label}: "
+                "spec.sleepLevel applies again"
+            )
+            kopf.event(
+                cast(kopf.Body, _md_ref(md)), type="Normal", reason="AutomaticLevelReset", message=message
+            )
+        return  # the removal comes back as an event
+    ctx: OperatorContext = memo.ctx
+    applied = ctx.applied.get((namespace, name))
+    if applied is None:
+        return  # not reconciled yet: the resume or create handler will be, with this level
+    generation = int(md["metadata"].get("generation") or 0)
+    if applied[0] != generation:
+        return  # a spec change: the update handler reconciles it
+    try:
+        level = reconcile.target_level(md, ModelDeploymentSpec.model_validate(md["spec"]))
+    except (ValueError, InvalidSleepLevel):
+        return  # reported by the spec handlers
+    if level != applied[1]:
+        log.info("%s/%s: automatic level: now %s (was %s)", namespace, name, level.label, applied[1].label)
+        _reconcile(md, namespace, name, memo)
 
 
 @kopf.timer(*MD, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
@@ -123,11 +174,16 @@ def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwarg
     namespace = namespace or ""
     md = _plain(body)
     spec = _spec(md["spec"])
+    level = reconcile.target_level(md, spec)
+    applied = memo.ctx.applied.get((namespace, name))
+    if applied is not None and applied != (int(md["metadata"].get("generation") or 0), level):
+        _reconcile(md, namespace, name, memo)  # a missed change of the automatic level
+        return
     pods_by_model: kopf.Index[tuple[str, str], PodView] = kwargs["pods_by_model"]
     views = list(pods_by_model.get((namespace, name), []))
-    if any(reconcile.needs_level(view, spec.level) for view in views):
+    if any(reconcile.needs_level(view, level, spec.drain_seconds) for view in views):
         pods = kube.list_pods(namespace, name)
-        if reconcile.propagate_level(namespace, name, spec.level, pods):
+        if reconcile.propagate_level(namespace, name, level, pods, spec.drain_seconds):
             pods = kube.list_pods(namespace, name)
         views = [PodView.from_pod(p) for p in pods]
     _refresh(md, views, memo)
@@ -184,7 +240,9 @@ def pod_changed(
         return
     spec = _spec(md["spec"])
     if event.get("type") != "DELETED":
-        reconcile.ensure_pod_level(namespace, dict(body), spec.level)
+        reconcile.ensure_pod_level(
+            namespace, dict(body), reconcile.target_level(md, spec), spec.drain_seconds
+        )
     pods = list(pods_by_model.get(key, []))
     if event.get("type") == "DELETED":
         pods = [p for p in pods if p.name != body.metadata.get("name")]

@@ -1,14 +1,17 @@
 """Idle auto-sleep: which level an idle model should be at now, and its next step. Pure: no API calls.
 
 The ladder (`spec.idle`) counts from the model's last activity: the gateway's
-`hibernate.dev/last-activity` annotation, the `status.idle.lastActivity` we wrote before, the
+`hibernate.dev/last-activity` annotation, the `status.idle.lastActivity` we wrote before (which
+also carries the requests the engines counted themselves, see engine_activity), the
 ModelDeployment's creation, or the moment it last became awake, whichever is latest (a model woken
 by a person must not fall back asleep at once because nobody sent it a request for hours). A wake
 still in progress counts as activity now.
 
-Steps only go deeper: the ladder never wakes a model, and a deeper level a person chose by hand is
-never made shallower. Several steps due at once (an operator that was down) go straight to the
-deepest one due; there is no point in passing through the shallower ones.
+The level it moves is the model's effective level (hibernate.api.auto_level): its decisions are
+automatic levels, never spec changes. Steps only go deeper: the ladder never wakes a model, and a
+deeper level a person chose by hand is never made shallower. Several steps due at once (an operator
+that was down) go straight to the deepest one due; there is no point in passing through the
+shallower ones.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from hibernate.api import auto_level
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
 from hibernate.api.v1alpha1 import IdleSpec, ModelDeploymentSpec
@@ -80,8 +84,9 @@ def woken_at(status: dict[str, Any], now: datetime) -> datetime | None:
     return parse_time(transition.get("started"))  # a wake that failed: counted from its start
 
 
-def last_activity(md: dict[str, Any], now: datetime) -> datetime:
-    """The latest of: the activity annotation, status.idle.lastActivity, creation, the last wake."""
+def last_activity(md: dict[str, Any], now: datetime, engine_activity: datetime | None = None) -> datetime:
+    """The latest of: the activity annotation, status.idle.lastActivity, creation, the last wake, and
+    `engine_activity` (when the engines' own counters last moved)."""
     meta = md.get("metadata") or {}
     status = md.get("status") or {}
     candidates = [
@@ -89,6 +94,7 @@ def last_activity(md: dict[str, Any], now: datetime) -> datetime:
         parse_time((status.get("idle") or {}).get("lastActivity")),
         parse_time(meta.get("creationTimestamp")),
         woken_at(status, now),
+        engine_activity,
     ]
     found = [moment for moment in candidates if moment is not None]
     # Activity stamped in the future (a skewed clock) counts as now, so the ladder cannot stall.
@@ -99,21 +105,24 @@ def last_activity(md: dict[str, Any], now: datetime) -> datetime:
 class Decision:
     """What the idle timer does for one ModelDeployment at one tick."""
 
-    current: SleepLevel
-    move_to: SleepLevel | None  # a deeper spec level to set now, or None
+    current: SleepLevel  # the effective level: the automatic one in effect, else the spec's
+    move_to: SleepLevel | None  # a deeper automatic level to set now, or None
     idle_status: dict[str, str | None] | None  # status.idle to write, or None to leave it
     idle_for: timedelta  # how long the model has been without activity
     skip: str = ""  # why nothing is decided this tick (status behind the spec, …)
 
 
-def decide(md: dict[str, Any], now: datetime | None = None) -> Decision:
-    """Decide for a ModelDeployment as read from the API (a plain dict)."""
+def decide(
+    md: dict[str, Any], now: datetime | None = None, engine_activity: datetime | None = None
+) -> Decision:
+    """Decide for a ModelDeployment as read from the API (a plain dict); `engine_activity`: when its
+    engines last counted a request (engine_activity.EngineActivity), if they did."""
     now = now or datetime.now(UTC)
     meta = md.get("metadata") or {}
     status = md.get("status") or {}
     try:
         spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
-        current = spec.level
+        current = auto_level.effective_level(md, spec.level)
     except (ValueError, InvalidSleepLevel) as e:
         return Decision(SleepLevel.AWAKE, None, None, timedelta(0), skip=f"invalid spec: {e}")
     if spec.idle is None:
@@ -123,9 +132,14 @@ def decide(md: dict[str, Any], now: datetime | None = None) -> Decision:
         # The operator has not folded the current spec yet (a wake may have been asked a moment
         # ago, and our copy may be older than it): decide on the next tick, on a settled view.
         return Decision(current, None, None, timedelta(0), skip="status behind the spec")
+    folded_for = status.get("effectiveLevel")
+    if folded_for is not None and folded_for != current.label:
+        # An automatic level set a moment ago (a wake on request, say) that the status does not
+        # show yet: the phase and the last transition are about the level before it.
+        return Decision(current, None, None, timedelta(0), skip="status behind the automatic level")
     if current == SleepLevel.AWAKE and status.get("phase") in _STARTING:
         return Decision(current, None, None, timedelta(0), skip="starting or waking")
-    since = last_activity(md, now)
+    since = last_activity(md, now, engine_activity)
     result = plan(spec.idle, since, current, now)
     idle_status = {  # the next step after the move, if there is one
         "lastActivity": format_time(since),

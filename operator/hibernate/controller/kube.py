@@ -130,15 +130,3 @@ def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     custom().patch_namespaced_custom_object_status(
         c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"status": status}
     )
-
-
-def patch_spec_level(namespace: str, name: str, level: str, source: str) -> None:
-    """Set spec.sleepLevel (used by the gateway and the idle ladder), recording who asked."""
-    custom().patch_namespaced_custom_object(
-        c.GROUP,
-        c.VERSION,
-        namespace,
-        c.PLURAL,
-        name,
-        {"metadata": {"annotations": {c.ANN_LEVEL_SOURCE: source}}, "spec": {"sleepLevel": level}},
-    )

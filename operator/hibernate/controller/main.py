@@ -34,6 +34,7 @@ def engine_network(args: argparse.Namespace) -> EngineNetwork | None:
     for flag, labels in (
         ("--agent-pod-labels", args.agent_pod_labels),
         ("--gateway-pod-labels", args.gateway_pod_labels),
+        ("--operator-pod-labels", getattr(args, "operator_pod_labels", {})),
     ):
         if not labels:
             continue
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
     )
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the idle timer's reads of engine /metrics
     if args.metrics_port:
         # The operator's metrics (hibernate_operator_*, hibernate_idle_*) on the default registry.
         start_http_server(args.metrics_port)

@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from hibernate.api import auto_level
 from hibernate.api import constants as c
 from hibernate.api.levels import SleepLevel
 from hibernate.api.pod_fields import PodFieldPolicy, refusals
@@ -28,6 +29,9 @@ class OperatorContext:
     pod_fields: PodFieldPolicy = field(default_factory=PodFieldPolicy)
     locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     last_status: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # (generation, effective level) of the last full reconcile of each model: a change of the
+    # automatic level (annotations, no new generation) is noticed against it.
+    applied: dict[tuple[str, str], tuple[int, SleepLevel]] = field(default_factory=dict)
     guard: threading.Lock = field(default_factory=threading.Lock)
 
     def lock_for(self, key: tuple[str, str]) -> threading.Lock:
@@ -38,10 +42,17 @@ class OperatorContext:
         with self.guard:
             self.locks.pop(key, None)
             self.last_status.pop(key, None)
+            self.applied.pop(key, None)
 
 
-def awake_replicas(spec: ModelDeploymentSpec) -> int:
-    return 0 if spec.level == SleepLevel.STOP else spec.replicas
+def target_level(md: dict[str, Any], spec: ModelDeploymentSpec) -> SleepLevel:
+    """The level the operator applies: the automatic level in effect (the idle ladder's, a wake on
+    request's), else spec.sleepLevel (hibernate.api.auto_level)."""
+    return auto_level.effective_level(md, spec.level)
+
+
+def awake_replicas(spec: ModelDeploymentSpec, level: SleepLevel | None = None) -> int:
+    return 0 if (level if level is not None else spec.level) == SleepLevel.STOP else spec.replicas
 
 
 def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorContext) -> list[str]:
@@ -54,8 +65,9 @@ def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorC
     refused = refusals(spec.engine, ctx.pod_fields)
     if refused:
         return refused
-    dep = workload.deployment(md, spec, awake_replicas(spec), ctx.tools_image)
-    if spec.level == SleepLevel.STOP:
+    level = target_level(md, spec)
+    dep = workload.deployment(md, spec, awake_replicas(spec, level), ctx.tools_image)
+    if level == SleepLevel.STOP:
         dep["metadata"]["annotations"] = {c.ANN_REPLICAS_BEFORE_STOP: str(spec.replicas)}
     kube.server_side_apply(dep)
     fault_point("operator.after-deployment")
@@ -63,33 +75,43 @@ def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorC
     return []
 
 
-def level_patch(pod: dict[str, Any], level: SleepLevel) -> dict[str, str | None] | None:
-    """The annotations to write on one pod so that it carries the spec's level; None if nothing to do.
+def level_patch(
+    pod: dict[str, Any], level: SleepLevel, drain_seconds: int | None = None
+) -> dict[str, str | None] | None:
+    """The annotations to write on one pod so that it carries the model's level (and, given
+    `drain_seconds`, the drain deadline of its sleeps); None if nothing to do.
 
-    A pod whose recorded spec level equals the current one keeps its own sleep-level, which may be a
-    person's override; a change of the spec's level overrides everyone again.
+    A pod whose recorded model level equals the current one keeps its own sleep-level, which may be a
+    person's override; a change of the model's level overrides everyone again.
     """
     meta = pod.get("metadata") or {}
-    return _level_patch(meta.get("annotations") or {}, bool(meta.get("deletionTimestamp")), level)
+    return _level_patch(
+        meta.get("annotations") or {}, bool(meta.get("deletionTimestamp")), level, drain_seconds
+    )
 
 
-def needs_level(pod: PodView, level: SleepLevel) -> bool:
+def needs_level(pod: PodView, level: SleepLevel, drain_seconds: int | None = None) -> bool:
     """`level_patch` decided from the operator's view of a pod (kopf's pod index)."""
-    return _level_patch(pod.annotations, pod.terminating, level) is not None
+    return _level_patch(pod.annotations, pod.terminating, level, drain_seconds) is not None
 
 
 def _level_patch(
-    annotations: dict[str, str], terminating: bool, level: SleepLevel
+    annotations: dict[str, str], terminating: bool, level: SleepLevel, drain_seconds: int | None
 ) -> dict[str, str | None] | None:
     if terminating or level == SleepLevel.STOP:
         return None  # Stop is the operator's scaling; the agent never sees level 5
-    if annotations.get(c.ANN_SPEC_LEVEL) == level.label and c.ANN_SLEEP_LEVEL in annotations:
-        return None
-    return {c.ANN_SLEEP_LEVEL: level.label, c.ANN_SPEC_LEVEL: level.label}
+    patch: dict[str, str | None] = {}
+    if annotations.get(c.ANN_SPEC_LEVEL) != level.label or c.ANN_SLEEP_LEVEL not in annotations:
+        patch = {c.ANN_SLEEP_LEVEL: level.label, c.ANN_SPEC_LEVEL: level.label}
+    if drain_seconds is not None and annotations.get(c.ANN_DRAIN_SECONDS) != str(drain_seconds):
+        patch[c.ANN_DRAIN_SECONDS] = str(drain_seconds)
+    return patch or None
 
 
-def ensure_pod_level(namespace: str, pod: dict[str, Any] | None, level: SleepLevel) -> bool:
-    """Give one pod the spec's level unless it already has it (or a person's override of it).
+def ensure_pod_level(
+    namespace: str, pod: dict[str, Any] | None, level: SleepLevel, drain_seconds: int | None = None
+) -> bool:
+    """Give one pod the model's level unless it already has it (or a person's override of it).
 
     The write is conditional on the pod's resourceVersion: decided on a stale copy, it could undo a
     person's annotation made a moment ago. On a conflict, read the pod again and decide again.
@@ -97,7 +119,7 @@ def ensure_pod_level(namespace: str, pod: dict[str, Any] | None, level: SleepLev
     for _ in range(5):
         if pod is None:
             return False
-        patch = level_patch(pod, level)
+        patch = level_patch(pod, level, drain_seconds)
         if patch is None:
             return False
         meta = pod["metadata"]
@@ -110,11 +132,13 @@ def ensure_pod_level(namespace: str, pod: dict[str, Any] | None, level: SleepLev
     raise RuntimeError(f"pod {namespace}/{pod and pod['metadata']['name']} keeps changing; will retry")
 
 
-def propagate_level(namespace: str, name: str, level: SleepLevel, pods: list[dict[str, Any]]) -> int:
+def propagate_level(
+    namespace: str, name: str, level: SleepLevel, pods: list[dict[str, Any]], drain_seconds: int | None = None
+) -> int:
     """Write the desired level onto every pod that needs it; returns how many were patched."""
     patched = 0
     for pod in pods:
-        if ensure_pod_level(namespace, pod, level):
+        if ensure_pod_level(namespace, pod, level, drain_seconds):
             patched += 1
     if patched:
         log.info("level %s written on %d pod(s) of %s/%s", level.label, patched, namespace, name)
@@ -127,19 +151,31 @@ def compute_status(
     meta = md["metadata"]
     key = (meta["namespace"], meta["name"])
     previous = ctx.last_status.get(key) or md.get("status") or {}
-    return fold(
-        desired=spec.level,
-        replicas=awake_replicas(spec),
+    level = target_level(md, spec)
+    result = fold(
+        desired=level,
+        replicas=awake_replicas(spec, level),
         generation=int(meta.get("generation") or 0),
         pods=pods,
         previous=previous,
         refused="; ".join(refusals(spec.engine, ctx.pod_fields)),
     )
+    # What the fold was made for: the gateway and the idle timer know from it that the status has
+    # caught up with an automatic level (which, unlike a spec change, bumps no generation).
+    result.status["effectiveLevel"] = level.label
+    auto = auto_level.automatic_level(md)
+    result.status["automaticLevel"] = auto.to_status() if auto is not None else None  # None: removed
+    return result
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     keep = ("idle",)  # owned by the idle timer, not by the fold
-    return {k: v for k, v in a.items() if k not in keep} == {k: v for k, v in b.items() if k not in keep}
+
+    def mine(status: dict[str, Any]) -> dict[str, Any]:
+        # A key set to None is removed by the merge patch: absent and None say the same.
+        return {k: v for k, v in status.items() if k not in keep and v is not None}
+
+    return mine(a) == mine(b)
 
 
 def write_status(md: dict[str, Any], result: Fold, ctx: OperatorContext) -> bool:

@@ -39,6 +39,7 @@ class PodView:
     annotations: dict[str, str] = field(default_factory=dict)
     ready: bool = False
     terminating: bool = False
+    ip: str | None = None  # status.podIP: where the idle timer reads the engine's /metrics
 
     @classmethod
     def from_pod(cls, pod: dict[str, Any]) -> PodView:
@@ -50,6 +51,7 @@ class PodView:
             annotations=dict(meta.get("annotations") or {}),
             ready=ready,
             terminating=bool(meta.get("deletionTimestamp")),
+            ip=(pod.get("status") or {}).get("podIP") or None,
         )
 
     def desired(self, default: SleepLevel) -> SleepLevel | None:

@@ -64,6 +64,8 @@ class FakeEngineServer:
         self.faults = faults
         self.scheduler = Scheduler()
         self._lock = asyncio.Lock()  # one sleep, wake or reload at a time
+        # Finished requests by finish reason: vLLM's counter vllm:request_success.
+        self.finished: dict[str, int] = {"length": 0, "stop": 0, "abort": 0}
         self._stopping = asyncio.Event()
 
     def app(self) -> web.Application:
@@ -118,6 +120,12 @@ class FakeEngineServer:
         lines += [f"vllm:num_requests_running{{{labels}}} {self.scheduler.running}"]
         lines += ["# TYPE vllm:num_requests_waiting gauge"]
         lines += [f"vllm:num_requests_waiting{{{labels}}} {self.scheduler.waiting}"]
+        lines += ["# HELP vllm:request_success_total Count of successfully processed requests."]
+        lines += ["# TYPE vllm:request_success_total counter"]
+        lines += [
+            f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {float(count)}'
+            for reason, count in self.finished.items()
+        ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -137,8 +145,11 @@ class FakeEngineServer:
             return _error(f"mode must be one of {list(SLEEP_MODES)}, got {mode!r}", 400)
         level = int(level_text)
         await self._injected("sleep", self.faults.fail_sleep, self.faults.hang_sleep)
+        # As vLLM: the pause comes first and outside the lock, so that while a mode=wait sleep waits
+        # for the running requests, a mode=abort sleep can end them and sleep at once (the waiting
+        # one then finds the engine asleep: a no-op).
+        await self.scheduler.pause(mode)
         async with self._lock:
-            await self.scheduler.pause(mode)
             try:
                 self.model.sleep(level)
             except OSError as exc:
@@ -267,7 +278,12 @@ class FakeEngineServer:
         return response
 
     async def _generate(self, req: openai.Request, ticket: int, emit: Emit) -> str:
-        """Run one request through the scheduler; returns the finish reason."""
+        """Run one request through the scheduler; returns the finish reason (and counts it)."""
+        finish = await self._run(req, ticket, emit)
+        self.finished[finish] = self.finished.get(finish, 0) + 1
+        return finish
+
+    async def _run(self, req: openai.Request, ticket: int, emit: Emit) -> str:
         if not await self.scheduler.admit(ticket):
             return "abort"
         async with self.scheduler.run():

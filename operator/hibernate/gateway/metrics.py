@@ -55,7 +55,7 @@ class GatewayMetrics:
         )
         self.wakes = Counter(
             "hibernate_gateway_wakes_total",
-            "Wakes the gateway asked for (spec.sleepLevel set to Awake), by the level woken from.",
+            "Wakes the gateway asked for (its automatic level set to Awake), by the level woken from.",
             ["level"],
             registry=self.registry,
         )

@@ -19,8 +19,9 @@ from typing import Any, Final, cast
 
 from kubernetes import watch
 
+from hibernate.api import auto_level
 from hibernate.api import constants as c
-from hibernate.api.levels import InvalidSleepLevel, SleepLevel
+from hibernate.api.levels import SleepLevel
 from hibernate.controller import kube
 
 log = logging.getLogger("hibernate.gateway")
@@ -53,7 +54,10 @@ class ModelView:
     model: str  # the served model name
     upstream: str  # base URL of the model's Service
     generation: int
-    desired: SleepLevel | None  # spec.sleepLevel; None when unparseable
+    desired: SleepLevel | None  # spec.sleepLevel (the person's); None when unparseable
+    effective: SleepLevel | None  # the automatic level in effect, else spec.sleepLevel
+    automatic: SleepLevel | None  # the automatic level in effect (hibernate.api.auto_level), if any
+    folded_for: SleepLevel | None  # status.effectiveLevel: the level the status describes
     phase: str | None
     ready: bool  # the Ready condition is True
     observed_generation: int
@@ -67,21 +71,26 @@ class ModelView:
 
     @property
     def serving(self) -> bool:
-        return self.desired == SleepLevel.AWAKE and self.phase == "Awake" and self.ready
+        return self.effective == SleepLevel.AWAKE and self.caught_up and self.phase == "Awake" and self.ready
 
-    def settled_at(self, generation: int) -> bool:
-        """The status describes the spec of `generation` or a later one."""
-        return self.observed_generation >= generation
+    @property
+    def caught_up(self) -> bool:
+        """The status describes the level in effect now: the spec of this generation, and the
+        automatic level (which changes no generation)."""
+        return self.observed_generation >= self.generation and self.folded_for == self.effective
 
     @classmethod
     def from_object(cls, obj: dict[str, Any], template: str) -> ModelView:
         meta = obj.get("metadata") or {}
         spec = obj.get("spec") or {}
         status = obj.get("status") or {}
-        try:
-            desired: SleepLevel | None = SleepLevel.parse(spec.get("sleepLevel", "Awake"))
-        except InvalidSleepLevel:
-            desired = None
+        desired = auto_level.spec_level(obj)
+        automatic = auto_level.automatic_level(obj)
+        effective = automatic.level if automatic is not None else desired
+        # An operator from before automatic levels writes no effectiveLevel: its status is the spec's.
+        folded_for = (
+            SleepLevel.parse_or_none(status.get("effectiveLevel")) if "effectiveLevel" in status else desired
+        )
         conditions = {x.get("type"): x for x in status.get("conditions") or [] if isinstance(x, dict)}
         ready = conditions.get("Ready") or {}
         degraded = conditions.get("Degraded") or {}
@@ -98,6 +107,9 @@ class ModelView:
             upstream=template.format(name=name, namespace=namespace, port=port).rstrip("/"),
             generation=int(meta.get("generation") or 0),
             desired=desired,
+            effective=effective,
+            automatic=automatic.level if automatic is not None else None,
+            folded_for=folded_for,
             phase=status.get("phase"),
             ready=ready.get("status") == "True",
             observed_generation=observed if isinstance(observed, int) else -1,

@@ -2,9 +2,10 @@
 # (the official client ships no type hints)
 """The gateway's HTTP server: route by `model`, hold while the model wakes, forward, stream back.
 
-One wake per model at a time: the first request for a sleeping model starts it (one spec patch),
-later ones join it. Each held request waits at most --hold-timeout seconds; a full queue, a failed
-wake or a timeout is answered 503 with Retry-After and an OpenAI-style error body. Nothing hangs.
+One wake per model at a time: the first request for a sleeping model starts it (one annotation
+patch: its automatic level, never its spec), later ones join it. Each held request waits at most
+--hold-timeout seconds; a full queue, a failed wake or a timeout is answered 503 with Retry-After
+and an OpenAI-style error body. Nothing hangs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hibernate.api import constants as c
+from hibernate.api.auto_level import SOURCE_GATEWAY
 from hibernate.api.levels import SleepLevel
 from hibernate.controller import kube
+from hibernate.controller.auto_level import clear_automatic_level, set_automatic_level
 from hibernate.controller.idle import format_time
 from hibernate.gateway import metrics as m
 from hibernate.gateway.activity import ActivityRecorder
@@ -33,7 +36,7 @@ from hibernate.gateway.registry import ANN_WAKE_ON_REQUEST, Key, ModelView, Regi
 
 log = logging.getLogger("hibernate.gateway")
 
-SOURCE: Final = "gateway"  # recorded in ANN_LEVEL_SOURCE for the wakes the gateway asks for
+SOURCE: Final = SOURCE_GATEWAY  # the source of the automatic levels the gateway sets (its wakes)
 POLL_SECONDS: Final = 2.0  # while holding, read the object directly this often (in case the watch lags)
 # Request headers that belong to one connection, not to the request (RFC 9110 §7.6.1), plus the ones
 # the client library sets itself.
@@ -167,6 +170,7 @@ class Gateway:
                     "namespace": view.namespace,
                     "name": view.name,
                     "sleepLevel": view.desired.label if view.desired is not None else None,
+                    "automaticLevel": view.automatic.label if view.automatic is not None else None,
                     "reached": view.reached,
                     "phase": view.phase,
                     "ready": view.serving,
@@ -259,27 +263,31 @@ class Gateway:
             del self.wakes[key]
 
     async def _wake(self, key: Key) -> Outcome:
-        """Ask for Awake if the spec wants a sleep level, then wait for the status to say Awake."""
+        """Ask for Awake if the model's level is a sleep level, then wait for the status to say Awake."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.hold_timeout
         view = self.registry.get(key)
         if view is None:
             return self._gone(key)
-        generation = view.generation
-        if view.desired != SleepLevel.AWAKE:
+        if view.effective != SleepLevel.AWAKE:
             if not view.wake_on_request:
+                how = (
+                    f"`kubectl hibernate wake md/{view.name} -n {view.namespace}`"
+                    if view.desired == SleepLevel.AWAKE
+                    else "setting spec.sleepLevel to Awake"
+                )
                 return Outcome(
                     ok=False,
                     result=m.RESULT_WAKE_DISABLED,
                     message=(
                         f"model `{view.model}` is asleep at {_level(view)} and its ModelDeployment "
                         f'{view.namespace}/{view.name} has {ANN_WAKE_ON_REQUEST}: "false"; '
-                        "wake it by setting spec.sleepLevel to Awake"
+                        f"wake it with {how}"
                     ),
                     retry_after=self.options.retry_after_disabled,
                 )
             try:
-                generation = await self._ask_for_awake(view)
+                await self._ask_for_awake(view)
             except ApiException as e:
                 if e.status == 404:
                     return self._gone(key)
@@ -295,7 +303,7 @@ class Gateway:
             view = self.registry.get(key)
             if view is None:
                 return self._gone(key)
-            if view.settled_at(generation):
+            if view.caught_up:
                 if view.serving:
                     return OK
                 if view.phase == "Failed":
@@ -308,7 +316,7 @@ class Gateway:
                         ),
                         retry_after=self.options.retry_after_failed,
                     )
-                if view.desired != SleepLevel.AWAKE:
+                if view.effective != SleepLevel.AWAKE:
                     return Outcome(
                         ok=False,
                         result=m.RESULT_WAKE_FAILED,
@@ -326,23 +334,39 @@ class Gateway:
                 continue
             await self.registry.changed(key, min(deadline - now, POLL_SECONDS))
 
-    async def _ask_for_awake(self, view: ModelView) -> int:
-        """One spec patch to Awake; returns a generation at least as new as the patched spec."""
+    async def _ask_for_awake(self, view: ModelView) -> None:
+        """One annotation patch: the automatic level goes (when the spec says Awake) or becomes Awake
+        (when the person's spec says a sleep level: a request wins over it). The spec is not touched."""
         namespace, name = view.key
-        await asyncio.to_thread(kube.patch_spec_level, namespace, name, SleepLevel.AWAKE.label, SOURCE)
+        if view.desired == SleepLevel.AWAKE:
+            done = await asyncio.to_thread(clear_automatic_level, namespace, name)
+        else:
+            reason = f"a request for model {view.model} woke it from {_level(view)}"
+            done = await asyncio.to_thread(
+                functools.partial(
+                    set_automatic_level,
+                    namespace,
+                    name,
+                    SleepLevel.AWAKE,
+                    source=SOURCE,
+                    reason=reason,
+                    generation=view.generation,
+                )
+            )
+        if not done:
+            raise ApiException(status=404, reason="Not Found")
         self.metrics.wakes.labels(level=_level(view)).inc()
         log.info("waking %s/%s (model %s) from %s for a request", namespace, name, view.model, _level(view))
-        # The ladder starts again from this request; the patch's answer carries the new generation.
+        # The ladder starts again from this request; the answer is the object with the wake in it.
         obj: dict[str, Any] | None = None
         try:
             obj = await self.activity.force(view.key) or await asyncio.to_thread(_read, namespace, name)
-        except Exception as e:  # the wake is asked for; only its generation is unknown
+        except Exception as e:  # the wake is asked for; the watch brings the object
             log.warning("after waking %s/%s: could not read it back: %s", namespace, name, e)
-            return view.generation + 1  # a spec change bumps the generation by one
+            return
         if obj is None:
             raise ApiException(status=404, reason="Not Found")
         self.registry.refresh(obj, view.key)
-        return int((obj.get("metadata") or {}).get("generation") or view.generation + 1)
 
     async def _reread(self, key: Key) -> None:
         try:
@@ -423,7 +447,7 @@ class Gateway:
 
 
 def _level(view: ModelView) -> str:
-    return view.desired.label if view.desired is not None else "an invalid level"
+    return view.effective.label if view.effective is not None else "an invalid level"
 
 
 def _read(namespace: str, name: str) -> dict[str, Any] | None:
