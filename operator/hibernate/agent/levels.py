@@ -85,7 +85,33 @@ class Host:
         return discovery.pod_processes(pod.uid, self.proc_root)
 
     def cuda_pids(self, pod: PodRef) -> list[int]:
-        return self.find_cuda_pids(self.processes(pod), self.proc_root)
+        return self.cuda_pids_of(self.processes(pod))
+
+    def cuda_pids_of(self, procs: Sequence[discovery.ProcessInfo]) -> list[int]:
+        """The CUDA processes among `procs`: those holding /dev/nvidia*, then those the driver holds
+        locked or checkpointed.
+
+        A checkpointed process has let go of every GPU handle (which is what lets criu dump it
+        without a CUDA plugin), so the file scan no longer finds it; only the driver knows it. The
+        wake from CudaSuspend, the CUDA restore after a criu restore and the probe need it found.
+        """
+        found = self.find_cuda_pids(procs, self.proc_root)
+        rest = [p.pid for p in procs if p.pid not in found]
+        if not rest:
+            return found
+        try:
+            api = self.cuda_api()
+        except cuda.CudaError:  # no driver on this node: nothing can be suspended either
+            return found
+        suspended = []
+        for pid in rest:
+            try:
+                state = api.get_state(pid)
+            except cuda.CudaError:  # not a CUDA process (or gone)
+                continue
+            if state in (cuda.ProcessState.LOCKED, cuda.ProcessState.CHECKPOINTED):
+                suspended.append(pid)
+        return [*found, *suspended]
 
 
 async def _has_sleep_api(engine: EngineClient) -> bool:
@@ -352,7 +378,7 @@ class Levels:
                 # engine running it is a leftover of a dump or restore an agent did not finish.
                 with contextlib.suppress(OSError):
                     criu.Pod(root.init.pid).remove_marker()
-            pids = self.host.find_cuda_pids(procs, self.host.proc_root)
+            pids = await asyncio.to_thread(self.host.cuda_pids_of, procs)
             if pids:
                 try:
                     api = self.host.cuda_api()
