@@ -72,10 +72,19 @@ def test_defaults_are_applied_by_the_api_server(cluster: Cluster, namespace: str
 
 def test_get_md_shows_model_desired_auto_level_phase_age(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model("cols", "L1")))
-    lines = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()
-    assert lines[0].split() == ["NAME", "MODEL", "DESIRED", "AUTO", "LEVEL", "PHASE", "AGE"]
+
+    def table() -> dict[str, str]:
+        header, row = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()[:2]
+        names = header.split()
+        starts = [header.index(f" {n} ") + 1 if i else 0 for i, n in enumerate(names[:-1])]
+        starts.append(header.rindex(names[-1]))
+        bounds = [*starts, None]
+        return {n: row[bounds[i] : bounds[i + 1]].strip() for i, n in enumerate(names)}
+
+    columns = table()
+    assert list(columns) == ["NAME", "MODEL", "DESIRED", "AUTO", "LEVEL", "PHASE", "AGE"]
     # DESIRED is the person's spec; AUTO the automatic level in effect (none here), from the status.
-    assert lines[1].split()[2:4] == ["L1", "<none>"]
+    assert (columns["DESIRED"], columns["AUTO"]) == ("L1", "")
     cluster.custom.patch_namespaced_custom_object_status(
         "hibernate.dev",
         "v1alpha1",
@@ -84,8 +93,8 @@ def test_get_md_shows_model_desired_auto_level_phase_age(cluster: Cluster, names
         "cols",
         {"status": {"automaticLevel": {"level": "L2", "source": "idle"}, "effectiveLevel": "L2"}},
     )
-    row = cluster.kubectl("get", "md", "-n", namespace).stdout.splitlines()[1].split()
-    assert row[2:4] == ["L1", "L2"]
+    columns = table()
+    assert (columns["DESIRED"], columns["AUTO"], columns["LEVEL"]) == ("L1", "L2", "")
 
 
 @pytest.mark.parametrize(
