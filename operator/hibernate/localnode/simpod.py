@@ -165,9 +165,10 @@ def _make_cgroup(mount: Path, rel: Path) -> Path:
     for part in rel.parts:
         parent, path = path, path / part
         path.mkdir(exist_ok=True)
-        # A new v1 cpuset has no cpus or mems, and a task cannot join it until it has them.
+        # A new v1 cpuset has no cpus or mems, and a task cannot join it until it has them. (On v2
+        # an empty one inherits its parent's, and the root has none to copy.)
         for knob in ("cpuset.cpus", "cpuset.mems"):
-            if (path / knob).exists() and not (path / knob).read_text().strip():
+            if (parent / knob).exists() and (path / knob).exists() and not (path / knob).read_text().strip():
                 (path / knob).write_text((parent / knob).read_text())
     return path
 
