@@ -13,6 +13,9 @@
 #      Checkpoint and Stop and back to Awake after each, through kubectl; checks the level/phase in
 #      `kubectl get md`, the same completion answer after every wake, and across L1/L2/Checkpoint the
 #      same pod, pod IP and Service endpoints; prints md, pods -o wide and endpoints at every step,
+#   4a. tests/e2e/readiness.py: two replicas, one put to sleep by a person: it leaves the Service's
+#      ready endpoints; 100 requests to those endpoints and 100 through the gateway, none hangs,
+#      none fails; with both asleep the gateway holds a request until one wakes; Stop on one pod,
 #   4b. tests/e2e/hostile.py: a hostile engine that replaces its loader, python3 and more with
 #      recorders and plants symlinks to host canaries; a Checkpoint cycle and a deletion must give
 #      it nothing (docs/security.md),
@@ -230,6 +233,9 @@ rc=0
 step "Prometheus: a query of each level's wake seconds returns the walk's wakes"
 if [ "$prom_rc" = 0 ]; then "${PROM[@]}" check --dir "$DIR/prometheus" --walk-summary "$DIR/walk.json" || rc=1
 else echo "prometheus did not start (above)"; rc=1; fi
+step "two replicas, one asleep: no request reaches it (tests/e2e/readiness.py)"
+"$ROOT/.venv/bin/python" "$ROOT/tests/e2e/readiness.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
+  --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" --release "$RELEASE" || rc=1
 step "a hostile engine: a Checkpoint cycle and a deletion give it nothing (tests/e2e/hostile.py)"
 "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/hostile.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
   --engine-image "$HOSTILE_IMAGE" --release-namespace "$RELEASE_NS" --canary-dir "$CANARY" || rc=1

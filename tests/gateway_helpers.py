@@ -88,15 +88,24 @@ def metric_sum(metrics: dict[str, float], name: str) -> float:
 
 @contextmanager
 def start_gateway(
-    cluster: Cluster, namespace: str, workdir: Path, *args: str, hold_timeout: float = 30.0
+    cluster: Cluster,
+    namespace: str,
+    workdir: Path,
+    *args: str,
+    hold_timeout: float = 30.0,
+    upstream_template: str | None = "http://127.0.0.1:{port}",
 ) -> Iterator[GatewayProcess]:
+    """The gateway, forwarding to `upstream_template` (each model's fixed engine port) when the status
+    says the model serves; None: as deployed, to the ready endpoints of each model's Service."""
     port = free_port()
+    upstream = ("--upstream-template", upstream_template) if upstream_template else ()
     process = hibernate_process(
         cluster,
         workdir / "gateway.log",
         "gateway",
         *("--bind", "127.0.0.1", "--port", str(port), "--namespace", namespace),
-        *("--upstream-template", "http://127.0.0.1:{port}", "--hold-timeout", str(hold_timeout)),
+        *upstream,
+        *("--hold-timeout", str(hold_timeout)),
         *("--activity-interval", "0.5", "--shutdown-timeout", "1"),
         *args,
     ).start()

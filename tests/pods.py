@@ -128,11 +128,13 @@ def create_engine_pod(
     owner: Ref | None = None,
     bare: bool = False,
     model: str | None = None,
+    gated: bool = False,
 ) -> dict[str, Any]:
     """A managed engine pod bound to `node`, owned by a ModelDeployment's chain made for it
     (create_chain, the model named after the pod); `owner`: the ReplicaSet (or anything) to name as
     its controller instead; `bare`: no owner at all. `model`: its hibernate.dev/model label (what the
-    owners' selectors match; default: the pod's name)."""
+    owners' selectors match; default: the pod's name). `gated`: the readiness gate the operator puts
+    on engine pods (hibernate.dev/awake), so Ready needs the agent's condition too."""
     name = name or f"engine-{uuid.uuid4().hex[:6]}"
     model = model or name
     if owner is None and not bare:
@@ -163,6 +165,8 @@ def create_engine_pod(
             ],
         },
     }
+    if gated:
+        body["spec"]["readinessGates"] = [{"conditionType": c.CONDITION_AWAKE}]
     pod = cluster.core.create_namespaced_pod(namespace, body)
     return {"name": name, "uid": pod.metadata.uid}
 

@@ -564,6 +564,109 @@ def test_agent_admission_policy_only_where_served(helm: Path) -> None:
     assert not [n for n in names if n.endswith("-agent-pod-writes")]  # default: off
 
 
+def _running_pod() -> dict[str, Any]:
+    """A Running engine pod as the kubelet reports it (the API server's defaults included)."""
+    return {
+        "metadata": {
+            "name": "llama-1",
+            "labels": {"hibernate.dev/model": "llama"},
+            "annotations": {"hibernate.dev/state": "Awake", "team": "a"},
+        },
+        "spec": {"containers": [{"name": "engine", "image": "vllm"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.1.2.3",
+            "podIPs": [{"ip": "10.1.2.3"}],
+            "hostIP": "10.0.0.5",
+            "qosClass": "Burstable",
+            "conditions": [
+                {"type": "Initialized", "status": "True"},
+                {"type": "Ready", "status": "False", "reason": "ReadinessGatesNotReady"},
+                {"type": "ContainersReady", "status": "True"},
+                {"type": "PodScheduled", "status": "True"},
+            ],
+            "containerStatuses": [{"name": "engine", "ready": True, "restartCount": 0}],
+        },
+    }
+
+
+def _awake(status: str) -> dict[str, str]:
+    return {"type": "hibernate.dev/awake", "status": status, "reason": "Awake", "message": "m"}
+
+
+def _agent_write_refusals(policy: dict[str, Any], change: Any) -> list[str]:
+    """The messages the agent's pod-writes policy gives a write by the agent that makes the pod `change`
+    of a Running pod (cel-python, as test_pod_fields does: the tests' 1.20 API server has no policies)."""
+    import copy
+
+    import celpy
+
+    old = _running_pod()
+    new = change(copy.deepcopy(old))
+    env = celpy.Environment()
+    activation = {k: celpy.json_to_cel(v) for k, v in {"object": new, "oldObject": old}.items()}
+    return [
+        v["message"]
+        for v in policy["spec"]["validations"]
+        if not env.program(env.compile(v["expression"])).evaluate(activation)
+    ]
+
+
+def test_agent_admission_policy_allows_exactly_the_awake_condition(helm: Path) -> None:
+    """The agent's pods/status right (its readiness gate) covers one condition: setting and flipping
+    hibernate.dev/awake passes; any other condition or status field, or a third value, is refused."""
+    docs = render(helm, "--set", "rbac.agentPodPatchPolicy.enabled=true")
+    policy = find(docs, "ValidatingAdmissionPolicy", "-agent-pod-writes")
+    [rule] = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["pods", "pods/status"] and rule["operations"] == ["UPDATE"]
+
+    def with_awake(status: str) -> Any:
+        def change(pod: dict[str, Any]) -> dict[str, Any]:
+            pod["status"]["conditions"].append(_awake(status))
+            return pod
+
+        return change
+
+    assert _agent_write_refusals(policy, with_awake("True")) == []
+    assert _agent_write_refusals(policy, with_awake("False")) == []
+
+    def annotate(pod: dict[str, Any]) -> dict[str, Any]:
+        pod["metadata"]["annotations"]["hibernate.dev/state"] = "Asleep"
+        return pod
+
+    assert _agent_write_refusals(policy, annotate) == []
+
+    def ready(pod: dict[str, Any]) -> dict[str, Any]:
+        pod["status"]["conditions"][1]["status"] = "True"
+        return pod
+
+    def another(pod: dict[str, Any]) -> dict[str, Any]:
+        pod["status"]["conditions"].append({"type": "hibernate.dev/other", "status": "True"})
+        return pod
+
+    def pod_ip(pod: dict[str, Any]) -> dict[str, Any]:
+        pod["status"]["podIP"] = "10.9.9.9"
+        return pod
+
+    def container_ready(pod: dict[str, Any]) -> dict[str, Any]:
+        pod["status"]["containerStatuses"][0]["ready"] = False
+        return pod
+
+    def phase_gone(pod: dict[str, Any]) -> dict[str, Any]:
+        del pod["status"]["phase"]
+        return pod
+
+    only = "the hibernate agent may only write the pod condition hibernate.dev/awake"
+    status = "the hibernate agent may not change a pod's status, other than the condition hibernate.dev/awake"
+    assert _agent_write_refusals(policy, ready) == [only]
+    assert _agent_write_refusals(policy, another) == [only]
+    assert _agent_write_refusals(policy, with_awake("Maybe")) == [
+        "the pod condition hibernate.dev/awake is True or False"
+    ]
+    for change in (pod_ip, container_ready, phase_gone):
+        assert _agent_write_refusals(policy, change) == [status], change.__name__
+
+
 def test_gateway_admission_policy_allows_only_its_annotations_never_the_spec(helm: Path) -> None:
     """RBAC's patch right on ModelDeployments covers the spec; the policy narrows the gateway's writes
     to its activity mark and its automatic level (on 1.30+; rendered where served, or when asked)."""
@@ -847,7 +950,8 @@ AGENT_RIGHTS = [
     ("list", "secrets", None, False),
     ("delete", "pods", "any", False),
     ("update", "pods", "any", False),
-    ("patch", "pods:status", "any", False),
+    ("patch", "pods:status", "any", True),  # the hibernate.dev/awake condition (the readiness gate)
+    ("update", "pods:status", "any", False),
     ("create", "pods:exec", "any", False),
     ("get", "replicasets.apps", "any", True),  # a pod's owners, checked by UID (ownership.py)
     ("get", "deployments.apps", "any", True),

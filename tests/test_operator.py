@@ -58,6 +58,8 @@ def test_apply_creates_an_owned_deployment_and_service_running_vllm_with_sleep_m
     assert "--enable-sleep-mode" in argv and argv[-2:] == ["--max-model-len", "4096"]
     assert {e.name: e.value for e in engine.env}["VLLM_SERVER_DEV_MODE"] == "1"
     assert engine.readiness_probe.http_get.path == "/health"
+    # Ready only while the agent says Awake: a sleeping replica leaves the Service's ready endpoints.
+    assert [g.condition_type for g in template.spec.readiness_gates] == [c.CONDITION_AWAKE]
     assert engine.liveness_probe is None, "a liveness probe would kill a sleeping engine"
     assert engine.resources.limits == {"nvidia.com/gpu": "1"}
     assert svc.spec.selector == {c.LABEL_MODEL: "llama"} and svc.spec.ports[0].port == 8000
@@ -194,6 +196,33 @@ def test_a_failed_pod_makes_the_model_degraded_with_the_reason(
     assert degraded["status"] == "True" and "did not answer" in degraded["message"]
     warnings = [e for e in events_for(cluster, namespace, "m") if e.type == "Warning"]
     assert warnings and "did not answer" in warnings[0].message
+
+
+def test_stop_on_one_pod_makes_the_model_failed_with_the_reason_not_progressing_for_ever(
+    cluster: Cluster, namespace: str, operator: Process
+) -> None:
+    apply(cluster, namespace, manifest("m"))
+    (pod,) = eventually(lambda: pods(cluster, namespace, "m"))
+    name = pod.metadata.name
+    mark_ready(cluster, namespace, name)
+    report(cluster, namespace, name, 0, "Awake")
+    eventually(lambda: get(cluster, namespace, "m")["status"]["phase"] == "Awake", what="Awake")
+
+    cluster.core.patch_namespaced_pod(
+        name, namespace, {"metadata": {"annotations": {c.ANN_SLEEP_LEVEL: "Stop"}}}
+    )
+    md = eventually(
+        lambda: (m := get(cluster, namespace, "m"))["status"]["phase"] == "Failed" and m, what="Failed"
+    )
+    assert condition(md, "Progressing")["status"] == "False"
+    degraded = condition(md, "Degraded")
+    assert degraded["status"] == "True" and degraded["message"] == f"pod {name}: {c.STOP_ON_POD}"
+    # The pod still serves: the model is Ready through it.
+    assert condition(md, "Ready")["status"] == "True"
+    # Kept as it is: the operator does not write the spec's level over a person's wish.
+    assert desired_levels(cluster, namespace, "m") == ["Stop"]
+    failed = eventually(lambda: [e for e in events_for(cluster, namespace, "m") if e.reason == "Failed"])
+    assert len(failed) == 1 and (failed[0].count or 1) == 1
 
 
 def test_deleting_the_model_deletes_its_children(cluster: Cluster, namespace: str, operator: Process) -> None:

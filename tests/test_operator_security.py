@@ -325,6 +325,7 @@ def test_the_schema_prunes_every_other_way_to_privileges(cluster: Cluster, names
         "initContainers",
         "volumes",
         "enableServiceLinks",
+        "readinessGates",
         "nodeSelector",
         "tolerations",
         "affinity",

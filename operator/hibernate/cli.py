@@ -175,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-held", type=int, default=1024, help="requests held per model; beyond it 503")
     p.add_argument(
         "--upstream-template",
-        default="http://{name}.{namespace}.svc:{port}",
-        help="a model's base URL from its ModelDeployment's name, namespace and engine port",
+        default=None,
+        help="a model's base URL from its ModelDeployment's name, namespace and engine port, e.g. "
+        "http://{name}.{namespace}.svc:{port}; requests then go there whenever the status says the "
+        "model serves (default: to the ready endpoints of the model's Service, pod IPs, round robin)",
     )
     p.add_argument(
         "--activity-interval",

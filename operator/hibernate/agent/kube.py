@@ -1,6 +1,7 @@
 # mypy: disallow-untyped-calls=False
 # (the official client ships no type hints; this module is the typed boundary around it)
-"""The agent's only writes to the API (its pod annotations and Events) and its reads of a pod's owners.
+"""The agent's only writes to the API (its pod annotations, its one pod condition and Events) and its
+reads of a pod's owners.
 
 Blocking; run in a thread."""
 
@@ -64,6 +65,32 @@ def report(namespace: str, name: str, annotations: dict[str, str]) -> bool:
     """Merge the agent's annotations into the pod; False if the pod is gone."""
     try:
         core().patch_namespaced_pod(name, namespace, {"metadata": {"annotations": annotations}})
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+def awake_condition(awake: bool, reason: str, message: str) -> dict[str, str]:
+    """The pod condition behind the engine pods' readiness gate (`hibernate.dev/awake`)."""
+    return {
+        "type": c.CONDITION_AWAKE,
+        "status": "True" if awake else "False",
+        "reason": reason,
+        "message": message[:1000],
+        "lastTransitionTime": now_iso()[:19] + "Z",
+    }
+
+
+def set_condition(namespace: str, name: str, condition: dict[str, str]) -> bool:
+    """Set one condition of the pod through the pods/status subresource; False if the pod is gone.
+
+    A strategic merge patch (conditions merge by `type`): the kubelet's own conditions stay as they are,
+    and the kubelet keeps this one (it owns only the conditions it writes)."""
+    body = {"status": {"conditions": [condition]}}
+    try:
+        core().patch_namespaced_pod_status(name, namespace, body)
     except ApiException as e:
         if e.status == 404:
             return False

@@ -24,6 +24,9 @@ class PodRef:
     annotations: dict[str, str]
     checkpoint_dir: str
     deleting: bool
+    awake_condition: str | None = None  # the status of its hibernate.dev/awake condition, if any
+    gated: bool = False  # its spec has the readiness gate on that condition (pods the operator made)
+    ready: bool = False  # its Ready condition is True (the kubelet's verdict, the gate included)
 
     @classmethod
     def from_pod(cls, pod: dict[str, Any]) -> PodRef:
@@ -39,6 +42,8 @@ class PodRef:
             port = ports[0]["containerPort"] if ports else 8000
         statuses = status.get("containerStatuses") or []
         cid = next((s.get("containerID") for s in statuses if s.get("name") == engine.get("name")), None)
+        conditions = {x.get("type"): x.get("status") for x in status.get("conditions") or []}
+        gates = {g.get("conditionType") for g in spec.get("readinessGates") or []}
         return cls(
             namespace=meta.get("namespace", ""),
             name=meta.get("name", ""),
@@ -50,6 +55,9 @@ class PodRef:
             annotations=annotations,
             checkpoint_dir=annotations.get(c.ANN_CHECKPOINT_DIR, c.DEFAULT_CHECKPOINT_DIR),
             deleting=bool(meta.get("deletionTimestamp")),
+            awake_condition=conditions.get(c.CONDITION_AWAKE),
+            gated=c.CONDITION_AWAKE in gates,
+            ready=conditions.get("Ready") == "True",
         )
 
     @property

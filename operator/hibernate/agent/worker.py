@@ -41,6 +41,8 @@ class Reporter:
     post_event: Callable[[dict[str, Any], str, str, str, str], None] = kube.event
     # A Warning posted once per pod and reason, whichever agent process posts it (kube.event `once`).
     post_warning_once: Callable[[dict[str, Any], str, str, str], None] = kube.warn_once
+    # The hibernate.dev/awake pod condition (the engine pods' readiness gate), through pods/status.
+    put_condition: Callable[[str, str, dict[str, str]], bool] = kube.set_condition
 
     async def write(self, pod: dict[str, Any], annotations: dict[str, str]) -> None:
         meta = pod["metadata"]
@@ -51,6 +53,11 @@ class Reporter:
 
     async def warn_once(self, pod: dict[str, Any], reason: str, message: str) -> None:
         await asyncio.to_thread(self.post_warning_once, pod, self.node, reason, message)
+
+    async def condition(self, pod: dict[str, Any], awake: bool, reason: str, message: str) -> None:
+        meta = pod["metadata"]
+        condition = kube.awake_condition(awake, reason, message)
+        await asyncio.to_thread(self.put_condition, meta["namespace"], meta["name"], condition)
 
 
 def _stamp() -> str:
@@ -70,6 +77,11 @@ class Agent:
     wake_failures: dict[Key, int] = field(default_factory=dict)
     seen_at: dict[Key, float] = field(default_factory=dict)
     reported: dict[Key, str] = field(default_factory=dict)  # the state this process last wrote, by pod
+    reported_level: dict[Key, str] = field(default_factory=dict)  # the observed level it last wrote
+    # The readiness gate (hibernate.dev/awake): what this process last set, by pod; and how long a sleep
+    # waits for the kubelet to take a gated pod out of Ready (and so out of its Service) first.
+    gates: dict[Key, str] = field(default_factory=dict)
+    unready_timeout_s: float = 10.0
     # Only pods that a ModelDeployment owns are served (ownership.py); the others wait here, unserved.
     ownership: Ownership = field(default_factory=Ownership)
     unowned: dict[Key, dict[str, Any]] = field(default_factory=dict)  # newest event of a pod not (yet) owned
@@ -96,6 +108,8 @@ class Agent:
             self.verified.discard(key)
             self.wake_failures.pop(key, None)
             self.reported.pop(key, None)
+            self.reported_level.pop(key, None)
+            self.gates.pop(key, None)
             if ref.uid in self.served:  # a pod never served has no images of this agent's to remove
                 self.served.discard(ref.uid)
                 asyncio.get_running_loop().create_task(self._forget_images(ref))
@@ -216,6 +230,7 @@ class Agent:
                 self.verified.discard(key)
                 retry = 5.0
             self.update_gauges()
+            await self._align_gate(key)
             if retry is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), retry)
@@ -240,8 +255,11 @@ class Agent:
         except InvalidSleepLevel as e:
             await self._refuse(pod, ref, str(e))
             return None
-        if desired is None or desired == SleepLevel.STOP or not ref.ip:
-            return None  # Stop is the operator's; a pod without IP has no engine to talk to yet
+        if desired == SleepLevel.STOP:  # the operator's, for a whole model: said once, and left alone
+            await self._refuse(pod, ref, c.STOP_ON_POD, c.REASON_STOP_ON_POD)
+            return None
+        if desired is None or not ref.ip:
+            return None  # no wish yet; a pod without IP has no engine to talk to yet
         observed = ref.observed()
         if ref.key not in self.verified or observed is None or ref.state not in (*SETTLED, c.STATE_FAILED):
             observed = await self._verify(pod, ref, observed)
@@ -274,9 +292,69 @@ class Agent:
             await self._step(pod, ref, "sleep", desired)
         return None
 
+    # -- the readiness gate ---------------------------------------------------------------------
+
+    async def _gate(self, pod: dict[str, Any], awake: bool, reason: str, message: str) -> None:
+        """Set the pod's hibernate.dev/awake condition unless it is already so (no write per pass)."""
+        ref = PodRef.from_pod(self.pods.get(PodRef.from_pod(pod).key) or pod)  # the newest copy
+        want = "True" if awake else "False"
+        if self.gates.get(ref.key, ref.awake_condition) == want:
+            return
+        try:
+            await self.reporter.condition(pod, awake, reason, message)
+        except Exception as e:
+            if ref.gated:
+                raise  # its readiness hangs on it: the pass fails and is tried again
+            # A pod without the gate (made before the operator added it): the condition is a courtesy.
+            log.warning("%s/%s: cannot set condition %s: %s", *ref.key, c.CONDITION_AWAKE, e)
+            return
+        self.gates[ref.key] = want
+
+    async def _align_gate(self, key: Key) -> None:
+        """After each pass: the condition is True only while the pod is known to be at level 0 and not in
+        an operation (Awake, or Failed at 0: a sleep undone, a wish refused), False otherwise."""
+        pod = self.pods.get(key)
+        if pod is None:
+            return
+        ref = PodRef.from_pod(pod)
+        state = self.reported.get(key, ref.state)
+        level = SleepLevel.parse_or_none(
+            self.reported_level.get(key, ref.annotations.get(c.ANN_OBSERVED_LEVEL))
+        )
+        if ref.deleting or state is None or level is None:
+            return  # not looked at yet: the condition stays unset (not Ready) until the agent knows
+        awake = level == SleepLevel.AWAKE and state in (c.STATE_AWAKE, c.STATE_FAILED)
+        why = "Awake" if awake else state if state in (c.STATE_SLEEPING, c.STATE_WAKING) else "NotAwake"
+        try:
+            await self._gate(pod, awake, why, f"the agent reports {state} at {level.label}")
+        except Exception:
+            log.exception("%s/%s: cannot set condition %s", *key, c.CONDITION_AWAKE)
+
+    async def _leave_service(self, pod: dict[str, Any], level: SleepLevel) -> None:
+        """Before a sleep: the condition goes False, then wait (bounded) until the kubelet has taken the
+        pod out of Ready, so the endpoints controller drops it from the Service before the engine sleeps."""
+        key = PodRef.from_pod(pod).key
+        await self._gate(pod, False, c.STATE_SLEEPING, f"going to sleep at {level.label}")
+        deadline = time.monotonic() + self.unready_timeout_s
+        while (latest := self.pods.get(key)) is not None:
+            ref = PodRef.from_pod(latest)
+            if not ref.gated or not ref.ready:
+                return
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "%s/%s: still Ready %.0f s after %s went False; sleeping anyway",
+                    *key,
+                    self.unready_timeout_s,
+                    c.CONDITION_AWAKE,
+                )
+                return
+            await asyncio.sleep(0.05)
+
     async def _report(self, pod: dict[str, Any], annotations: dict[str, str]) -> None:
         await self.reporter.write(pod, annotations)
         self.reported[PodRef.from_pod(pod).key] = annotations[c.ANN_STATE]
+        if c.ANN_OBSERVED_LEVEL in annotations:
+            self.reported_level[PodRef.from_pod(pod).key] = annotations[c.ANN_OBSERVED_LEVEL]
 
     @staticmethod
     def _state_of(level: SleepLevel) -> str:
@@ -329,13 +407,20 @@ class Agent:
         except InvalidSleepLevel:
             return None
 
-    async def _refuse(self, pod: dict[str, Any], ref: PodRef, message: str) -> None:
+    async def _refuse(
+        self, pod: dict[str, Any], ref: PodRef, message: str, reason: str = "InvalidSleepLevel"
+    ) -> None:
+        """A wish that cannot be done: reported Failed with the reason, one Warning, the engine left as is."""
         if ref.state == c.STATE_FAILED and ref.last_operation().get("error") == message:
             return
         observed = ref.observed() or SleepLevel.AWAKE
         op = {"action": "none", "level": int(observed), "started": _stamp(), "seconds": 0.0, "error": message}
         await self._report(pod, kube.state_annotations(c.STATE_FAILED, int(observed), op))
-        await self.reporter.event(pod, "Warning", "InvalidSleepLevel", message)
+        if reason == c.REASON_STOP_ON_POD:
+            # Named per pod and reason: posted once, whatever echo, resync or agent restart comes next.
+            await self.reporter.warn_once(pod, reason, message)
+        else:
+            await self.reporter.event(pod, "Warning", reason, message)
 
     async def _step(self, pod: dict[str, Any], ref: PodRef, action: str, level: SleepLevel) -> bool:
         """One sleep (awake → level) or wake (level → awake), reported before and after."""
@@ -346,6 +431,8 @@ class Agent:
         # Written before anything is done, without `seconds` (under way): an agent that restarts
         # mid-way learns from it which level the engine was being moved to or from.
         await self._report(pod, kube.state_annotations(going, int(here), op))
+        if action == "sleep":
+            await self._leave_service(pod, level)
         fault_point("agent.after-start-report")
         await self.reporter.event(
             pod, "Normal", going, f"{going} {'to' if action == 'sleep' else 'from'} {level.label}"

@@ -33,6 +33,10 @@ ANN_SPEC_LEVEL: Final = f"{GROUP}/spec-sleep-level"
 ANN_DRAIN_SECONDS: Final = f"{GROUP}/drain-seconds"
 DEFAULT_DRAIN_SECONDS: Final = 30
 
+# The pod condition behind the engine pods' readiness gate: the agent sets it True only while the pod
+# is Awake and False before a sleep starts, so a sleeping replica leaves its Service's ready endpoints.
+CONDITION_AWAKE: Final = f"{GROUP}/awake"
+
 # Written by the operator into the pod template: where this model's level-4 images go on the node
 # (spec.checkpoint.directory). The agent only accepts directories under its own allowed roots.
 ANN_CHECKPOINT_DIR: Final = f"{GROUP}/checkpoint-dir"
@@ -75,6 +79,14 @@ STATE_ASLEEP: Final = "Asleep"
 STATE_WAKING: Final = "Waking"
 STATE_FAILED: Final = "Failed"
 POD_STATES: Final = (STATE_AWAKE, STATE_SLEEPING, STATE_ASLEEP, STATE_WAKING, STATE_FAILED)
+
+# Level 5 on one pod cannot be done (the agent handles 1-4; Stop scales the whole Deployment): the
+# agent's Warning on the pod and the pod's report both say so, and the ModelDeployment folds it as Failed.
+REASON_STOP_ON_POD: Final = "StopOnPod"
+STOP_ON_POD: Final = (
+    "Stop applies to a whole ModelDeployment: a pod cannot be stopped on its own (set the "
+    "ModelDeployment's spec.sleepLevel to Stop, or give this pod a level 0-4); the pod stays where it is"
+)
 
 DEFAULT_CHECKPOINT_DIR: Final = "/var/lib/hibernate/checkpoints"
 ENGINE_CONTAINER: Final = "engine"

@@ -78,6 +78,9 @@ class PodView:
             raw = self.annotations.get(c.ANN_SLEEP_LEVEL)
             if raw is not None and self.desired(SleepLevel.AWAKE) is None:
                 return f"pod {self.name}: annotation {c.ANN_SLEEP_LEVEL}={raw!r} is not a sleep level"
+            if self.desired(SleepLevel.AWAKE) == SleepLevel.STOP:
+                # Cannot be done on one pod (the agent says the same, with one Warning on the pod).
+                return f"pod {self.name}: {c.STOP_ON_POD}"
             return None
         try:
             op = json.loads(self.annotations.get(c.ANN_LAST_OPERATION, "{}"))
@@ -87,10 +90,40 @@ class PodView:
         return f"pod {self.name}: {error or 'the agent reports Failed'}"
 
     def settled(self, desired: SleepLevel) -> bool:
-        """The agent has brought this pod to its desired level and is not working on it."""
+        """The agent has brought this pod to its desired level and is not working on it; at Awake, the
+        pod also serves (Ready: the kubelet has let it into its Service)."""
         if self.state in (c.STATE_SLEEPING, c.STATE_WAKING, c.STATE_FAILED):
             return False
-        return self.observed == desired
+        return self.observed == desired and (desired != SleepLevel.AWAKE or self.serving)
+
+    def at_spec(self, spec_level: SleepLevel) -> bool:
+        """Settled at the spec's level, and meant to be there (no override of this pod)."""
+        return self.settled(spec_level) and self.desired(spec_level) == spec_level
+
+    @property
+    def serving(self) -> bool:
+        """Receives requests: Ready (with the readiness gate, only while the agent says Awake) and at
+        level 0 by the agent's report (a pod made before the gate is Ready while asleep too)."""
+        return (
+            self.ready and self.observed == SleepLevel.AWAKE and self.state in (c.STATE_AWAKE, c.STATE_FAILED)
+        )
+
+    def note(self, desired: SleepLevel) -> str:
+        """Where this pod is, for a status message (`pod b is at L1 (its own sleep-level)`)."""
+        own = self.desired(desired)
+        mine = f" (its own {c.ANN_SLEEP_LEVEL})" if own is not None and own != desired else ""
+        observed = self.observed
+        if self.failure() is not None:
+            return f"pod {self.name} failed"
+        if self.state == c.STATE_SLEEPING:
+            return f"pod {self.name} is going to sleep{mine}"
+        if self.state == c.STATE_WAKING:
+            return f"pod {self.name} is waking{mine}"
+        if observed is None:
+            return f"pod {self.name} is starting"
+        if observed == SleepLevel.AWAKE:
+            return f"pod {self.name} is awake{mine}" + ("" if self.serving else ", not ready yet")
+        return f"pod {self.name} is at {observed.label}{mine}"
 
 
 @dataclass
@@ -134,28 +167,44 @@ def fold(
     previous = previous or {}
     stamp = now_iso(now)
     live = [p for p in pods if not p.terminating]
-    ready = sum(1 for p in live if p.ready)
+    ready = sum(1 for p in live if p.serving)
     failures = [f for f in (p.failure() for p in live) if f]
     reached: SleepLevel | None
+    uniform = True  # every live pod is at the spec's level (no person's override, nothing in transit)
 
     if desired == SleepLevel.STOP:
         reached = SleepLevel.STOP if not pods else None
         phase = "Stopped" if not pods else "Sleeping"
     else:
+        # Each pod's own target: the spec's level, or a person's override of that one pod.
         targets = [(p, p.desired(desired)) for p in live]
         settled = all(t is not None and p.settled(t) for p, t in targets)
+        uniform = all(p.at_spec(desired) for p in live)
         observed = [p.observed for p in live]
         # Every replica has reached a level only once the agent has reported on every one of them.
         reached = None if None in observed else min((o for o in observed if o is not None), default=None)
+        # A pod meant to be awake that does not serve yet: a cold start, or readiness catching up.
+        starting = any(
+            t == SleepLevel.AWAKE
+            and p.observed in (None, SleepLevel.AWAKE)
+            and p.state not in (c.STATE_SLEEPING, c.STATE_WAKING)
+            and not p.serving
+            for p, t in targets
+        )
         if failures:
             phase = "Failed"
-        elif len(live) < replicas or (desired == SleepLevel.AWAKE and ready < replicas):
+        elif len(live) < replicas or starting:
             # Pods still starting (a cold start, or waking from Stop).
             waking = previous.get("sleepLevel") not in (None, SleepLevel.AWAKE.label)
             phase = "Waking" if waking else "Pending"
         elif settled:
-            phase = "Awake" if desired == SleepLevel.AWAKE else "Asleep"
-            reached = desired if not live else reached
+            # Every pod is where it is meant to be. Awake as long as one replica serves (a person may
+            # keep one awake while the spec sleeps, or put one to sleep while the spec is awake).
+            if live:
+                phase = "Awake" if ready else "Asleep"
+            else:
+                phase = "Awake" if desired == SleepLevel.AWAKE else "Asleep"
+                reached = desired
         elif any(p.state == c.STATE_WAKING for p in live):
             phase = "Waking"
         elif any(p.state == c.STATE_SLEEPING for p in live):
@@ -170,19 +219,37 @@ def fold(
 
     problems = [refused, *failures] if refused else failures
     level_name = reached.label if reached is not None else None
-    done = phase in ("Awake", "Asleep", "Stopped") and reached == desired
+    # Reached only when every replica is at the spec's level: a person's override is no arrival.
+    done = phase in ("Awake", "Asleep", "Stopped") and reached == desired and uniform
+    # What the messages say of the pods that are not simply at the spec's level.
+    notes = [] if uniform else [p.note(desired) for p in live if not p.at_spec(desired)]
+    if notes:
+        ready_message = f"{ready}/{replicas} replicas ready; " + ", ".join(notes)
+    else:
+        ready_message = f"{ready}/{replicas} replicas ready"
+    if phase not in ("Asleep", "Stopped"):
+        asleep_message = ""
+    elif uniform or desired == SleepLevel.STOP:
+        asleep_message = f"every replica is at {level_name}"
+    else:
+        asleep_message = "every replica is asleep: " + ", ".join(
+            f"pod {p.name} at {p.observed.label if p.observed is not None else 'an unknown level'}"
+            for p in live
+        )
     gen = generation
     prev_conditions = {x["type"]: x for x in previous.get("conditions", []) if "type" in x}
     in_transit = "Transitioning to " + desired.label
     conditions = [
+        # Ready: requests are served now, by at least one replica (whatever the phase says of the
+        # others: a failed sleep undone, a replica kept awake by a person, one woken before the rest).
         _condition(
             prev_conditions,
             "Ready",
-            phase == "Awake",
-            {"Awake": "Serving", "Asleep": "Asleep", "Stopped": "Stopped", "Failed": "Failed"}.get(
-                phase, "NotReady"
-            ),
-            f"{ready}/{replicas} replicas ready" if phase != "Failed" else "; ".join(problems),
+            ready > 0,
+            "Serving"
+            if ready
+            else {"Asleep": "Asleep", "Stopped": "Stopped", "Failed": "Failed"}.get(phase, "NotReady"),
+            ready_message if ready or phase != "Failed" else "; ".join(problems),
             gen,
             stamp,
         ),
@@ -191,7 +258,7 @@ def fold(
             "Asleep",
             phase in ("Asleep", "Stopped"),
             "ReachedLevel" if phase in ("Asleep", "Stopped") else "NotAsleep",
-            f"every replica is at {level_name}" if phase in ("Asleep", "Stopped") else "",
+            asleep_message,
             gen,
             stamp,
         ),

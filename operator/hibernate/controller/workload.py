@@ -55,8 +55,10 @@ def pod_template(name: str, spec: ModelDeploymentSpec, tools_image: str) -> dict
         "resources": {
             k: {r: str(q) for r, q in v.items()} for k, v in engine.resources.to_api().items() if v
         },
-        # /health answers 200 while asleep, so readiness survives sleep; no liveness probe on purpose:
-        # a checkpointed engine answers nothing and must not be killed for it.
+        # /health answers 200 while asleep: the probe says only that the engine process serves HTTP.
+        # Whether the replica may receive requests is the readiness gate's (below): the agent's
+        # hibernate.dev/awake condition. No liveness probe on purpose: a checkpointed engine answers
+        # nothing and must not be killed for it.
         "readinessProbe": {
             "httpGet": {"path": "/health", "port": PORT_NAME},
             "periodSeconds": 5,
@@ -75,6 +77,9 @@ def pod_template(name: str, spec: ModelDeploymentSpec, tools_image: str) -> dict
         "containers": [container],
         "volumes": list(engine.volumes),
         "enableServiceLinks": False,
+        # Ready only while the agent says the pod is Awake: a sleeping replica leaves the Service's
+        # ready endpoints (the kubelet ANDs this condition with the containers' readiness).
+        "readinessGates": [{"conditionType": c.CONDITION_AWAKE}],
     }
     if tools_image:
         container["volumeMounts"].append({"name": TOOLS_VOLUME, "mountPath": TOOLS_DIR})

@@ -12,6 +12,7 @@ import threading
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from hibernate.gateway.endpoints import Endpoints
 from hibernate.gateway.metrics import GatewayMetrics
 from hibernate.gateway.registry import DEFAULT_UPSTREAM_TEMPLATE, Registry
 from hibernate.gateway.server import Gateway, Options
@@ -31,10 +32,15 @@ def options_from(args: argparse.Namespace) -> Options:
 
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    registry = Registry(getattr(args, "upstream_template", None) or DEFAULT_UPSTREAM_TEMPLATE)
-    gateway = Gateway(registry, options_from(args), GatewayMetrics(REGISTRY))
+    template = getattr(args, "upstream_template", None)
+    registry = Registry(template or DEFAULT_UPSTREAM_TEMPLATE)
+    # Without a template, requests go to the ready endpoints of each model's Service (pod IPs).
+    endpoints = None if template else Endpoints(on_change=registry.notify)
+    gateway = Gateway(registry, options_from(args), GatewayMetrics(REGISTRY), endpoints)
     stop_watching = threading.Event()
     registry.start_watching(loop, getattr(args, "namespace", None) or None, stop_watching)
+    if endpoints is not None:
+        endpoints.start_watching(loop, getattr(args, "namespace", None) or None, stop_watching)
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -52,7 +58,7 @@ async def serve(args: argparse.Namespace) -> None:
         getattr(args, "bind", "0.0.0.0"),
         args.port,
         ", ".join(getattr(args, "namespace", None) or []) or "all namespaces",
-        registry.template,
+        registry.template if template else "the ready endpoints of each model's Service",
         gateway.options.hold_timeout,
         gateway.options.max_held,
     )

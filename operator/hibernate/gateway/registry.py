@@ -192,6 +192,10 @@ class Registry:
         for key in [*stale, *views]:
             self._notify(key)
 
+    def notify(self, key: Key) -> None:
+        """Wake whoever waits on `key`: something else about the model changed (its ready endpoints)."""
+        self._notify(key)
+
     def _notify(self, key: Key) -> None:
         self._index = None
         event = self._events.pop(key, None)

@@ -32,6 +32,7 @@ from hibernate.controller.auto_level import clear_automatic_level, set_automatic
 from hibernate.controller.idle import format_time
 from hibernate.gateway import metrics as m
 from hibernate.gateway.activity import ActivityRecorder
+from hibernate.gateway.endpoints import Endpoints
 from hibernate.gateway.registry import ANN_WAKE_ON_REQUEST, Key, ModelView, Registry
 
 log = logging.getLogger("hibernate.gateway")
@@ -98,8 +99,17 @@ def _error(message: str, status: int, kind: str, retry_after: int = 0) -> web.Re
 
 
 class Gateway:
-    def __init__(self, registry: Registry, options: Options, metrics: m.GatewayMetrics) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        options: Options,
+        metrics: m.GatewayMetrics,
+        endpoints: Endpoints | None = None,
+    ) -> None:
         self.registry = registry
+        # The ready endpoints of each model's Service: requests go only to those. None (an
+        # --upstream-template): to the template's URL whenever the status says the model serves.
+        self.endpoints = endpoints
         self.options = options
         self.metrics = metrics
         self.activity = ActivityRecorder(self._write_activity, options.activity_interval)
@@ -173,7 +183,7 @@ class Gateway:
                     "automaticLevel": view.automatic.label if view.automatic is not None else None,
                     "reached": view.reached,
                     "phase": view.phase,
-                    "ready": view.serving,
+                    "ready": self._serving(view),
                     "wakeOnRequest": view.wake_on_request,
                 },
             }
@@ -204,7 +214,7 @@ class Gateway:
         key = view.key
         self.activity.started(key)
         try:
-            if not view.serving:
+            if not self._serving(view):
                 outcome = await self.hold(view)
                 if not outcome.ok:
                     self.metrics.requests.labels(result=outcome.result).inc()
@@ -303,8 +313,10 @@ class Gateway:
             view = self.registry.get(key)
             if view is None:
                 return self._gone(key)
+            if self.endpoints is not None and self._serving(view):
+                return OK  # a replica is ready (its pod Ready: the agent says Awake); serve from it
             if view.caught_up:
-                if view.serving:
+                if self._serving(view):
                     return OK
                 if view.phase == "Failed":
                     return Outcome(
@@ -410,20 +422,38 @@ class Gateway:
 
     # --- forwarding ---------------------------------------------------------------------------
 
+    def _serving(self, view: ModelView) -> bool:
+        """A request for the model may go now: a replica is in its Service's ready endpoints (with
+        --upstream-template: the status says the model serves)."""
+        if self.endpoints is not None:
+            return bool(self.endpoints.ready(view.key))
+        return view.serving
+
     async def forward(self, request: web.Request, view: ModelView, body: bytes) -> web.StreamResponse:
         assert self.session is not None
-        url = view.upstream + request.path_qs
+        base = view.upstream
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         for attempt in range(1, self.options.connect_retries + 1):
+            if self.endpoints is not None:  # a ready replica, the next one at each attempt
+                picked = self.endpoints.pick(view.key)
+                if picked is None:  # the last ready one left (a sleep) since the request was let go
+                    self.metrics.requests.labels(result=m.RESULT_UNREACHABLE).inc()
+                    return _error(
+                        f"model `{view.model}` has no ready replica now; retry later",
+                        503,
+                        "ServiceUnavailableError",
+                        retry_after=self.options.retry_after_busy,
+                    )
+                base = picked
             try:
-                upstream = await self.session.post(url, data=body, headers=headers)
+                upstream = await self.session.post(base + request.path_qs, data=body, headers=headers)
                 break
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
                 # Nothing reached the engine (no connection, or a pooled one it had closed): retry.
                 if attempt == self.options.connect_retries:
                     self.metrics.requests.labels(result=m.RESULT_UNREACHABLE).inc()
                     return _error(
-                        f"model `{view.model}` is not reachable at {view.upstream}: {e}",
+                        f"model `{view.model}` is not reachable at {base}: {e}",
                         502,
                         "BadGatewayError",
                         retry_after=self.options.retry_after_busy,

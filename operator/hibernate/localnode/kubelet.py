@@ -5,6 +5,8 @@ It registers a Node, keeps it Ready, and runs the engine container of every pod 
 there as real processes: in a simulated pod (its own pid, mount, ipc and uts namespaces and a
 cgroup named like a real pod's, with the pod init as PID 1) when it runs as root, else as a plain
 process. It reports what a kubelet reports (pod IP, container id, Ready) and confirms deletions.
+Like a kubelet, it folds a pod's readiness gates into Ready: a gated pod is Ready only while every
+gate's condition is True, and Ready follows when the agent changes one (hibernate.dev/awake).
 Engines share the host's network on loopback, so each pod needs its own engine port.
 """
 
@@ -50,6 +52,8 @@ class RunningPod:
     sim: SimPod | None = None
     process: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
+    started: bool = False  # the container runs and was reported so (its readiness counts from then)
+    ready: bool | None = None  # the Ready status last reported
 
     def stop(self) -> None:
         if self.sim is not None:
@@ -149,6 +153,29 @@ class LocalKubelet:
             cid = uuid.uuid4().hex * 2
             self.running[key] = RunningPod(uid=meta["uid"], container_id=cid)
             threading.Thread(target=self._run_pod, args=(pod, self.running[key]), daemon=True).start()
+        elif running.started and self._ready(pod) != running.ready:
+            self._report_ready(pod, running)  # a readiness gate's condition changed
+
+    @staticmethod
+    def _ready(pod: dict[str, Any]) -> bool:
+        """The container runs (and answered); Ready also needs every readiness gate's condition True."""
+        status = pod.get("status") or {}
+        conditions = {x.get("type"): x.get("status") for x in status.get("conditions") or []}
+        gates = [g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []]
+        return all(conditions.get(g) == "True" for g in gates)
+
+    def _report_ready(self, pod: dict[str, Any], running: RunningPod) -> None:
+        meta = pod["metadata"]
+        ready = self._ready(pod)
+        status = "True" if ready else "False"
+        conditions = [{"type": "Ready", "status": status, "lastTransitionTime": _now()}]
+        if not ready:
+            conditions[0].update(reason="ReadinessGatesNotReady", message="readiness gates not True")
+        with contextlib.suppress(ApiException):
+            self.core.patch_namespaced_pod_status(
+                meta["name"], meta["namespace"], {"status": {"conditions": conditions}}
+            )
+            running.ready = ready
 
     def _terminate(self, key: tuple[str, str], running: RunningPod) -> None:
         running.stop()
@@ -215,10 +242,14 @@ class LocalKubelet:
     def _report_running(self, pod: dict[str, Any], running: RunningPod, port: int) -> None:
         meta = pod["metadata"]
         stamp = _now()
+        ready = self._ready(pod)
         conditions = [
             {"type": t, "status": "True", "lastTransitionTime": stamp}
-            for t in ("Initialized", "ContainersReady", "Ready", "PodScheduled")
+            for t in ("Initialized", "ContainersReady", "PodScheduled")
         ]
+        conditions.append(
+            {"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": stamp}
+        )
         status = {
             "phase": "Running",
             "podIP": "127.0.0.1",
@@ -238,6 +269,8 @@ class LocalKubelet:
                 }
             ],
         }
+        running.started = True  # from here on, a change of a gate's condition changes Ready
         with contextlib.suppress(ApiException):
             self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
+            running.ready = ready
         log.info("pod %s/%s running on %s (port %d)", meta["namespace"], meta["name"], self.node, port)
