@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from hibernate.agent import criu, fakecuda
+from hibernate.agent.criu.images import make_private_dirs, write_private
 from hibernate.api import constants as c
 from hibernate.localnode.simpod import SimPod
 from tests.cluster import Cluster, Process, assets_dir, eventually, hibernate_process
@@ -122,6 +123,9 @@ class EnginePod:
     checkpoints: Path
     fake_cuda: Path
     baseline: str = ""
+    command: list[str] = field(default_factory=list)  # the engine container's command (restarts)
+    restarts: int = 0
+    replaced: list[SimPod] = field(default_factory=list)  # the containers the kubelet started again
 
     @property
     def url(self) -> str:
@@ -168,6 +172,36 @@ class EnginePod:
     def marker(self) -> bool:
         return (self.sim.root / ".hibernate" / "checkpointed").exists()
 
+    def restart_container(self, timeout: float = 60) -> None:
+        """What the kubelet does once the engine container's PID 1 (the pod init) exits: the same pod
+        (uid, IP, port), a new container (id, cgroup) running the same command from the start, and
+        containerStatuses saying so (new containerID, restartCount + 1)."""
+        watch_until(lambda: not self.sim.init_alive(), timeout)
+        self.sim.close()
+        cid = uuid.uuid4().hex * 2
+        self.sim = SimPod.start(
+            self.command,
+            uid=self.sim.uid,
+            container_id=cid,
+            host_network=True,
+            port=self.port,
+            ready_path="/health",
+        )
+        self.replaced.append(self.sim)
+        self.restarts += 1
+        status = {
+            "name": c.ENGINE_CONTAINER,
+            "containerID": f"docker://{cid}",
+            "ready": True,
+            "restartCount": self.restarts,
+            "image": "local/fake-engine",
+            "imageID": "",
+            "state": {"running": {}},
+        }
+        self.cluster.core.patch_namespaced_pod_status(
+            self.name, self.namespace, {"status": {"containerStatuses": [status]}}
+        )
+
 
 @contextlib.contextmanager
 def engine_pod(
@@ -177,7 +211,10 @@ def engine_pod(
     fake_cuda: Path,
     level: str | None = "Awake",
     *engine_args: str,
+    prelude: str = "",
 ) -> Iterator[EnginePod]:
+    """`prelude`: shell commands the engine process runs first, then it execs the engine (so it keeps
+    what the prelude opened: `exec 7</dev/shm/x`)."""
     port = free_port()
     service_account_ready(cluster, namespace)
     created = create_engine_pod(cluster, namespace, NODE, port, level=level, checkpoint_dir=str(checkpoints))
@@ -185,10 +222,12 @@ def engine_pod(
     cmd = [sys.executable, "-m", "hibernate.engine.fake", "--model", "fake-model", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--weights-mib", str(ENGINE_WEIGHTS_MIB), "--kv-mib", str(ENGINE_KV_MIB)]
     cmd += ["--enable-sleep-mode", *engine_args]
+    if prelude:
+        cmd = ["sh", "-c", f'{prelude}; exec "$@"', "sh", *cmd]
     with SimPod.start(
         cmd, uid=created["uid"], container_id=cid, host_network=True, port=port, ready_path="/health"
     ) as sim:
-        pod = EnginePod(cluster, namespace, created["name"], sim, port, checkpoints, fake_cuda)
+        pod = EnginePod(cluster, namespace, created["name"], sim, port, checkpoints, fake_cuda, command=cmd)
         pod.baseline = pod.complete()
         start_pod(cluster, namespace, pod.name, container_id=cid)
         try:
@@ -201,6 +240,20 @@ def engine_pod(
             # pid namespace ends with its init.
             with contextlib.suppress(Exception):
                 cluster.core.delete_namespaced_pod(pod.name, namespace, grace_period_seconds=0)
+            for again in pod.replaced:
+                again.close()
+
+
+def agent_image(
+    root: Path, namespace: str, pod: str, container: str = c.ENGINE_CONTAINER, under: str = ""
+) -> Path:
+    """A directory laid out and sealed as the agent writes an image (0700 directories from `root` down,
+    0600 files, metadata.json), for the image sweep to find: no process was dumped into it."""
+    image = criu.image_dir(root / under if under else root, namespace, pod, container)
+    make_private_dirs(image, root)
+    write_private(image / criu.METADATA, b'{"format": 1}')
+    write_private(image / "pages-1.img", b"\0" * 4096)
+    return image
 
 
 def service_account_ready(cluster: Cluster, namespace: str) -> None:

@@ -351,6 +351,20 @@ def test_fault_knobs_make_sleep_fail_or_hang() -> None:
             httpx.post(f"{engine.url}/wake_up", timeout=0.5)
 
 
+def test_the_test_only_wrong_after_wake_knob_makes_a_woken_engine_answer_otherwise() -> None:
+    """For the agent's wake check: an engine whose wake lost its weights, on demand (never in vLLM)."""
+    with start_fake_engine(weights_mib=4, kv_mib=1) as engine:
+        before = complete(engine)
+        call(engine, "POST", "/debug/faults", json={"wrong_after_wake": True})
+        assert complete(engine) == before, "the knob alone changes nothing"
+        assert call(engine, "POST", "/sleep?level=1").status_code == 200
+        assert call(engine, "POST", "/wake_up").status_code == 200
+        assert not is_sleeping(engine)
+        assert complete(engine) != before
+    with start_fake_engine("--wrong-after-wake", weights_mib=4, kv_mib=1) as engine:
+        assert call(engine, "GET", "/debug/faults").json()["wrong_after_wake"] is True
+
+
 def test_sigterm_stops_the_engine_cleanly_even_with_a_held_request(engine: FakeEngine) -> None:
     assert os.listdir(f"/proc/{engine.pid}/task") == [str(engine.pid)]  # one thread, for CRIU
     call(engine, "POST", "/sleep?level=1")

@@ -35,6 +35,7 @@ from tests.cluster import Cluster, Process, eventually, hibernate_process
 from tests.faultkit import (
     AgentRunner,
     MirrorAgent,
+    agent_image,
     assert_truth,
     engine_pod,
     need_root_and_criu,
@@ -100,6 +101,15 @@ CHANGE_OF_MIND = [
     (4, "sleep", "agent.criu-dump-running", 1),  # criu finishes alone: its image is adopted, then woken
     (4, "wake", "agent.after-restore", 3),  # restored, still CUDA-suspended: that is level 3 now
 ]
+# The wake check, a cold start (the discarded checkpoint of hibernate.dev/discard-checkpoint) and the
+# image sweep, each killed at its named step (tests below).
+CHECK_DISCARD_SWEEP = [
+    "agent.after-wake-reference",
+    "agent.before-wake-check",
+    "agent.discard-after-report",
+    "agent.discard-after-image",
+    "agent.sweep-after-remove",
+]
 OPERATOR_CASES = [
     ("operator.after-deployment", "Awake", "Stop"),
     ("operator.mid-propagate", "L1", "L2"),
@@ -125,6 +135,7 @@ def test_every_fault_point_is_registered_used_and_armed_here() -> None:
     )
     armed = {p for _, s, w in AGENT_CASES for p in (s, w) if p} | {p for p, _, _ in OPERATOR_CASES}
     armed |= {p for _, _, p, _ in CHANGE_OF_MIND}
+    armed |= set(CHECK_DISCARD_SWEEP)
     assert armed == set(FAULT_POINTS), f"registered but never armed: {set(FAULT_POINTS) - armed}"
     assert len(FAULT_POINTS) == len(set(FAULT_POINTS))
 
@@ -254,6 +265,99 @@ def test_a_disk_that_fills_during_a_dump_leaves_the_engine_serving_and_says_why(
             agent.stop()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+# -- the wake check, cold starts and the image sweep -------------------------------------------------
+
+
+@pytest.mark.criu
+def test_agent_killed_after_recording_the_wake_check_sleeps_and_checks_after_restart(
+    cluster: Cluster, namespace: str, agents: AgentRunner
+) -> None:
+    step = "agent.after-wake-reference"
+    with engine_pod(cluster, namespace, agents.checkpoints, agents.fake_cuda, "CudaSuspend") as pod:
+        agents.died_at(agents.start(step), step)
+        assert c.ANN_WAKE_CHECK in pod.annotations(), "recorded before it died"
+        again = agents.start()
+        op = reported(pod, 3, "Asleep")
+        assert op.get("wake_check") == "recorded", op
+        assert_truth(pod, 3)
+        recorded = json.loads(pod.annotations()[c.ANN_WAKE_CHECK])
+        assert recorded["model"] == "fake-model" and recorded["text"].strip(), recorded
+        pod.annotate("Awake")
+        reported(pod, 0, "Awake")
+        assert_truth(pod, 0)
+        eventually(lambda: c.ANN_WAKE_CHECK not in pod.annotations(), what="the record removed once checked")
+        again.stop()
+
+
+@pytest.mark.criu
+def test_agent_killed_between_the_wake_and_the_check_checks_after_restart(
+    cluster: Cluster, namespace: str, agents: AgentRunner
+) -> None:
+    """Restored from Checkpoint, then killed before comparing: the restarted agent finds the engine awake
+    with the record still there, and checks before it calls the pod Awake for good."""
+    step = "agent.before-wake-check"
+    with engine_pod(cluster, namespace, agents.checkpoints, agents.fake_cuda, "Checkpoint") as pod:
+        first = agents.start()
+        reported(pod, 4, "Asleep", timeout=90)
+        first.stop()
+        armed = agents.start(step)
+        pod.annotate("Awake")
+        agents.died_at(armed, step)
+        assert pod.annotations()[c.ANN_STATE] == "Waking" and c.ANN_WAKE_CHECK in pod.annotations()
+        again = agents.start()
+        reported(pod, 0, "Awake", timeout=90)
+        eventually(lambda: c.ANN_WAKE_CHECK not in pod.annotations(), what="checked and removed")
+        assert_truth(pod, 0)
+        assert "the woken engine answers as before the sleep" in again.output(), "checked after the restart"
+        again.stop()
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("step", ["agent.discard-after-report", "agent.discard-after-image"])
+def test_agent_killed_during_a_cold_start_finishes_it_after_restart(
+    cluster: Cluster, namespace: str, agents: AgentRunner, step: str
+) -> None:
+    """A checkpointed pod asked to discard its checkpoint (and be Awake): the agent dies after writing
+    the cold start down, or after removing the image; the restarted agent finishes: the marker goes,
+    the pod init exits, and once the kubelet has started the container again the pod is Awake."""
+    with engine_pod(cluster, namespace, agents.checkpoints, agents.fake_cuda, "Checkpoint") as pod:
+        first = agents.start()
+        reported(pod, 4, "Asleep", timeout=90)
+        first.stop()
+        armed = agents.start(step)
+        cluster.core.patch_namespaced_pod(
+            pod.name,
+            namespace,
+            {"metadata": {"annotations": {c.ANN_SLEEP_LEVEL: "Awake", c.ANN_DISCARD_CHECKPOINT: "true"}}},
+        )
+        agents.died_at(armed, step)
+        running = json.loads(pod.annotations()[c.ANN_LAST_OPERATION])
+        assert running["action"] == "cold-start" and "seconds" not in running, running
+        assert pod.image.exists() == (step == "agent.discard-after-report")
+        assert pod.sim.init_alive() and pod.marker(), "the pod init waits while the marker is there"
+        again = agents.start()
+        pod.restart_container()
+        op = reported(pod, 0, "Awake", timeout=90)
+        assert op["action"] == "cold-start" and op["error"] is None and op["seconds"] > 0, op
+        assert c.ANN_DISCARD_CHECKPOINT not in pod.annotations()
+        assert not pod.image.exists() and pod.leftovers() == []
+        assert_truth(pod, 0)
+        again.stop()
+
+
+def test_agent_killed_mid_sweep_removes_the_rest_after_restart(
+    cluster: Cluster, namespace: str, agents: AgentRunner
+) -> None:
+    step = "agent.sweep-after-remove"
+    gone = [agent_image(agents.checkpoints, namespace, f"gone-{i}") for i in range(2)]
+    agents.died_at(agents.start(step), step)
+    assert sum(image.exists() for image in gone) == 1, "one removed, then killed"
+    again = agents.start("", "--image-sweep-interval", "600")
+    eventually(lambda: not any(image.exists() for image in gone), what="the other image swept")
+    assert not any((agents.checkpoints / namespace).iterdir()), "their pods' directories went too"
+    again.stop()
 
 
 # -- the operator ------------------------------------------------------------------------------------

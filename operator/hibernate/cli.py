@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shutdown-timeout", type=float, default=600.0, help="seconds to finish operations on SIGTERM"
     )
+    p.add_argument(
+        "--image-sweep-interval",
+        type=float,
+        default=600.0,
+        help="seconds between sweeps of the checkpoint roots for images of pods that are gone or no "
+        "longer a ModelDeployment's (one runs at start; 0: never)",
+    )
     p.add_argument("--log-format", choices=["plain", "json"], default="plain")
     p.set_defaults(func=_agent)
 

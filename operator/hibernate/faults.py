@@ -29,6 +29,12 @@ FAULT_POINTS: tuple[str, ...] = (
     "agent.cuda-after-restore",  # resume_all: every process restored, none unlocked
     "agent.after-cuda-resume",  # CUDA running again; the engine still asleep
     "agent.before-report",  # the operation done, its result not written
+    # node agent: the wake check (wakecheck.py), cold starts (coldstart.py), the image sweep (sweep.py)
+    "agent.after-wake-reference",  # before a sleep at 3-4: the engine's answer recorded, the sleep not begun
+    "agent.before-wake-check",  # woken from 3-4; the answer not yet compared with the one before the sleep
+    "agent.discard-after-report",  # a cold start written as under way; the image and the engine untouched
+    "agent.discard-after-image",  # the old engine ended and its image removed; the marker still holds the init
+    "agent.sweep-after-remove",  # the sweep removed the images of one pod that is gone, not yet the others
     # operator (controller/reconcile.py)
     "operator.after-deployment",  # Deployment applied, Service not
     "operator.mid-propagate",  # the level written on one pod, not on the others

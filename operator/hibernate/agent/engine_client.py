@@ -30,6 +30,8 @@ _EXCERPT: Final = 200
 # The sleep API answers a few bytes; an engine is hostile input, and an endless answer must not
 # fill the agent's memory.
 MAX_ANSWER_BYTES: Final = 1 << 20
+# A completion's text is kept (the wake check compares answers) up to this many characters.
+MAX_COMPLETION_CHARS: Final = 1000
 
 
 class _TooLarge(Exception):
@@ -151,6 +153,35 @@ class EngineClient:
             if attempt < self.retries:
                 await asyncio.sleep(self._delay(attempt))
         raise self._error(step, f"the engine still answers success false after {self.retries + 1} attempts")
+
+    async def models(self) -> list[str]:
+        """`GET /v1/models`: the names the engine serves, in its order (never empty)."""
+        step = "GET /v1/models"
+        body = await self._call("GET", "/v1/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        if (
+            not isinstance(data, list)
+            or not data
+            or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data)
+        ):
+            raise self._error(step, f"unexpected answer {_excerpt(json.dumps(body))}")
+        return [str(m["id"]) for m in data]
+
+    async def complete(
+        self, model: str, prompt: str, max_tokens: int, limit: int = MAX_COMPLETION_CHARS
+    ) -> str:
+        """`POST /v1/completions`, greedy (temperature 0): the text of its one choice, cut at `limit`
+        characters (the wake check keeps it in an annotation)."""
+        step = "POST /v1/completions"
+        payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "n": 1}
+        body = await self._call("POST", "/v1/completions", payload=payload, step=step)
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise self._error(step, f"unexpected answer {_excerpt(json.dumps(body))}")
+        text = choices[0].get("text")
+        if not isinstance(text, str):
+            raise self._error(step, f"unexpected answer {_excerpt(json.dumps(body))}")
+        return text[:limit]
 
     # --- whole transitions --------------------------------------------------------------------
 

@@ -57,6 +57,30 @@ def read_owner(
     return data
 
 
+def remove_annotation(namespace: str, name: str, key: str) -> bool:
+    """Remove one annotation from the pod (a merge patch with null); False if the pod is gone."""
+    try:
+        core().patch_namespaced_pod(name, namespace, {"metadata": {"annotations": {key: None}}})
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
+
+def read_pod(namespace: str, name: str) -> dict[str, Any] | None:
+    """The pod as the API server has it now (a GET, as plain JSON); None when there is no such pod."""
+    api: Any = core()  # the generated signatures do not know the legacy `_preload_content`
+    try:
+        response = api.read_namespaced_pod(name, namespace, _preload_content=False)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    data: dict[str, Any] = json.loads(response.data)
+    return data
+
+
 def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 

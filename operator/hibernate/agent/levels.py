@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hibernate.agent import criu, cuda, discovery
+from hibernate.agent import criu, cuda, discovery, shm
 from hibernate.agent.engine_client import EngineClient, EngineError
 from hibernate.agent.podref import PodRef
 from hibernate.api import constants as c
@@ -283,11 +283,16 @@ class Levels:
                     await self._wake_engine_back(engine, 2, e)
                 raise LevelError(str(e), rolled_back=True) from e
         fault_point("agent.after-dump")
+        # The engine has ended: what it left in the pod's /dev/shm would hold host RAM (agent/shm.py).
+        leftovers = await asyncio.to_thread(
+            shm.after_dump, pod.uid, root.init.pid, image, self.host.proc_root
+        )
         return {
             "path": "engine+criu" if assisted else "criu",
             "image": str(image),
             "image_bytes": result.metadata.image_bytes,
             "criu_seconds": round(result.seconds, 3),
+            **leftovers,
         }
 
     async def _restore(self, pod: PodRef) -> dict[str, Any]:

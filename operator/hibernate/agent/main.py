@@ -16,7 +16,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hibernate.agent import fakecuda
+from hibernate.agent.coldstart import ColdStarts
 from hibernate.agent.levels import Host, Levels
+from hibernate.agent.sweep import Sweeper
+from hibernate.agent.wakecheck import WakeCheck
 from hibernate.agent.watch import PodWatch
 from hibernate.agent.worker import Agent, Reporter
 
@@ -81,7 +84,12 @@ async def serve(args: argparse.Namespace, node: str) -> None:
             fakecuda.ENV,
             fake_cuda,
         )
-    agent = Agent(levels=Levels(host), reporter=Reporter(node=node))
+    agent = Agent(
+        levels=Levels(host),
+        reporter=Reporter(node=node),
+        wake_check=WakeCheck(timeout_s=min(60.0, args.engine_timeout)),
+        cold_starts=ColdStarts(host),
+    )
     loop = asyncio.get_running_loop()
 
     def on_event(kind: str, pod: dict[str, Any]) -> None:
@@ -97,7 +105,15 @@ async def serve(args: argparse.Namespace, node: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("agent on node %s: watching managed pods; metrics on :%s", node, args.metrics_port)
+    sweeps = None
+    if args.image_sweep_interval > 0:
+        sweeper = Sweeper(host.checkpoint_roots, node, agent.ownership)
+        sweeps = loop.create_task(
+            _sweep_forever(sweeper, agent, args.image_sweep_interval), name="image sweep"
+        )
     await stop.wait()
+    if sweeps is not None:
+        sweeps.cancel()
     pod_watch.stopping.set()
     # Operations in flight finish (or roll back) before the process ends: never leave half a level.
     running = [t for t in agent.workers.values() if not t.done()]
@@ -105,6 +121,16 @@ async def serve(args: argparse.Namespace, node: str) -> None:
         log.info("waiting for %d operation(s) in flight", len(running))
         await asyncio.wait(running, timeout=args.shutdown_timeout)
     await runner.cleanup()
+
+
+async def _sweep_forever(sweeper: Sweeper, agent: Agent, interval: float) -> None:
+    """The image sweep (sweep.py): at start, then every `interval` seconds."""
+    while True:
+        try:
+            await asyncio.to_thread(sweeper.sweep, set(agent.pods))
+        except Exception:  # never let a sweep end the agent; the next one tries again
+            log.exception("the image sweep failed")
+        await asyncio.sleep(interval)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hibernate.agent import kube, ownership
+from hibernate.agent import coldstart, criu, kube, ownership
+from hibernate.agent.coldstart import ColdStarts
 from hibernate.agent.levels import LevelError, Levels
 from hibernate.agent.metrics import AgentMetrics
 from hibernate.agent.ownership import Ownership, Verdict
 from hibernate.agent.podref import PodRef
+from hibernate.agent.wakecheck import WakeCheck
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
 from hibernate.faults import fault_point
@@ -91,6 +93,9 @@ class Agent:
     served: set[str] = field(default_factory=set)  # uids of pods this agent has acted on
     max_owner_backoff_s: float = 60.0
     owner_grace_s: float = 5.0  # an owner missing this long is worth a Warning (it may be on its way)
+    # The DaemonSet's agent has both (main.py); a worker tested alone may go without.
+    wake_check: WakeCheck | None = None  # a woken replica serves only once it answers as before (3-4)
+    cold_starts: ColdStarts | None = None  # a checkpoint discarded, an engine restarted cold in its pod
 
     # -- events from the watch -------------------------------------------------------------------
 
@@ -207,14 +212,31 @@ class Agent:
             self.metrics.pods.labels(state).set(n)
 
     async def _forget_images(self, ref: PodRef) -> None:
-        """A deleted pod's checkpoint images go with it (also when its ModelDeployment is deleted)."""
+        """A deleted pod's checkpoint images go with it (also when its ModelDeployment is deleted).
+
+        The watch says DELETED also for a pod that only left the agent's selection (its managed label
+        removed): that pod lives on, checkpointed, and its image is its engine. It stays until the pod
+        is labelled again (and restored) or deleted (the image sweep, sweep.py, removes it then)."""
         try:
             pod_dir = ref.image_dir(self.levels.host.checkpoint_roots).parent
         except PermissionError:
             return
-        if pod_dir.exists():
-            await asyncio.to_thread(shutil.rmtree, pod_dir, True)
-            log.info("removed checkpoint images of deleted pod %s/%s", ref.namespace, ref.name)
+        if not pod_dir.exists():
+            return
+        try:
+            live = await asyncio.to_thread(kube.read_pod, ref.namespace, ref.name)
+        except Exception as e:  # unknown: the image sweep decides later
+            log.warning("pod %s/%s: cannot tell whether it still exists (%s); its images stay", *ref.key, e)
+            return
+        if live is not None and (live.get("metadata") or {}).get("uid") == ref.uid:
+            log.info(
+                "pod %s/%s left the agent's selection (%s removed) but lives: its checkpoint images stay",
+                *ref.key,
+                c.LABEL_MANAGED,
+            )
+            return
+        await asyncio.to_thread(shutil.rmtree, pod_dir, True)
+        log.info("removed checkpoint images of deleted pod %s/%s", ref.namespace, ref.name)
 
     async def _work(self, key: Key) -> None:
         changed = self.dirty.setdefault(key, asyncio.Event())
@@ -250,6 +272,8 @@ class Agent:
             # An event from before this agent's own last report (the watch delivers them late under
             # load): taken at its word, the finished operation would look interrupted. Its echo follows.
             return None
+        if self.cold_starts is not None and self.cold_starts.wanted(pod, ref):
+            return await self._cold_start(pod, ref)  # asked for (discard-checkpoint), or under way
         try:
             desired = ref.desired()
         except InvalidSleepLevel as e:
@@ -263,6 +287,16 @@ class Agent:
         observed = ref.observed()
         if ref.key not in self.verified or observed is None or ref.state not in (*SETTLED, c.STATE_FAILED):
             observed = await self._verify(pod, ref, observed)
+        if observed == SleepLevel.AWAKE and self.wake_check is not None and self.wake_check.pending(ref):
+            # Found awake with the answer from before a deep sleep still unchecked (an agent died
+            # between the wake and the check): checked now, before the pass opens its readiness gate.
+            problem = await self.wake_check.verify(ref)
+            if problem is not None:
+                woken = SleepLevel.parse_or_none(ref.last_operation().get("level"))
+                await self._answered_wrong(
+                    pod, ref, max(woken or SleepLevel.AWAKE, SleepLevel.CUDA_SUSPEND), problem
+                )
+                return coldstart.POLL_S if self.cold_starts is not None else None
         if observed == desired:
             if ref.state != self._state_of(desired):
                 await self._report(pod, kube.state_annotations(self._state_of(desired), int(desired)))
@@ -275,6 +309,15 @@ class Agent:
             and observed == SleepLevel.AWAKE
         ):
             return None  # a failed sleep is not retried until someone asks for another level
+        if (
+            ref.state == c.STATE_FAILED
+            and last.get("action") == "wake"
+            and last.get("refused")
+            and observed != SleepLevel.AWAKE
+        ):
+            # The image was refused for good (another GPU or driver, or not one this agent wrote): said
+            # once, not retried. The way out is a cold start (hibernate.dev/discard-checkpoint).
+            return None
         started_at = self.seen_at.pop(ref.key, None)
         if started_at is not None:
             self.metrics.reaction_seconds.observe(time.monotonic() - started_at)
@@ -437,12 +480,21 @@ class Agent:
         await self.reporter.event(
             pod, "Normal", going, f"{going} {'to' if action == 'sleep' else 'from'} {level.label}"
         )
+        deep = level >= SleepLevel.CUDA_SUSPEND and self.wake_check is not None
+        if action == "sleep" and deep and self.wake_check is not None:
+            op.update(await self.wake_check.record(ref))  # the answer the woken engine must give again
         try:
             details = await (
                 self.levels.sleep(ref, level) if action == "sleep" else self.levels.wake(ref, level)
             )
         except LevelError as e:
             return await self._failed(pod, ref, action, level, op, t0, e)
+        if action == "wake" and deep and self.wake_check is not None:
+            problem = await self.wake_check.verify(ref)
+            if problem is not None:
+                self.metrics.operations.labels(level.label, action, "failed").inc()
+                await self._answered_wrong(pod, ref, level, problem)
+                return False
         seconds = time.monotonic() - t0
         op.update(details, seconds=round(seconds, 3), error=None)
         if "image_bytes" in details:
@@ -456,6 +508,32 @@ class Agent:
         await self.reporter.event(pod, "Normal", self._state_of(now), f"{verb} in {seconds:.2f} s")
         log.info("%s/%s: %s in %.3f s %s", *ref.key, verb, seconds, details)
         return True
+
+    async def _answered_wrong(
+        self, pod: dict[str, Any], ref: PodRef, level: SleepLevel, problem: str
+    ) -> None:
+        """The woken engine does not answer as before its sleep: a failed wake (both answers in the
+        Warning), and the engine is restarted cold in its pod (coldstart.py)."""
+        log.warning("%s/%s: wake %s failed: %s", *ref.key, level.label, problem)
+        if self.cold_starts is not None:
+            await self.cold_starts.begin(
+                pod, ref, level, problem, self._report, self.reporter.event, failed=True
+            )
+            return
+        op = {"action": "wake", "level": int(level), "target": level.label, "started": _stamp()}
+        op.update(seconds=0.0, error=problem)
+        await self._report(pod, kube.state_annotations(c.STATE_FAILED, int(level), op))
+        await self.reporter.event(pod, "Warning", "Failed", f"wake {level.label} failed: {problem}")
+
+    async def _cold_start(self, pod: dict[str, Any], ref: PodRef) -> float | None:
+        """One look at a cold start (coldstart.py); once the new engine answers, nothing is owed to the
+        old one: no wake to retry, no level to trust without a probe."""
+        assert self.cold_starts is not None
+        wait = await self.cold_starts.advance(pod, ref, self._report, self.reporter.event)
+        if wait is None:
+            self.verified.discard(ref.key)
+            self.wake_failures.pop(ref.key, None)
+        return wait
 
     async def _failed(
         self,
@@ -477,6 +555,8 @@ class Agent:
             except Exception:  # unknown: still asleep at the level, as before the wake
                 log.exception("%s/%s: cannot read the level after a failed wake", *ref.key)
                 where = level
+            if isinstance(e.__cause__, criu.ImageRefused):
+                op["refused"] = True  # for good: not retried (converge); a cold start is the way out
         elif e.rolled_back:
             where, result = SleepLevel.AWAKE, "rolled_back"
         else:

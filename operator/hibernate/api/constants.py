@@ -37,6 +37,17 @@ DEFAULT_DRAIN_SECONDS: Final = 30
 # is Awake and False before a sleep starts, so a sleeping replica leaves its Service's ready endpoints.
 CONDITION_AWAKE: Final = f"{GROUP}/awake"
 
+# A person's request on one pod: `hibernate.dev/discard-checkpoint: "true"` makes the agent discard the
+# pod's checkpoint image (a restore refused on another GPU or driver cannot use it) and restart its
+# engine container cold, in the same pod; the agent removes the annotation once it has acted on it.
+ANN_DISCARD_CHECKPOINT: Final = f"{GROUP}/discard-checkpoint"
+# Written by the operator into the pod template when `spec.verifyWake` is false: the agent then does
+# not compare the engine's answer after a wake from CudaSuspend or Checkpoint with the one before.
+ANN_VERIFY_WAKE: Final = f"{GROUP}/verify-wake"
+# The agent's record of that answer (JSON: model, prompt, max_tokens, text, taken), written before a
+# sleep at CudaSuspend or Checkpoint and removed once the woken engine has given the same answer.
+ANN_WAKE_CHECK: Final = f"{GROUP}/wake-check"
+
 # Written by the operator into the pod template: where this model's level-4 images go on the node
 # (spec.checkpoint.directory). The agent only accepts directories under its own allowed roots.
 ANN_CHECKPOINT_DIR: Final = f"{GROUP}/checkpoint-dir"

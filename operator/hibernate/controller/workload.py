@@ -103,6 +103,8 @@ def pod_template(name: str, spec: ModelDeploymentSpec, tools_image: str) -> dict
             pod_spec[key] = value
     labels = {**engine.pod_labels, **selector_labels(name), c.LABEL_MANAGED: "true"}
     annotations = {**engine.pod_annotations, c.ANN_CHECKPOINT_DIR: spec.checkpoint.directory}
+    if not spec.verify_wake:  # only then: the default template stays as it was (no rollout on upgrade)
+        annotations[c.ANN_VERIFY_WAKE] = "false"
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
 
 

@@ -5,7 +5,8 @@ simple for CRIU: one thread, one listening socket, logs on stderr, SIGTERM ends 
 
 Fake-only endpoints for tests: `GET /debug/memory` (device and host bytes, RSS, sleep level, whether
 the real weights are loaded) and `GET|POST /debug/faults` (switch the fault knobs at run time; at
-start they come from --fail-sleep/--hang-sleep/--fail-wake/--hang-wake or HIBERNATE_FAKE_FAULTS).
+start they come from --fail-sleep/--hang-sleep/--fail-wake/--hang-wake/--wrong-after-wake or
+HIBERNATE_FAKE_FAULTS; `wrong_after_wake` makes every wake leave garbage weights, for the wake check).
 `collective_rpc reload_weights` takes kwargs `weights_path` to load other weights (a weight update).
 """
 
@@ -46,7 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per generated token")
     parser.add_argument("--load-delay", type=float, default=0.0, help="seconds of 'loading' before serving")
-    for fault in ("fail-sleep", "hang-sleep", "fail-wake", "hang-wake"):
+    for fault in ("fail-sleep", "hang-sleep", "fail-wake", "hang-wake", "wrong-after-wake"):
         parser.add_argument(f"--{fault}", action="store_true", help="fault injection for tests")
     return parser.parse_known_args(argv)
 

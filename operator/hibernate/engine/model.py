@@ -131,6 +131,15 @@ class FakeModel:
         """The output tokens for `prompt`, from its cache entry or from the current weights."""
         return _tokens(self._prefill(prompt), max_tokens)
 
+    def garble(self) -> None:
+        """TEST ONLY (the server's `wrong_after_wake` fault): the device weights become garbage and the
+        prefix cache is forgotten, as after a wake that lost the weights: every answer differs."""
+        if self.weights.mapped:
+            self.weights.tile(garbage_block())
+        self.weights_loaded = False
+        self._checksum = None
+        self._clear_prefix_cache()
+
     def weights_checksum(self) -> int:
         # crc32 over tens of MiB costs milliseconds; cache it until the weights change.
         if self._checksum is None:

@@ -27,12 +27,15 @@ Emit = Callable[[int, str], Awaitable[None]]
 
 @dataclass
 class Faults:
-    """Failures a test can switch on: the sleep or wake call answers 500, or never answers."""
+    """Failures a test can switch on: the sleep or wake call answers 500, or never answers; or, TEST
+    ONLY, every wake_up that wakes memory leaves the weights as garbage (`wrong_after_wake`), so the
+    woken engine answers wrong, as one whose restore lost its weights would."""
 
     fail_sleep: bool = False
     hang_sleep: bool = False
     fail_wake: bool = False
     hang_wake: bool = False
+    wrong_after_wake: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Faults:
@@ -163,6 +166,8 @@ class FakeEngineServer:
         await self._injected("wake_up", self.faults.fail_wake, self.faults.hang_wake)
         async with self._lock:
             woken = self.model.wake(tags)
+            if woken and self.faults.wrong_after_wake:
+                self.model.garble()  # TEST ONLY: see Faults
             # Scheduling resumes only once every tag is resident (vLLM >= 0.30).
             if self.model.resident and (tags is None or TAG_SCHEDULING in tags or woken):
                 self.model.mark_awake()

@@ -23,6 +23,7 @@ from hibernate.agent.criu.bundle import (
 )
 from hibernate.agent.criu.dump import DumpResult, dump
 from hibernate.agent.criu.images import (
+    COLD_START_ADVICE,
     DUMP_LOG,
     DUMP_OK,
     METADATA,
@@ -30,6 +31,7 @@ from hibernate.agent.criu.images import (
     RESTORE_OK,
     GpuInfo,
     ImageMetadata,
+    ImageRefused,
     check_compatible,
     check_image,
     check_private,
@@ -44,6 +46,7 @@ from hibernate.agent.criu.nsexec import POD_MARKER, POD_WORKDIR, Pod, host_pid_i
 from hibernate.agent.criu.restore import RestoreResult, restore
 
 __all__ = [
+    "COLD_START_ADVICE",
     "DEFAULT_BUNDLE",
     "DUMP_LOG",
     "DUMP_OK",
@@ -59,6 +62,7 @@ __all__ = [
     "DumpResult",
     "GpuInfo",
     "ImageMetadata",
+    "ImageRefused",
     "Pod",
     "RestoreResult",
     "check_compatible",

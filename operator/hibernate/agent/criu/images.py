@@ -41,6 +41,18 @@ _OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+# What a refused restore tells a person to do: a cold start of the engine in its pod (agent/coldstart.py,
+# the annotation api.constants.ANN_DISCARD_CHECKPOINT); spelled out, so that the docs can quote it.
+COLD_START_ADVICE = (
+    "annotate the pod hibernate.dev/discard-checkpoint=true to discard the image and start the engine cold"
+)
+
+
+class ImageRefused(CriuError):
+    """A restore refused for good: the image was taken on another GPU model or driver, or is not one
+    this agent wrote. Trying again cannot help; a cold start can (COLD_START_ADVICE)."""
+
+
 # -- GPU identity and metadata --------------------------------------------------------------------
 
 
@@ -210,9 +222,9 @@ def verify_image(image: Path, root: Path | None = None) -> ImageMetadata:
     if problems:
         raise CriuError(f"checkpoint image {image} is incomplete: {'; '.join(problems)}")
     if foreign := check_private(image, root):
-        raise CriuError(
+        raise ImageRefused(
             f"checkpoint image {image} is not one this agent wrote (root-only, 0700 directories and 0600 "
-            f"files): {'; '.join(foreign[:5])}; refusing to restore it (delete it for a cold start)"
+            f"files): {'; '.join(foreign[:5])}; refusing to restore it ({COLD_START_ADVICE})"
         )
     return ImageMetadata.load(image)
 
@@ -226,10 +238,11 @@ def check_compatible(meta: ImageMetadata, node: GpuInfo, image: Path | str = "")
     if took.model is None and took.driver is None:
         return
     if took != node:
-        raise CriuError(
+        raise ImageRefused(
             f"checkpoint image {image} was taken on GPU {took.model!r} with driver {took.driver!r}, "
             f"but this node has GPU {node.model!r} with driver {node.driver!r}: a CUDA checkpoint is "
-            "only valid on the same GPU model and driver; refusing to restore (delete the image for a cold start)"
+            "only valid on the same GPU model and driver; refusing to restore (annotate the pod "
+            "hibernate.dev/discard-checkpoint=true to discard the image and start the engine cold)"
         )
 
 
