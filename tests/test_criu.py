@@ -529,3 +529,25 @@ def test_restore_refuses_an_image_the_agent_did_not_write(
         ckpt.chmod(0o700)
         criu.restore(ckpt, criu.Pod(pod.init_pid))
     assert state(pod)["worker_alive"] is True
+
+
+@pytest.mark.criu
+def test_restore_refuses_a_cut_pages_image_at_once(pod: SimPod, ckpt: Path) -> None:
+    """criu's restorer would spin on a pages image cut short until the agent's criu timeout (seen on an
+    H200, bench/RESULTS.md): the sizes recorded at the dump refuse it before criu starts."""
+    criu.dump(ckpt, pod.engine_ns_pid(), criu.Pod(pod.init_pid))
+    pages = max(ckpt.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    whole = pages.read_bytes()
+    try:
+        with open(pages, "r+b") as f:
+            f.truncate(len(whole) // 2)
+        started = time.monotonic()
+        with pytest.raises(
+            criu.CriuError, match=rf"is damaged: {pages.name} has {len(whole) // 2} bytes, {len(whole)}"
+        ):
+            criu.restore(ckpt, criu.Pod(pod.init_pid), timeout=60)
+        assert time.monotonic() - started < 5
+    finally:
+        pages.write_bytes(whole)
+        criu.restore(ckpt, criu.Pod(pod.init_pid))
+    assert state(pod)["worker_alive"] is True

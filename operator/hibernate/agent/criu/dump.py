@@ -123,9 +123,11 @@ def dump(
             raise CriuError(
                 f"criu dump of pid {pid} left an incomplete image{_fate(host_pid)}: {'; '.join(problems)}"
             )
-        meta = ImageMetadata(**{**asdict(meta), "image_bytes": images.image_bytes(tmp)})
-        meta.write(tmp)
         images.seal(tmp)
+        meta = ImageMetadata(
+            **{**asdict(meta), "image_bytes": images.image_bytes(tmp), "files": images.file_sizes(tmp)}
+        )
+        meta.write(tmp)
         images.replace_dir(tmp, image)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,7 @@ import shutil
 import stat
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hibernate.agent.criu.bundle import CriuError
@@ -91,6 +91,10 @@ class ImageMetadata:
     created: str  # RFC 3339, UTC
     image_bytes: int
     format: int = 1
+    # Every file of the image and its size, written once the dump is verified: a restore checks
+    # them first, because criu's restorer does not stop at the early end of a cut pages image (it
+    # reads nothing, again and again, until the agent's criu timeout; seen on an H200).
+    files: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -178,6 +182,25 @@ def image_bytes(image: Path) -> int:
     return sum(p.stat().st_size for p in image.glob("*.img"))
 
 
+def file_sizes(image: Path) -> dict[str, int]:
+    """The size of every file criu wrote in `image` (not the metadata, not a later restore's log)."""
+    return {
+        e.name: e.stat(follow_symlinks=False).st_size
+        for e in os.scandir(image)
+        if e.is_file(follow_symlinks=False) and e.name not in (METADATA, RESTORE_LOG)
+    }
+
+
+def size_problems(image: Path, meta: ImageMetadata) -> list[str]:
+    """Files of the image that are missing or whose size changed since the dump."""
+    now = file_sizes(image)
+    return [
+        f"{name} has {now[name]} bytes, {size} when it was written" if name in now else f"{name} is missing"
+        for name, size in sorted(meta.files.items())
+        if now.get(name) != size
+    ]
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -226,7 +249,13 @@ def verify_image(image: Path, root: Path | None = None) -> ImageMetadata:
             f"checkpoint image {image} is not one this agent wrote (root-only, 0700 directories and 0600 "
             f"files): {'; '.join(foreign[:5])}; refusing to restore it ({COLD_START_ADVICE})"
         )
-    return ImageMetadata.load(image)
+    meta = ImageMetadata.load(image)
+    if damaged := size_problems(image, meta):
+        raise ImageRefused(
+            f"checkpoint image {image} is damaged: {'; '.join(damaged[:5])}; refusing to restore it "
+            f"({COLD_START_ADVICE})"
+        )
+    return meta
 
 
 def check_compatible(meta: ImageMetadata, node: GpuInfo, image: Path | str = "") -> None:
@@ -349,8 +378,10 @@ def settle(image: Path, engine_running: bool) -> list[str]:
             except CriuError:
                 meta = None
             if meta is not None:
-                ImageMetadata(**{**asdict(meta), "image_bytes": image_bytes(tmp)}).write(tmp)
                 seal(tmp)
+                ImageMetadata(
+                    **{**asdict(meta), "image_bytes": image_bytes(tmp), "files": file_sizes(tmp)}
+                ).write(tmp)
                 tmp.rename(image)
                 done.append(f"adopted the complete image that criu finished in {tmp.name}")
                 continue

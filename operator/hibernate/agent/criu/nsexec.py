@@ -209,10 +209,12 @@ def run(launched: Launch, dir_fd: int, timeout: float, what: str, fault: str) ->
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()
-            raise CriuError(
-                f"criu {what} timed out after {timeout:.0f} s and was killed; the tree it had seized resumes "
-                "once criu is gone"
-            ) from None
+            fate = (
+                "the tree it had seized resumes once criu is gone"
+                if what == "dump"
+                else "what it had restored was killed with it"
+            )
+            raise CriuError(f"criu {what} timed out after {timeout:.0f} s and was killed; {fate}") from None
         output.seek(0)
         out = output.read().decode(errors="replace").strip()
     if proc.returncode == NSJOIN_FAILED and "hibernate-nsjoin" in out:
