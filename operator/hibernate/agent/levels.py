@@ -47,11 +47,53 @@ def _alive(pid: int, proc_root: str) -> bool:
 
 
 class LevelError(RuntimeError):
-    """A level change failed; `rolled_back` says whether the pod is back where it started."""
+    """A level change failed; `rolled_back` says whether the pod is back where it started.
 
-    def __init__(self, message: str, *, rolled_back: bool) -> None:
+    A failure that left the pod half suspended (some CUDA processes checkpointed or locked, others
+    running: a rollback that failed in turn) says so with `level`, the deepest level any process is
+    at (CudaSuspend), and `processes`, where each one is ("pid 4242 (python3)": "checkpointed")."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rolled_back: bool,
+        level: SleepLevel | None = None,
+        processes: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.rolled_back = rolled_back
+        self.level = level
+        self.processes = processes
+
+    @property
+    def partial(self) -> bool:
+        return not self.rolled_back and self.level is not None
+
+
+def _comm(pid: int, proc_root: str) -> str:
+    try:
+        return Path(f"{proc_root}/{pid}/comm").read_text().strip() or "?"
+    except OSError:
+        return "gone"
+
+
+def _left_suspended(e: cuda.CudaError, proc_root: str) -> dict[str, str] | None:
+    """Where each process is after a pod-level CUDA failure that did not put every one back running;
+    None when none is left suspended (nothing was done, or the rollback worked)."""
+    if not isinstance(e, cuda.PodCudaError):
+        return None
+    stuck = (cuda.ProcessState.LOCKED, cuda.ProcessState.CHECKPOINTED, None)
+    if not e.rollback_errors and not any(state in stuck for state in e.states.values()):
+        return None
+    return {
+        f"pid {pid} ({_comm(pid, proc_root)})": state.value if state is not None else "unknown"
+        for pid, state in e.states.items()
+    }
+
+
+def _naming(processes: dict[str, str]) -> str:
+    return "; processes left: " + ", ".join(f"{name} {state}" for name, state in processes.items())
 
 
 @dataclass
@@ -156,7 +198,8 @@ class Levels:
         try:
             return await self._wake(pod, level)
         except (EngineError, cuda.CudaError, criu.CriuError, LookupError, OSError) as e:
-            raise LevelError(str(e), rolled_back=False) from e
+            left = _left_suspended(e, self.host.proc_root) if isinstance(e, cuda.CudaError) else None
+            raise LevelError(str(e), rolled_back=False, processes=left) from e
 
     async def _wake(self, pod: PodRef, level: SleepLevel) -> dict[str, Any]:
         if level in (SleepLevel.L1, SleepLevel.L2):
@@ -211,7 +254,15 @@ class Levels:
             fault_point("agent.after-engine-sleep")
             try:
                 report = await asyncio.to_thread(cuda.suspend_all, pids, self.host.lock_timeout_s, api=api)
-            except cuda.CudaError as e:  # suspend_all has already put every process back
+            except cuda.CudaError as e:  # suspend_all has put every process back, or says it could not
+                left = _left_suspended(e, self.host.proc_root)
+                if left is not None:  # half suspended: the engine stays asleep for the restore
+                    raise LevelError(
+                        f"{e}{_naming(left)}",
+                        rolled_back=False,
+                        level=SleepLevel.CUDA_SUSPEND,
+                        processes=left,
+                    ) from e
                 if assisted:
                     await self._wake_engine_back(engine, 1, e)
                 raise LevelError(str(e), rolled_back=True) from e
@@ -278,7 +329,23 @@ class Levels:
                     if suspended:
                         await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
                 except cuda.CudaError as again:
-                    raise LevelError(f"{e}; rolling back failed: {again}", rolled_back=False) from e
+                    left = _left_suspended(again, self.host.proc_root)
+                    if left is None:
+                        raise LevelError(f"{e}; rolling back failed: {again}", rolled_back=False) from e
+                    e, suspended_error = again, f"{e}; rolling back failed: {again}"
+                else:
+                    left = _left_suspended(e, self.host.proc_root) if isinstance(e, cuda.CudaError) else None
+                    suspended_error = str(e)
+                if left is not None:
+                    # Half suspended (suspend_all's own rollback, or the resume, failed): the engine
+                    # sleeps at 2 under it, which the restore's engine wake must know.
+                    self.engine_level_under_cuda[pod.key] = SleepLevel.L2
+                    raise LevelError(
+                        f"{suspended_error}{_naming(left)}",
+                        rolled_back=False,
+                        level=SleepLevel.CUDA_SUSPEND,
+                        processes=left,
+                    ) from e
                 if assisted:  # raises: rolled back, or (the engine stays asleep) not
                     await self._wake_engine_back(engine, 2, e)
                 raise LevelError(str(e), rolled_back=True) from e
