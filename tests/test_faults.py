@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hibernate.agent import criu
 from hibernate.api import constants as c
 from hibernate.faults import FAULT_POINTS
 from tests.cluster import Cluster, Process, eventually, hibernate_process
@@ -101,6 +102,8 @@ CHANGE_OF_MIND = [
     (4, "sleep", "agent.criu-dump-running", 1),  # criu finishes alone: its image is adopted, then woken
     (4, "wake", "agent.after-restore", 3),  # restored, still CUDA-suspended: that is level 3 now
 ]
+# A sleep that failed and could not be undone escalates; the agent is killed before the next step.
+ESCALATION_CASES = ["agent.before-escalation-step"]
 # The wake check, a cold start (the discarded checkpoint of hibernate.dev/discard-checkpoint) and the
 # image sweep, each killed at its named step (tests below).
 CHECK_DISCARD_SWEEP = [
@@ -136,6 +139,7 @@ def test_every_fault_point_is_registered_used_and_armed_here() -> None:
     armed = {p for _, s, w in AGENT_CASES for p in (s, w) if p} | {p for p, _, _ in OPERATOR_CASES}
     armed |= {p for _, _, p, _ in CHANGE_OF_MIND}
     armed |= set(CHECK_DISCARD_SWEEP)
+    armed |= set(ESCALATION_CASES)
     assert armed == set(FAULT_POINTS), f"registered but never armed: {set(FAULT_POINTS) - armed}"
     assert len(FAULT_POINTS) == len(set(FAULT_POINTS))
 
@@ -208,6 +212,49 @@ def test_agent_killed_mid_transition_while_the_wish_changes_serves_the_new_wish(
             pod.annotate("Awake")
             reported(pod, 0, "Awake")
             assert_truth(pod, 0)
+        again.stop()
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("step", ESCALATION_CASES)
+def test_agent_killed_during_an_escalation_goes_on_with_it_after_restart(
+    cluster: Cluster, namespace: str, agents: AgentRunner, step: str
+) -> None:
+    """CudaSuspend fails (the driver refuses the lock) and the engine, slept at L1 first, cannot be
+    woken back: the agent escalates to Checkpoint and is killed before that step. The restarted agent
+    goes on with the escalation, not back to a wake and a retry of CudaSuspend, and holds there."""
+    with engine_pod(cluster, namespace, agents.checkpoints, agents.fake_cuda, "Awake") as pod:
+        first = agents.start(step)
+        reported(pod, 0, "Awake")
+        agents.fake_cuda.mkdir(parents=True, exist_ok=True)
+        (agents.fake_cuda / "fail-lock").touch()
+        httpx.post(f"{pod.url}/debug/faults", json={"fail_wake": True}, timeout=10).raise_for_status()
+        pod.annotate("CudaSuspend")
+        agents.died_at(first, step)
+        ann = pod.annotations()
+        running = json.loads(ann[c.ANN_LAST_OPERATION])
+        assert ann[c.ANN_STATE] == "Sleeping" and running["target"] == "Checkpoint", ann
+        assert running["escalation"]["from"] == "CudaSuspend", running
+
+        # The faults are gone by the time it restarts: a wake would work now, but the escalation goes on.
+        (agents.fake_cuda / "fail-lock").unlink()
+        httpx.post(f"{pod.url}/debug/faults", json={"fail_wake": False}, timeout=10).raise_for_status()
+        again = agents.start()
+        op = reported(pod, 4, "Failed", timeout=90)
+        assert op["action"] == "sleep" and op["target"] == "CudaSuspend", op
+        assert op["escalated"] == "Checkpoint", op
+        assert op["interrupted"]["escalation"]["from"] == "CudaSuspend", op
+        assert "escalated to Checkpoint to free the GPU" in op["error"], op
+        # Level 4 for real: a complete image, the engine's processes gone, the pod init waiting.
+        assert pod.engine_state() is None and criu.check_image(pod.image) == [] and pod.marker()
+        assert pod.leftovers() == []
+        reasons = [e.reason for e in pod_events(cluster, namespace, pod.name)]
+        assert reasons.count("Escalating") >= 2, reasons  # one per agent that took the step
+        assert "Waking" not in reasons, "the deeper level was never undone to retry CudaSuspend"
+
+        pod.annotate("Awake")
+        reported(pod, 0, "Awake", timeout=90)
+        assert_truth(pod, 0)
         again.stop()
 
 

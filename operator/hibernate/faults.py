@@ -29,6 +29,8 @@ FAULT_POINTS: tuple[str, ...] = (
     "agent.cuda-after-restore",  # resume_all: every process restored, none unlocked
     "agent.after-cuda-resume",  # CUDA running again; the engine still asleep
     "agent.before-report",  # the operation done, its result not written
+    # node agent: a failed sleep's escalation (worker.py `_escalate`)
+    "agent.before-escalation-step",  # a sleep failed and was not undone; the next step reported, not begun
     # node agent: the wake check (wakecheck.py), cold starts (coldstart.py), the image sweep (sweep.py)
     "agent.after-wake-reference",  # before a sleep at 3-4: the engine's answer recorded, the sleep not begun
     "agent.before-wake-check",  # woken from 3-4; the answer not yet compared with the one before the sleep

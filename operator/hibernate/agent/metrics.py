@@ -19,7 +19,7 @@ class AgentMetrics:
         )
         self.operations = Counter(
             "hibernate_agent_operations_total",
-            "Sleep and wake operations, by level, action and result (ok, failed, rolled_back, escalated).",
+            "Sleep and wake operations, by level, action and result (ok, failed, rolled_back, partial, escalated).",
             ["level", "action", "result"],
             registry=self.registry,
         )

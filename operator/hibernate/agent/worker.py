@@ -32,6 +32,8 @@ from hibernate.faults import fault_point
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
 SETTLED = (c.STATE_AWAKE, c.STATE_ASLEEP)
+# The agent's own report on a pod: what a late watch event is read with (converge).
+_REPORT_KEYS = frozenset({c.ANN_STATE, c.ANN_OBSERVED_LEVEL, c.ANN_LAST_OPERATION, c.ANN_ESCALATE_TO})
 
 
 @dataclass
@@ -96,6 +98,17 @@ class Agent:
     # The DaemonSet's agent has both (main.py); a worker tested alone may go without.
     wake_check: WakeCheck | None = None  # a woken replica serves only once it answers as before (3-4)
     cold_starts: ColdStarts | None = None  # a checkpoint discarded, an engine restarted cold in its pod
+    # Failures converge (docs/reliability.md): a sleep that failed and was undone is tried this often
+    # per wish, with backoff; a pod that a failed sleep left half suspended is restored with backoff,
+    # and after this many failed restores the agent asks the operator to stop its ModelDeployment.
+    max_sleep_attempts: int = 3
+    max_restore_attempts: int = 5
+    clock: Callable[[], float] = time.monotonic  # for the backoff deadlines; tests pass a virtual one
+    retry_at: dict[Key, tuple[str | None, float]] = field(default_factory=dict)  # (wish, not before)
+    sleep_failures: dict[Key, tuple[str | None, int]] = field(default_factory=dict)  # (wish, failed sleeps)
+    failed_sleep: dict[Key, dict[str, Any]] = field(default_factory=dict)  # last-operation of the last one
+    last_error: dict[Key, str] = field(default_factory=dict)  # the message of a pod's last failed step
+    own_reports: dict[Key, dict[str, str]] = field(default_factory=dict)  # what it wrote last, by key
 
     # -- events from the watch -------------------------------------------------------------------
 
@@ -115,6 +128,8 @@ class Agent:
             self.reported.pop(key, None)
             self.reported_level.pop(key, None)
             self.gates.pop(key, None)
+            self._forget_failures(key)
+            self.own_reports.pop(key, None)
             if ref.uid in self.served:  # a pod never served has no images of this agent's to remove
                 self.served.discard(ref.uid)
                 asyncio.get_running_loop().create_task(self._forget_images(ref))
@@ -130,10 +145,16 @@ class Agent:
         self.served.add(ref.uid)
         previous = self.pods.get(key)
         self.pods[key] = pod
-        if previous is None or PodRef.from_pod(previous).annotations.get(
-            c.ANN_SLEEP_LEVEL
-        ) != ref.annotations.get(c.ANN_SLEEP_LEVEL):
+        wish = ref.annotations.get(c.ANN_SLEEP_LEVEL)
+        before = None if previous is None else PodRef.from_pod(previous).annotations.get(c.ANN_SLEEP_LEVEL)
+        if previous is None or before != wish:
             self.seen_at[key] = time.monotonic()
+        if previous is not None and before != wish:
+            # A changed wish (a person may set the same level again after another): a fresh budget of
+            # sleep attempts, and no backoff left over from the last wish.
+            self.retry_at.pop(key, None)
+            self.failed_sleep.pop(key, None)
+            self.sleep_failures[key] = (wish, 0)
         self.kick(key)
 
     def kick(self, key: Key) -> None:
@@ -267,11 +288,15 @@ class Agent:
         ref = PodRef.from_pod(pod)
         if ref.deleting:
             return None
-        mine = self.reported.get(ref.key)
-        if mine is not None and ref.state != mine and ref.state in (c.STATE_SLEEPING, c.STATE_WAKING):
+        own = self.own_reports.get(ref.key)
+        if own is not None and any(ref.annotations.get(k) != v for k, v in own.items()):
             # An event from before this agent's own last report (the watch delivers them late under
-            # load): taken at its word, the finished operation would look interrupted. Its echo follows.
-            return None
+            # load) is read with that report laid over it: taken at its word, a finished operation
+            # would look interrupted, or a pod escalated deeper would look awake. The wish is the
+            # event's own; the report, the agent's newest (its echo follows).
+            meta = pod["metadata"]
+            pod = {**pod, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), **own}}}
+            ref = PodRef.from_pod(pod)
         if self.cold_starts is not None and self.cold_starts.wanted(pod, ref):
             return await self._cold_start(pod, ref)  # asked for (discard-checkpoint), or under way
         try:
@@ -284,8 +309,14 @@ class Agent:
             return None
         if desired is None or not ref.ip:
             return None  # no wish yet; a pod without IP has no engine to talk to yet
+        if ref.annotations.get(c.ANN_ESCALATE_TO):
+            return None  # this agent asked the operator to stop the model: the pod is the operator's now
         observed = ref.observed()
         if ref.key not in self.verified or observed is None or ref.state not in (*SETTLED, c.STATE_FAILED):
+            interrupted = self._interrupted(ref)
+            if interrupted is not None and isinstance(interrupted.get("escalation"), dict):
+                await self._resume_escalation(pod, ref, interrupted)
+                return None  # the echo of its report decides the next step
             observed = await self._verify(pod, ref, observed)
         if observed == SleepLevel.AWAKE and self.wake_check is not None and self.wake_check.pending(ref):
             # Found awake with the answer from before a deep sleep still unchecked (an agent died
@@ -297,17 +328,23 @@ class Agent:
                     pod, ref, max(woken or SleepLevel.AWAKE, SleepLevel.CUDA_SUSPEND), problem
                 )
                 return coldstart.POLL_S if self.cold_starts is not None else None
-        if observed == desired:
+        last = ref.last_operation()
+        failed = ref.state == c.STATE_FAILED
+        # A failed sleep that left the pod half suspended (some CUDA processes checkpointed, others
+        # not): its observed level is the deepest one, which is not a level reached.
+        half = failed and bool(last.get("partial")) and observed != SleepLevel.AWAKE
+        if observed == desired and not half:
+            self._forget_failures(ref.key)
             if ref.state != self._state_of(desired):
                 await self._report(pod, kube.state_annotations(self._state_of(desired), int(desired)))
             return None
-        last = ref.last_operation()
-        if (
-            ref.state == c.STATE_FAILED
-            and last.get("action") == "sleep"
-            and last.get("target") == desired.label
-            and observed == SleepLevel.AWAKE
-        ):
+        escalated = SleepLevel.parse_or_none(last.get("escalated")) if failed else None
+        if escalated is not None and not half and SleepLevel.AWAKE < desired < observed:
+            # A failed sleep escalated deeper: never undo the deeper level to retry a shallower one.
+            # A wake, or a wish deeper still, moves it on.
+            return None
+        attempt = self._sleep_attempt(ref, desired, last)
+        if observed == SleepLevel.AWAKE and desired != SleepLevel.AWAKE and attempt > self.max_sleep_attempts:
             return None  # a failed sleep is not retried until someone asks for another level
         if (
             ref.state == c.STATE_FAILED
@@ -318,13 +355,21 @@ class Agent:
             # The image was refused for good (another GPU or driver, or not one this agent wrote): said
             # once, not retried. The way out is a cold start (hibernate.dev/discard-checkpoint).
             return None
+        left = self._backoff_left(ref)
+        if left is not None:
+            return left
         started_at = self.seen_at.pop(ref.key, None)
         if started_at is not None:
             self.metrics.reaction_seconds.observe(time.monotonic() - started_at)
         if observed != SleepLevel.AWAKE:
-            if not await self._step(pod, ref, "wake", observed):
+            if not await self._step(
+                pod, ref, "wake", observed, carry=self._half_details(last) if half else None
+            ):
                 failures = self.wake_failures[ref.key] = self.wake_failures.get(ref.key, 0) + 1
-                return float(min(self.max_wake_backoff_s, 2 ** (failures - 1)))
+                if half and failures >= self.max_restore_attempts:
+                    await self._ask_stop_for_half(pod, ref, observed, failures)
+                    return None
+                return self._back_off(ref, failures)
             self.wake_failures.pop(ref.key, None)
             latest = self.pods.get(ref.key)
             if latest is not None and PodRef.from_pod(latest).annotations.get(
@@ -332,8 +377,66 @@ class Agent:
             ) != ref.annotations.get(c.ANN_SLEEP_LEVEL):
                 return 0.0  # a change of mind during the wake: decide again on the newest wish
         if desired != SleepLevel.AWAKE:
-            await self._step(pod, ref, "sleep", desired)
+            if attempt > self.max_sleep_attempts:
+                # Restored after a failed sleep whose attempts are spent: say so, and stop here.
+                op = self.failed_sleep.get(ref.key)
+                if op is not None:  # restored: no longer half
+                    op = {k: v for k, v in op.items() if k not in ("partial", "processes")}
+                    await self._report(pod, kube.state_annotations(c.STATE_FAILED, int(SleepLevel.AWAKE), op))
+                return None
+            await self._step(pod, ref, "sleep", desired, attempt=attempt)
+            return self._backoff_left(ref)
         return None
+
+    # -- failures: attempts, backoff, escalation -------------------------------------------------
+
+    def _forget_failures(self, key: Key) -> None:
+        self.retry_at.pop(key, None)
+        self.sleep_failures.pop(key, None)
+        self.failed_sleep.pop(key, None)
+        self.last_error.pop(key, None)
+
+    def _sleep_attempt(self, ref: PodRef, desired: SleepLevel, last: dict[str, Any]) -> int:
+        """Which attempt at the current wish the next sleep is (1 for the first)."""
+        wish = ref.annotations.get(c.ANN_SLEEP_LEVEL)
+        known = self.sleep_failures.get(ref.key)
+        if known is not None and known[0] == wish:
+            return known[1] + 1
+        if (
+            ref.state == c.STATE_FAILED
+            and last.get("action") == "sleep"
+            and last.get("target") == desired.label
+            and last.get("error")
+        ):
+            # Failed before this agent started: the record says how often (an older agent's record,
+            # without the count, meant "not retried").
+            done = last.get("attempt")
+            return (done if isinstance(done, int) and done > 0 else self.max_sleep_attempts) + 1
+        return 1
+
+    def _back_off(self, ref: PodRef, failures: int) -> float:
+        """Wait before the next attempt at the same wish: 1 s, 2 s, 4 s … up to max_wake_backoff_s.
+
+        A deadline, not only a delay: the echo of the failure's own report wakes the worker at once,
+        and must not start the next attempt early."""
+        delay = float(min(self.max_wake_backoff_s, 2 ** max(0, failures - 1)))
+        self.retry_at[ref.key] = (ref.annotations.get(c.ANN_SLEEP_LEVEL), self.clock() + delay)
+        return delay
+
+    def _backoff_left(self, ref: PodRef) -> float | None:
+        pending = self.retry_at.get(ref.key)
+        if pending is None or pending[0] != ref.annotations.get(c.ANN_SLEEP_LEVEL):
+            return None  # none, or one for an earlier wish: a change of mind is served at once
+        left = pending[1] - self.clock()
+        if left <= 0:
+            del self.retry_at[ref.key]
+            return None
+        return left
+
+    @staticmethod
+    def _half_details(last: dict[str, Any]) -> dict[str, Any]:
+        """What a failed restore of a half-suspended pod carries on, so that it is still known as half."""
+        return {k: last[k] for k in ("partial", "processes") if k in last}
 
     # -- the readiness gate ---------------------------------------------------------------------
 
@@ -395,6 +498,9 @@ class Agent:
 
     async def _report(self, pod: dict[str, Any], annotations: dict[str, str]) -> None:
         await self.reporter.write(pod, annotations)
+        key = PodRef.from_pod(pod).key
+        mine = {k: v for k, v in annotations.items() if k in _REPORT_KEYS and v is not None}
+        self.own_reports[key] = {**self.own_reports.get(key, {}), **mine}
         self.reported[PodRef.from_pod(pod).key] = annotations[c.ANN_STATE]
         if c.ANN_OBSERVED_LEVEL in annotations:
             self.reported_level[PodRef.from_pod(pod).key] = annotations[c.ANN_OBSERVED_LEVEL]
@@ -438,7 +544,7 @@ class Agent:
         last = ref.last_operation()
         if expected is None or last.get("action") != expected or "seconds" in last:
             return None
-        return {k: last[k] for k in ("action", "level", "target", "started") if k in last}
+        return {k: last[k] for k in ("action", "level", "target", "started", "escalation") if k in last}
 
     @staticmethod
     def _hint(interrupted: dict[str, Any] | None) -> SleepLevel | None:
@@ -465,12 +571,26 @@ class Agent:
         else:
             await self.reporter.event(pod, "Warning", reason, message)
 
-    async def _step(self, pod: dict[str, Any], ref: PodRef, action: str, level: SleepLevel) -> bool:
-        """One sleep (awake → level) or wake (level → awake), reported before and after."""
+    async def _step(
+        self,
+        pod: dict[str, Any],
+        ref: PodRef,
+        action: str,
+        level: SleepLevel,
+        *,
+        attempt: int | None = None,
+        carry: dict[str, Any] | None = None,
+    ) -> bool:
+        """One sleep (awake → level) or wake (level → awake), reported before and after.
+
+        `attempt`: which attempt at the wish a sleep is; `carry`: what a failed wake reports on
+        besides its error (a half-suspended pod stays known as half)."""
         going = c.STATE_SLEEPING if action == "sleep" else c.STATE_WAKING
         here = SleepLevel.AWAKE if action == "sleep" else level
         stamp, t0 = _stamp(), time.monotonic()
         op: dict[str, Any] = {"action": action, "level": int(level), "target": level.label, "started": stamp}
+        if attempt is not None:
+            op["attempt"] = attempt
         # Written before anything is done, without `seconds` (under way): an agent that restarts
         # mid-way learns from it which level the engine was being moved to or from.
         await self._report(pod, kube.state_annotations(going, int(here), op))
@@ -488,7 +608,7 @@ class Agent:
                 self.levels.sleep(ref, level) if action == "sleep" else self.levels.wake(ref, level)
             )
         except LevelError as e:
-            return await self._failed(pod, ref, action, level, op, t0, e)
+            return await self._failed(pod, ref, action, level, op, t0, e, carry)
         if action == "wake" and deep and self.wake_check is not None:
             problem = await self.wake_check.verify(ref)
             if problem is not None:
@@ -507,6 +627,8 @@ class Agent:
         verb = f"Slept at {level.label}" if action == "sleep" else f"Woke from {level.label}"
         await self.reporter.event(pod, "Normal", self._state_of(now), f"{verb} in {seconds:.2f} s")
         log.info("%s/%s: %s in %.3f s %s", *ref.key, verb, seconds, details)
+        if action == "sleep":
+            self._forget_failures(ref.key)
         return True
 
     async def _answered_wrong(
@@ -544,9 +666,11 @@ class Agent:
         op: dict[str, Any],
         t0: float,
         e: LevelError,
+        carry: dict[str, Any] | None = None,
     ) -> bool:
         message = str(e)
         result = "failed"
+        annotations: dict[str, str] = {}
         if action == "wake":
             # Retried with backoff; meanwhile say where it really is (a wake can stop half way).
             self.verified.discard(ref.key)
@@ -555,30 +679,174 @@ class Agent:
             except Exception:  # unknown: still asleep at the level, as before the wake
                 log.exception("%s/%s: cannot read the level after a failed wake", *ref.key)
                 where = level
+            op.update(carry or {})
+            if e.processes:
+                op["processes"] = e.processes
             if isinstance(e.__cause__, criu.ImageRefused):
                 op["refused"] = True  # for good: not retried (converge); a cold start is the way out
         elif e.rolled_back:
             where, result = SleepLevel.AWAKE, "rolled_back"
+            attempt = int(op.get("attempt") or 1)
+            if attempt < self.max_sleep_attempts:
+                delay = self._back_off(ref, attempt)
+                message += f" (attempt {attempt} of {self.max_sleep_attempts}; tried again in {delay:.0f} s)"
+            else:
+                message += (
+                    f" (attempt {attempt} of {self.max_sleep_attempts}; "
+                    "not tried again until another level is asked for)"
+                )
+        elif e.partial and e.level is not None:
+            # Half suspended: some processes checkpointed, others not. Not a level reached: the
+            # agent restores them with backoff (converge), and asks for Stop if it cannot.
+            where, result = e.level, "partial"
+            op.update(partial=True, processes=e.processes or {})
+            self._back_off(ref, 1)
+            message += "; the agent restores the processes with backoff"
         else:
-            where, message, result = await self._escalate(ref, level, message)
+            where, message, escalated = await self._escalate(pod, ref, level, message)
+            op["escalated"] = escalated
+            result = "escalated"
+            if escalated == c.ESCALATE_TO_STOP:
+                annotations[c.ANN_ESCALATE_TO] = c.ESCALATE_TO_STOP
         op.update(seconds=round(time.monotonic() - t0, 3), error=message)
+        if action == "sleep":
+            self.sleep_failures[ref.key] = (
+                ref.annotations.get(c.ANN_SLEEP_LEVEL),
+                int(op.get("attempt") or 1),
+            )
+            self.failed_sleep[ref.key] = op
+        self.last_error[ref.key] = message
         self.metrics.operations.labels(level.label, action, result).inc()
-        await self._report(pod, kube.state_annotations(c.STATE_FAILED, int(where), op))
+        await self._report(pod, {**kube.state_annotations(c.STATE_FAILED, int(where), op), **annotations})
         await self.reporter.event(pod, "Warning", "Failed", f"{action} {level.label} failed: {message}")
         log.warning("%s/%s: %s %s failed: %s", *ref.key, action, level.label, message)
         return False
 
-    async def _escalate(self, ref: PodRef, level: SleepLevel, message: str) -> tuple[SleepLevel, str, str]:
-        """The engine could not be woken back: free the GPU at a deeper level rather than leave it held."""
+    async def _escalate(
+        self,
+        pod: dict[str, Any],
+        ref: PodRef,
+        level: SleepLevel,
+        message: str,
+        first: SleepLevel | None = None,
+    ) -> tuple[SleepLevel, str, str]:
+        """The pod could not be put back after a failed sleep at `level`: free the GPU at a deeper
+        level rather than leave it held (design.md): CudaSuspend, then Checkpoint, then the whole
+        ModelDeployment to Stop, which is the operator's (asked through the pod's escalate-to
+        annotation). Each step is reported before it starts, with an Event, so that an agent that
+        dies mid-way goes on with the escalation (`_resume_escalation`) instead of undoing it.
+
+        Returns where the pod is, the message, and where the escalation ended (a level's label, or
+        Stop). `first`: the step to start from (an escalation resumed after a restart)."""
+        cause = message
         for deeper in (SleepLevel.CUDA_SUSPEND, SleepLevel.CHECKPOINT):
-            if deeper <= level:
+            if deeper <= level or (first is not None and deeper < first):
                 continue
+            await self.reporter.event(
+                pod,
+                "Warning",
+                "Escalating",
+                f"sleep {level.label} failed and could not be undone ({cause}): "
+                f"escalating to {deeper.label} to free the GPU",
+            )
+            op = {
+                "action": "sleep",
+                "level": int(deeper),
+                "target": deeper.label,
+                "started": _stamp(),
+                "escalation": {"from": level.label, "error": message},
+            }
+            await self._report(pod, kube.state_annotations(c.STATE_SLEEPING, int(SleepLevel.AWAKE), op))
+            fault_point("agent.before-escalation-step")
             try:
                 await self.levels.sleep(ref, deeper)
             except LevelError as again:
                 message = f"{message}; escalation to {deeper.label} failed: {again}"
                 continue
-            return deeper, f"{message}; escalated to {deeper.label} to free the GPU", "escalated"
-        self.verified.discard(ref.key)  # unknown: read the truth before the next step
-        truth = await self.levels.probe(ref, None)
-        return truth, message, "failed"
+            self.verified.add(ref.key)
+            return deeper, f"{message}; escalated to {deeper.label} to free the GPU", deeper.label
+        self.verified.discard(ref.key)  # unknown: read the truth before anything else
+        try:
+            where = await self.levels.probe(ref, None)
+        except Exception:  # the operator stops the model anyway
+            log.exception("%s/%s: cannot read the level after a failed escalation", *ref.key)
+            where = level
+        await self._escalate_to_stop_event(pod, f"sleep {level.label} failed and could not be undone")
+        return where, f"{message}; {_ASKED_STOP}", c.ESCALATE_TO_STOP
+
+    async def _escalate_to_stop_event(self, pod: dict[str, Any], why: str) -> None:
+        await self.reporter.event(
+            pod,
+            "Warning",
+            "Escalating",
+            f"{why}, and no level the agent performs freed the GPU: asking the operator to stop the "
+            f"ModelDeployment ({c.ANN_ESCALATE_TO}={c.ESCALATE_TO_STOP})",
+        )
+
+    async def _resume_escalation(self, pod: dict[str, Any], ref: PodRef, interrupted: dict[str, Any]) -> None:
+        """An agent died during an escalation step: the pod was never put back, so the escalation goes
+        on from that step (or is recorded as done, where the step had finished); never a wake."""
+        t0 = time.monotonic()
+        escalation: dict[str, Any] = interrupted["escalation"]
+        origin = SleepLevel.parse_or_none(escalation.get("from")) or SleepLevel.L1
+        step = self._hint(interrupted) or SleepLevel.CUDA_SUSPEND
+        cause = str(escalation.get("error") or "a sleep failed")
+        truth = await self.levels.probe(ref, None, step)
+        self.verified.add(ref.key)
+        annotations: dict[str, str] = {}
+        if truth >= step:
+            where, message, escalated = (
+                truth,
+                f"{cause}; escalated to {truth.label} to free the GPU",
+                truth.label,
+            )
+        else:
+            log.info("%s/%s: resuming the escalation to %s of an earlier agent", *ref.key, step.label)
+            where, message, escalated = await self._escalate(pod, ref, origin, cause, first=step)
+            if escalated == c.ESCALATE_TO_STOP:
+                annotations[c.ANN_ESCALATE_TO] = c.ESCALATE_TO_STOP
+        op = {
+            "action": "sleep",
+            "level": int(origin),
+            "target": origin.label,
+            "started": interrupted.get("started") or _stamp(),
+            "seconds": round(time.monotonic() - t0, 3),
+            "error": message,
+            "escalated": escalated,
+            "interrupted": interrupted,
+        }
+        self.metrics.operations.labels(origin.label, "sleep", "escalated").inc()
+        await self._report(pod, {**kube.state_annotations(c.STATE_FAILED, int(where), op), **annotations})
+        await self.reporter.event(pod, "Warning", "Failed", f"sleep {origin.label} failed: {message}")
+
+    async def _ask_stop_for_half(
+        self, pod: dict[str, Any], ref: PodRef, observed: SleepLevel, restores: int
+    ) -> None:
+        """A half-suspended pod whose restore failed `restores` times: the last resort is Stop."""
+        last = ref.last_operation()
+        error = self.last_error.get(ref.key, "the restore failed")
+        message = f"{error}; the pod stays half suspended after {restores} failed restores: {_ASKED_STOP}"
+        op = {
+            "action": "wake",
+            "level": int(observed),
+            "target": observed.label,
+            "started": _stamp(),
+            "seconds": 0.0,
+            "error": message,
+            "escalated": c.ESCALATE_TO_STOP,
+            **self._half_details(last),
+        }
+        await self._escalate_to_stop_event(
+            pod, f"the pod stays half suspended after {restores} failed restores"
+        )
+        self.metrics.operations.labels(observed.label, "wake", "escalated").inc()
+        await self._report(
+            pod,
+            {
+                **kube.state_annotations(c.STATE_FAILED, int(observed), op),
+                c.ANN_ESCALATE_TO: c.ESCALATE_TO_STOP,
+            },
+        )
+
+
+_ASKED_STOP = "asked the operator to stop the ModelDeployment (the last level of the escalation)"

@@ -79,6 +79,14 @@ AUTO_ANNOTATIONS: Final = (
     ANN_AUTO_TIME,
 )
 
+# Escalation to Stop (design.md: a failed sleep that cannot be undone escalates "up to Stop"). The node
+# agent cannot scale, so it asks on the pod (`hibernate.dev/escalate-to: Stop`) and leaves the pod alone;
+# the operator stops the pod's ModelDeployment as an automatic level (source ESCALATION_SOURCE), never
+# through `spec`: a person's next change of the spec ends it.
+ANN_ESCALATE_TO: Final = f"{GROUP}/escalate-to"
+ESCALATE_TO_STOP: Final = "Stop"
+ESCALATION_SOURCE: Final = "escalation"
+
 # kopf keeps its own progress here, never in the user's status.
 KOPF_PREFIX: Final = f"kopf.{GROUP}"
 FINALIZER: Final = f"{GROUP}/cleanup"
