@@ -37,6 +37,8 @@ from hibernate.agent.worker import Agent, Reporter
 from hibernate.api import constants as c
 from hibernate.api.levels import SleepLevel
 from hibernate.controller.status import PodView, fold
+from tests.cluster import Cluster, Process, eventually
+from tests.modeldeployments import apply, events_for, get, manifest, mark_ready, pods, report, set_level
 from tests.test_cuda import CHECKPOINTED, RUNNING, FakeDriver
 
 L = SleepLevel
@@ -509,3 +511,73 @@ def test_failures_converge_whatever_fails(
                 assert r.op["action"] == "sleep" and r.op["attempt"] == r.agent.max_sleep_attempts, r.op
             else:
                 assert r.world.level > wish and r.op.get("escalated") == r.world.level.label, r.op
+
+
+# -- the last step: the operator stops the model --------------------------------------------------
+
+
+def test_a_pod_that_asks_for_stop_stops_its_model_and_the_spec_stays_the_persons(
+    cluster: Cluster, namespace: str, operator: Process
+) -> None:
+    apply(cluster, namespace, manifest("m", level="L1", replicas=2))
+    names = eventually(
+        lambda: (
+            [p.metadata.name for p in pods(cluster, namespace, "m")]
+            if len(pods(cluster, namespace, "m")) == 2
+            else None
+        ),
+        what="2 pods",
+    )
+    for name in names:
+        mark_ready(cluster, namespace, name)
+        report(cluster, namespace, name, 1, "Asleep")
+    eventually(lambda: get(cluster, namespace, "m")["status"].get("phase") == "Asleep", what="Asleep")
+
+    # What the agent writes when no level it performs could free the GPU.
+    error = "sleep L1 failed: engine stuck; escalation to CudaSuspend failed; asked the operator to stop"
+    op = {"action": "sleep", "level": 1, "target": "L1", "seconds": 1.0, "error": error, "escalated": "Stop"}
+    cluster.core.patch_namespaced_pod(
+        names[0],
+        namespace,
+        {
+            "metadata": {
+                "annotations": {
+                    c.ANN_STATE: c.STATE_FAILED,
+                    c.ANN_OBSERVED_LEVEL: "1",
+                    c.ANN_LAST_OPERATION: json.dumps(op),
+                    c.ANN_ESCALATE_TO: c.ESCALATE_TO_STOP,
+                }
+            }
+        },
+    )
+    eventually(
+        lambda: cluster.apps.read_namespaced_deployment("m", namespace).spec.replicas == 0, what="scaled to 0"
+    )
+    eventually(lambda: not pods(cluster, namespace, "m"), what="pods gone")
+    md = eventually(
+        lambda: (m := get(cluster, namespace, "m"))["status"].get("phase") == "Stopped" and m, what="Stopped"
+    )
+    assert md["spec"]["sleepLevel"] == "L1", "the spec is the person's: never written"
+    assert md["status"]["sleepLevel"] == "Stop"
+    annotations = md["metadata"]["annotations"]
+    assert annotations[c.ANN_AUTO_LEVEL] == "Stop" and annotations[c.ANN_AUTO_SOURCE] == c.ESCALATION_SOURCE
+    assert names[0] in annotations[c.ANN_AUTO_REASON] and "engine stuck" in annotations[c.ANN_AUTO_REASON]
+    stops = [e for e in events_for(cluster, namespace, "m") if e.reason == "EscalatedToStop"]
+    assert len(stops) == 1 and stops[0].type == "Warning", [e.message for e in stops]
+    assert names[0] in stops[0].message and "spec.sleepLevel stays L1" in stops[0].message
+
+    # Re-applying the same manifest (a GitOps sync) changes nothing: the model stays stopped.
+    apply(cluster, namespace, manifest("m", level="L1", replicas=2))
+    assert get(cluster, namespace, "m")["metadata"]["annotations"][c.ANN_AUTO_LEVEL] == "Stop"
+    assert cluster.apps.read_namespaced_deployment("m", namespace).spec.replicas == 0
+
+    # A person's change of the spec starts it again, with fresh pods.
+    set_level(cluster, namespace, "m", "Awake")
+    eventually(
+        lambda: cluster.apps.read_namespaced_deployment("m", namespace).spec.replicas == 2, what="2 replicas"
+    )
+    eventually(
+        lambda: c.ANN_AUTO_LEVEL not in (get(cluster, namespace, "m")["metadata"].get("annotations") or {}),
+        what="the automatic level removed",
+    )
+    assert len([e for e in events_for(cluster, namespace, "m") if e.reason == "EscalatedToStop"]) == 1

@@ -11,7 +11,7 @@ from hibernate.api import auto_level
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
-from hibernate.controller import kube, metrics, reconcile
+from hibernate.controller import escalation, kube, metrics, reconcile
 from hibernate.controller.auto_level import clear_automatic_level
 from hibernate.controller.reconcile import OperatorContext
 from hibernate.controller.status import PodView
@@ -181,6 +181,7 @@ def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwarg
         return
     pods_by_model: kopf.Index[tuple[str, str], PodView] = kwargs["pods_by_model"]
     views = list(pods_by_model.get((namespace, name), []))
+    _escalate_if_asked(md, views)  # a request missed, or not granted (the object changed meanwhile)
     if any(reconcile.needs_level(view, level, spec.drain_seconds) for view in views):
         pods = kube.list_pods(namespace, name)
         if reconcile.propagate_level(namespace, name, level, pods, spec.drain_seconds):
@@ -222,6 +223,14 @@ def watch_network_policies() -> None:
     )
 
 
+def _escalate_if_asked(md: dict[str, Any], pods: list[PodView]) -> None:
+    """A pod's agent asked for Stop (hibernate.dev/escalate-to): stop the model as an automatic level,
+    never through its spec; the change of the automatic level is then applied like any other."""
+    message = escalation.stop_if_asked(md, pods)
+    if message is not None:
+        kopf.event(cast(kopf.Body, _md_ref(md)), type="Warning", reason=escalation.REASON, message=message)
+
+
 @kopf.on.event("pods", labels=MANAGED)
 def pod_changed(
     event: kopf.RawEvent,
@@ -240,6 +249,7 @@ def pod_changed(
         return
     spec = _spec(md["spec"])
     if event.get("type") != "DELETED":
+        _escalate_if_asked(md, [PodView.from_pod(dict(body))])
         reconcile.ensure_pod_level(
             namespace, dict(body), reconcile.target_level(md, spec), spec.drain_seconds
         )
