@@ -17,13 +17,11 @@ deletion of the ModelDeployment follow, through kubectl. Passes only when:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,27 +67,10 @@ def recorded(pid: int | None) -> list[str]:
 class Hostile(walk.Walk):
     def apply_hostile(self, canary_dir: Path) -> None:
         self.say(f"== kubectl apply: ModelDeployment {NAME}, a hostile engine from {self.image} ==")
-        manifest = {
-            "apiVersion": "hibernate.dev/v1alpha1",
-            "kind": "ModelDeployment",
-            "metadata": {"name": NAME, "namespace": self.ns},
-            "spec": {
-                "model": walk.MODEL,
-                "engine": {
-                    "image": self.image,
-                    "imagePullPolicy": self.pull_policy,
-                    "command": ["python3", "/hostile/hostile_engine.py"],
-                    "args": ["--weights-mib", "64", "--kv-mib", "16"],
-                    "env": [{"name": "HOSTILE_CANARY", "value": str(canary_dir)}],
-                    "port": 8000,
-                    "resources": {
-                        "requests": {"cpu": "100m", "memory": "256Mi"},
-                        "limits": {"memory": "1Gi"},
-                    },
-                    "startupSeconds": 120,
-                },
-            },
-        }
+        manifest = self.manifest(
+            command=["python3", "/hostile/hostile_engine.py"],
+            env=[{"name": "HOSTILE_CANARY", "value": str(canary_dir)}],
+        )
         self.say(self.kubectl("apply", "-f", "-", stdin=json.dumps(manifest)).rstrip())
         self.wait_for("Awake", self.reached("Awake", "Awake"))
 
@@ -152,28 +133,13 @@ class Hostile(walk.Walk):
         self.wait_for("no image left", lambda: not any(p.exists() for p in left), timeout=60)
         self.check(canaries(canary_dir) == before, f"host canaries unchanged: {canaries(canary_dir)}")
         self.say(f"\nhostile engine: cycle {'completed' if completed else 'refused with a reason'}")
-        if self.failures:
-            self.say(f"FAILED checks ({len(self.failures)}):")
-            for f in self.failures:
-                self.say(f"  - {f}")
-            return 1
-        self.say(f"all hostile-engine checks passed in {time.monotonic() - self.t0:.1f} s")
-        return 0
+        return self.verdict("hostile-engine checks")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--kubectl", default="kubectl")
-    parser.add_argument("--namespace", default="default")
-    parser.add_argument("--release-namespace", default="hibernate-system")
-    parser.add_argument("--engine-image", default="local/hibernate-hostile-engine:dev")
-    parser.add_argument("--pull-policy", default="Never", choices=["Never", "IfNotPresent", "Always"])
+    parser = walk.common_parser(__doc__, "local/hibernate-hostile-engine:dev")
     parser.add_argument("--canary-dir", default="/var/lib/hibernate-e2e-canary")
-    parser.add_argument("--timeout", type=float, default=180)
     args = parser.parse_args(argv)
-    args.http_via, args.summary_json = "", ""
     walk.NAME = NAME  # the walk's helpers read the ModelDeployment's name from there
     canary_dir = Path(args.canary_dir)
     (canary_dir / "dir").mkdir(parents=True, exist_ok=True)

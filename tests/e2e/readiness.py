@@ -145,28 +145,7 @@ class Readiness(walk.Walk):
 
     def apply_two(self) -> None:
         self.say(f"== kubectl apply: ModelDeployment {NAME}, two replicas of the fake engine ==")
-        manifest = {
-            "apiVersion": "hibernate.dev/v1alpha1",
-            "kind": "ModelDeployment",
-            "metadata": {"name": NAME, "namespace": self.ns},
-            "spec": {
-                "model": walk.MODEL,
-                "replicas": 2,
-                "sleepLevel": "Awake",
-                "engine": {
-                    "image": self.image,
-                    "imagePullPolicy": self.pull_policy,
-                    "command": ["python3", "-m", "hibernate.engine.fake"],
-                    "args": ["--weights-mib", "64", "--kv-mib", "16"],
-                    "port": 8000,
-                    "resources": {
-                        "requests": {"cpu": "100m", "memory": "256Mi"},
-                        "limits": {"memory": "1Gi"},
-                    },
-                    "startupSeconds": 120,
-                },
-            },
-        }
+        manifest = self.manifest(replicas=2)
         self.say(self.kubectl("apply", "-f", "-", stdin=json.dumps(manifest)).rstrip())
         seconds = self.wait_for("Awake", self.reached("Awake", "Awake"))
         self.wait_for("both pods in the Service's ready endpoints", lambda: len(self.endpoints()[0]) == 2)
@@ -292,28 +271,13 @@ class Readiness(walk.Walk):
         self.say(f"\n{'requests through':<44} {'ok':>4} {'failed':>6} {'hung':>4} {'slowest s':>9}")
         for what, ok_n, failed, hung, slowest in self.rows:
             self.say(f"{what:<44} {ok_n:>4} {failed:>6} {hung:>4} {slowest:>9.2f}")
-        if self.failures:
-            self.say(f"\nFAILED checks ({len(self.failures)}):")
-            for f in self.failures:
-                self.say(f"  - {f}")
-            return 1
-        self.say(f"\nall readiness checks passed in {time.monotonic() - self.t0:.1f} s")
-        return 0
+        return self.verdict("readiness checks")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--kubectl", default="kubectl")
-    parser.add_argument("--namespace", default="default")
-    parser.add_argument("--release-namespace", default="hibernate-system")
+    parser = walk.common_parser(__doc__, "local/hibernate:dev")
     parser.add_argument("--release", default="hibernate")
-    parser.add_argument("--engine-image", default="local/hibernate:dev")
-    parser.add_argument("--pull-policy", default="Never", choices=["Never", "IfNotPresent", "Always"])
-    parser.add_argument("--timeout", type=float, default=180)
     args = parser.parse_args(argv)
-    args.http_via, args.summary_json = "", ""
     walk.NAME = NAME  # the walk's helpers read the ModelDeployment's name from there
     try:
         return Readiness(args).run_readiness()

@@ -175,6 +175,43 @@ class Walk:
             ).rstrip()
         )  # fmt: skip
 
+    def manifest(
+        self,
+        *,
+        replicas: int = 1,
+        command: list[str] | None = None,
+        args: list[str] | None = None,
+        env: list[dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        """A ModelDeployment `NAME` served by the fake engine (or `command`) from the engine image."""
+        engine: dict[str, Any] = {
+            "image": self.image,
+            "imagePullPolicy": self.pull_policy,
+            "command": command or ["python3", "-m", "hibernate.engine.fake"],
+            "args": args or ["--weights-mib", "64", "--kv-mib", "16"],
+            "port": 8000,
+            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+            "startupSeconds": 120,
+        }
+        if env:
+            engine["env"] = env
+        return {
+            "apiVersion": "hibernate.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": NAME, "namespace": self.ns},
+            "spec": {"model": MODEL, "replicas": replicas, "sleepLevel": "Awake", "engine": engine},
+        }
+
+    def verdict(self, what: str) -> int:
+        """Prints the failed checks, or that all of `what` passed; the exit status."""
+        if self.failures:
+            self.say(f"\nFAILED checks ({len(self.failures)}):")
+            for f in self.failures:
+                self.say(f"  - {f}")
+            return 1
+        self.say(f"\nall {what} passed in {time.monotonic() - self.t0:.1f} s")
+        return 0
+
     # -- the walk ------------------------------------------------------------------------------
 
     def agents(self) -> None:
@@ -202,28 +239,7 @@ class Walk:
 
     def apply(self) -> None:
         self.say(f"== kubectl apply: ModelDeployment {NAME}, the fake engine from {self.image} ==")
-        manifest = {
-            "apiVersion": "hibernate.dev/v1alpha1",
-            "kind": "ModelDeployment",
-            "metadata": {"name": NAME, "namespace": self.ns},
-            "spec": {
-                "model": MODEL,
-                "replicas": 1,
-                "sleepLevel": "Awake",
-                "engine": {
-                    "image": self.image,
-                    "imagePullPolicy": self.pull_policy,
-                    "command": ["python3", "-m", "hibernate.engine.fake"],
-                    "args": ["--weights-mib", "128", "--kv-mib", "32"],
-                    "port": 8000,
-                    "resources": {
-                        "requests": {"cpu": "100m", "memory": "256Mi"},
-                        "limits": {"memory": "1Gi"},
-                    },
-                    "startupSeconds": 120,
-                },
-            },
-        }
+        manifest = self.manifest(args=["--weights-mib", "128", "--kv-mib", "32"])
         self.say(self.kubectl("apply", "-f", "-", stdin=json.dumps(manifest)).rstrip())
         seconds = self.wait_for("Awake", self.reached("Awake", "Awake"))
         self.apply_seconds = seconds
@@ -311,29 +327,28 @@ class Walk:
             self.say(
                 f"{r['level']:<12} {r['sleep']:>8.2f} {r['wake']:>8.2f}  {'yes' if r['same'] else 'NO':<11}  {pod}"
             )
-        if self.failures:
-            self.say(f"\nFAILED checks ({len(self.failures)}):")
-            for f in self.failures:
-                self.say(f"  - {f}")
-            return 1
-        self.say(f"\nall checks passed in {time.monotonic() - self.t0:.1f} s")
-        return 0
+        return self.verdict("checks")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def common_parser(doc: str | None, engine_image: str) -> argparse.ArgumentParser:
+    """The arguments every e2e script takes (walk.py, readiness.py, hostile.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kubectl", default="kubectl", help="kubectl command line (with --kubeconfig)")
     parser.add_argument("--namespace", default="default", help="namespace of the ModelDeployment")
     parser.add_argument("--release-namespace", default="hibernate-system", help="namespace of the chart")
-    parser.add_argument("--engine-image", default="local/hibernate:dev")
+    parser.add_argument("--engine-image", default=engine_image)
     parser.add_argument("--pull-policy", default="Never", choices=["Never", "IfNotPresent", "Always"])
+    parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for each state")
+    parser.set_defaults(http_via="", summary_json="")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common_parser(__doc__, "local/hibernate:dev")
     parser.add_argument("--http-via", default="", help="command prefix for curl to the pod IP")
     parser.add_argument(
         "--levels", default=",".join(LEVELS), help="comma-separated, default L1,L2,Checkpoint,Stop"
     )
-    parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for each state")
     parser.add_argument("--summary-json", default="", help="write the apply and per-level seconds here")
     args = parser.parse_args(argv)
     walk = Walk(args)
