@@ -12,7 +12,8 @@
 # tests/test_gpu_pod.py, with 16 GiB of weights, written once to /var/tmp/hibernate-bench/weights/16g
 # where the bench reads them too; 2 GiB with --quick or HIBERNATE_GPU_POD_GIB=2), the bench the rest
 # (it skips the steps that would not fit and rewrites RESULTS.md after every step, so a cut run still
-# leaves numbers).
+# leaves numbers). The bench's "pod" rows (the engine in a simulated pod, the agent's Levels + PodRef,
+# levels 1-4, ~60 s) run at 16 GiB only (wake.py --pod-sizes 16, its default), next to the raw rows.
 # What lands in $OUT: RESULTS.md, results.json, bench.log, pytest-gpu.log, gpu-pod.json, system.txt,
 # engine logs.
 set -uo pipefail
@@ -113,7 +114,16 @@ RC=${PIPESTATUS[0]}
 say "bench rc $RC"
 
 # Leave no engine running (a bench cut by the timeout leaves its engine): the pids it recorded,
-# each checked to still be a reference engine. The weights stay in /var/tmp for a rerun.
+# each checked to still be a reference engine, or (its pod rows) a pod init. The weights stay in
+# /var/tmp for a rerun.
+if [[ -f $OUT/engine-logs/pod.pids ]]; then
+  while read -r pid; do
+    if grep -qa podinit.py "/proc/$pid/cmdline" 2>/dev/null; then
+      say "ending the pod of init $pid, left by the bench"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done <"$OUT/engine-logs/pod.pids"
+fi
 if [[ -f $OUT/engine-logs/engine.pids ]]; then
   while read -r pid; do
     if grep -q hibernate.engine.reference "/proc/$pid/cmdline" 2>/dev/null; then

@@ -19,11 +19,16 @@ and the image size at level 4. In the same run:
   (level 4), against the engine-assisted ones;
 - level 2 with 1 reader against 8 (parallel `preadv` loading), and optionally with a cold page
   cache (`--cold`, drops the caches: root);
-- level 4 with the image on tmpfs (/dev/shm) against local disk.
+- level 4 with the image on tmpfs (/dev/shm) against local disk;
+- `pod` rows (`--pod-sizes`, default 16 GiB on a GPU): the same engine inside a simulated pod
+  (hibernate.localnode.simpod, given the GPU's /dev/nvidia* as the NVIDIA container toolkit would),
+  moved through levels 1-4 by the agent's own `Levels` with a real `PodRef` of that pod, as
+  tests/test_gpu_pod.py does; compared with the raw rows ("pod vs raw").
 
 Transitions go through a small interface, `Levels.sleep(level)` / `Levels.wake(level)`:
-`AgentLevels` drives the agent's own `hibernate.agent.levels.Levels` (levels 1-3; its level 4
-needs a pod init in a pod's pid namespace, see bench/README.md), `DirectLevels` composes the
+`AgentLevels` drives the agent's own `hibernate.agent.levels.Levels` on the bare engine process
+(levels 1-3; its level 4 needs a pod init in a pod's pid namespace), `PodLevels` the same `Levels`
+with a real `PodRef` on the engine in a simulated pod (levels 1-4), `DirectLevels` composes the
 agent's pieces (EngineClient, cuda.suspend_all/resume_all, criu.dump/restore) and `RawLevels` the
 bare mechanisms. `--adapter auto` (default) takes the agent's code where it can.
 
@@ -346,6 +351,143 @@ class EngineProc:
         return str(body["results"][0])
 
 
+POD_ENGINE_TIMEOUT_S: Final = 180.0  # the agent's limits in the pod rows (tests/test_gpu_pod.py's)
+POD_CRIU_TIMEOUT_S: Final = 180.0
+
+
+class PodEngineProc(EngineProc):
+    """The reference engine inside a simulated pod, moved by the agent's own code (as tests/test_gpu_pod.py).
+
+    `hibernate.localnode.simpod.SimPod` (its own pid, mount, ipc and uts namespaces, the pod cgroup,
+    the pod init as PID 1; the host's network, so the engine is at 127.0.0.1) given the GPU's device
+    nodes as the NVIDIA container toolkit would, the weights directory as a volume. `pid` is the
+    engine's host pid (a new one after a Checkpoint wake; the last one while criu has ended it);
+    `agent()` gives the agent's `Levels` with a real `PodRef` of this pod.
+    """
+
+    def __init__(self, spec: EngineSpec, checkpoint_root: Path) -> None:
+        self.sim: Any = None  # hibernate.localnode.simpod.SimPod
+        self._last_pid = 0
+        self.checkpoint_root = checkpoint_root
+        self.restored = False  # criu restored it: end it CUDA-checkpointed (gpupod.end_pod)
+        self._agent: tuple[Any, Any] | None = None
+        super().__init__(spec)
+
+    @property
+    def pid(self) -> int:
+        if self.sim is not None:
+            current = self.sim.engine_host_pid()
+            if current is not None:
+                self._last_pid = current
+        return self._last_pid
+
+    @pid.setter
+    def pid(self, value: int) -> None:
+        self._last_pid = value
+
+    def alive(self) -> bool:
+        return self.sim is not None and self.sim.engine_host_pid() is not None
+
+    def start(self, timeout: float) -> float:
+        from hibernate.localnode.gpupod import pod_volumes
+        from hibernate.localnode.simpod import SimPod, nvidia_devices
+
+        if os.geteuid() != 0:
+            raise Skip("a simulated pod needs root (namespaces, cgroups)")
+        if shutil.which("unshare") is None:
+            raise Skip("unshare is missing")
+        devices = nvidia_devices() if self.spec.device != "cpu" else []
+        if self.spec.device != "cpu" and not devices:
+            raise Skip("no /dev/nvidia* device nodes to give the pod")
+        with contextlib.suppress(cuda.CudaError, OSError):
+            cuda.default_api()  # the driver library loaded here, so pod_volumes binds its mount
+        started = time.monotonic()
+        explicit = []
+        if self.spec.weights_dir is not None:
+            self.spec.weights_dir.mkdir(parents=True, exist_ok=True)
+            explicit.append(self.spec.weights_dir)
+        volumes = pod_volumes(explicit)
+        self.spec.log.parent.mkdir(parents=True, exist_ok=True)
+        say(f"  pod: devices {' '.join(devices)}; volumes {' '.join(volumes)}")
+        env = {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(OPERATOR), os.environ.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        self.restored = False
+        self._agent = None
+        try:
+            self.sim = SimPod.start(
+                self.argv(),
+                port=self.port,
+                ready_path="/health",
+                timeout=timeout,
+                host_network=True,
+                env=env,
+                devices=devices,
+                volumes=volumes,
+            )
+        except (RuntimeError, TimeoutError) as exc:  # the message carries the whole pod log
+            with contextlib.suppress(OSError), open(self.spec.log, "a") as log:
+                log.write(str(exc))
+            raise RuntimeError(f"the engine did not start in its pod: {str(exc)[-1500:]}") from None
+        self._last_pid = self.sim.engine_host_pid() or 0
+        with open(self.spec.log.parent / "pod.pids", "a") as pids:  # for bench/gpu_run.sh's clean-up
+            pids.write(f"{self.sim.init_pid}\n")
+        return time.monotonic() - started
+
+    def agent(self) -> tuple[Any, Any]:
+        """The agent's `Levels` (its Host as the DaemonSet runs it, with a checkpoint root of the
+        bench's and shorter limits) and a `PodRef` of this pod."""
+        if self._agent is None:
+            from hibernate.agent.levels import Host
+            from hibernate.agent.levels import Levels as AgentLevelsImpl
+            from hibernate.agent.podref import PodRef
+
+            assert self.sim is not None, "the pod is not started"
+            self.checkpoint_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.checkpoint_root, 0o700)  # root-only, as the agent keeps its images
+            root = self.checkpoint_root.resolve()
+            ref = PodRef(
+                namespace="bench",
+                name=f"pod-{self.spec.size_gib:g}g",
+                uid=self.sim.uid,
+                ip="127.0.0.1",
+                port=self.port,
+                container="engine",
+                container_id=self.sim.container_id,
+                annotations={},
+                checkpoint_dir=str(root),
+                deleting=False,
+            )
+            host = Host(
+                checkpoint_roots=(root,),
+                engine_timeout_s=POD_ENGINE_TIMEOUT_S,
+                criu_timeout_s=POD_CRIU_TIMEOUT_S,
+            )
+            self._agent = (AgentLevelsImpl(host), ref)
+        return self._agent
+
+    def log_tail(self, lines: int = 25) -> str:
+        if self.sim is None:
+            return super().log_tail(lines)
+        return "\n".join(self.sim.log().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        from hibernate.localnode.gpupod import end_pod
+
+        if self.sim is None:
+            return
+        # The pod's log (the engine's, through podinit) stays, with the other engines' logs.
+        with contextlib.suppress(OSError), open(self.spec.log, "a") as log:
+            log.write(self.sim.log())
+        end_pod(self.sim, self.url, self.restored)
+        self.sim = None
+        self._agent = None
+        self._last_pid = 0
+        shutil.rmtree(self.checkpoint_root, ignore_errors=True)
+
+
 # --- the adapters ------------------------------------------------------------------------------
 
 
@@ -488,8 +630,8 @@ class AgentLevels:
     The engine is no pod: a Host whose process lookups answer the engine's pid and whose engine
     client points at its URL stands in for the cgroup discovery. Level 4 needs the engine under
     the pod init in its own pid namespace (criu runs through nsenter there, and the restored tree
-    must be reparented to that init): use the lead's simulated pod for it (bench/README.md);
-    here it raises Skip and `--adapter auto` measures level 4 with DirectLevels.
+    must be reparented to that init): the `pod` rows (PodLevels) measure it; here it raises Skip
+    and `--adapter auto` measures level 4 with DirectLevels.
     """
 
     name = "agent"
@@ -555,6 +697,41 @@ class AgentLevels:
         if level == 4:
             raise Skip("the agent's level 4 needs a pod init in a pod's pid namespace")
         result: dict[str, Any] = await self.levels.wake(self.pod, self._sleep_level(level))
+        return result
+
+
+class PodLevels:
+    """The agent's own `Levels` with a real `PodRef`, on the engine inside a simulated pod (levels 1-4).
+
+    As tests/test_gpu_pod.py: the agent finds the pod's processes by their cgroup, speaks HTTP to
+    the engine, checkpoints CUDA through the driver API from this process and, at level 4, runs criu
+    from its bundle in the pod's namespaces (the restored engine keeps its pid in the pod).
+    """
+
+    name = "pod"
+
+    def __init__(self, target: Target) -> None:
+        if not isinstance(target.engine, PodEngineProc):
+            raise Skip("the pod adapter needs the engine in a simulated pod")
+        from hibernate.api.levels import SleepLevel
+
+        self.engine = target.engine
+        self._sleep_level = SleepLevel
+
+    async def sleep(self, level: int) -> dict[str, Any]:
+        if level == 4:
+            bundle = _need_criu()
+            if bundle.nsjoin is None:
+                raise Skip(f"{bundle.criu} is not a bundle with hibernate-nsjoin.so (hack/build-criu.sh)")
+        levels, ref = self.engine.agent()
+        result: dict[str, Any] = await levels.sleep(ref, self._sleep_level(level))
+        return result
+
+    async def wake(self, level: int) -> dict[str, Any]:
+        levels, ref = self.engine.agent()
+        if level == 4:
+            self.engine.restored = True  # from here on, end it CUDA-checkpointed
+        result: dict[str, Any] = await levels.wake(ref, self._sleep_level(level))
         return result
 
 
@@ -656,6 +833,7 @@ ADAPTERS: Final[dict[str, Callable[[Target], Levels]]] = {
     "agent": AgentLevels,
     "direct": DirectLevels,
     "raw": RawLevels,
+    "pod": PodLevels,
 }
 
 
@@ -665,7 +843,7 @@ ADAPTERS: Final[dict[str, Callable[[Target], Levels]]] = {
 @dataclass
 class Row:
     size_gib: float
-    path: str  # agent (the adapter under test), raw, plain, readers-1, tmpfs, cold
+    path: str  # agent (the adapter under test), raw, pod, plain, readers-1, tmpfs, cold (and warm-ups)
     adapter: str
     level: int
     sleep_s: float | None = None
@@ -739,6 +917,21 @@ def comparisons(rows: Sequence[Row]) -> list[str]:
             lines.append(
                 f"- agent overhead, level {level} ({agent.adapter} vs raw): sleep {agent.sleep_s / raw.sleep_s - 1:+.1%}, "
                 f"wake {agent.wake_s / raw.wake_s - 1:+.1%} (goal <= {GOAL_OVERHEAD:.0%})"
+            )
+    for level in (1, 2, 3, 4):
+        pod, raw = by.get(("pod", level)), by.get(("raw", level))
+        if pod and raw and pod.sleep_s and raw.sleep_s and pod.wake_s and raw.wake_s:
+            token = ""
+            if pod.first_token_s and raw.first_token_s:
+                token = (
+                    f", first correct token {pod.first_token_s / raw.first_token_s - 1:+.1%} "
+                    f"({_f(pod.first_token_s)} vs {_f(raw.first_token_s)} s)"
+                )
+            lines.append(
+                f"- pod vs raw, level {level} (the agent's Levels + PodRef on the engine in a SimPod vs bare "
+                f"mechanisms on the host engine): sleep {pod.sleep_s / raw.sleep_s - 1:+.1%} "
+                f"({_f(pod.sleep_s)} vs {_f(raw.sleep_s)} s), wake {pod.wake_s / raw.wake_s - 1:+.1%} "
+                f"({_f(pod.wake_s)} vs {_f(raw.wake_s)} s){token}"
             )
     for level, name in ((3, "CudaSuspend"), (4, "Checkpoint")):
         fast, plain = by.get(("agent", level)), by.get(("plain", level))
@@ -878,6 +1071,7 @@ class Bench:
         return {
             "start": 25 + 0.3 * g,  # torch, CUDA, load (or generate + write) the weights
             "prealloc": 0.65 * g,  # pinning the level-1 host copy: ~10 s for 16 GiB
+            "pod": 10.0,  # a simulated pod around the engine: namespaces, overlay root, binds
             "1": 3 + 0.08 * g,
             "2": 3 + 0.15 * g,
             "3": 5 + 0.25 * g,
@@ -987,6 +1181,17 @@ class Bench:
         finally:
             engine.stop()
 
+        # The pod engine: the same model inside a simulated pod, moved by the agent's Levels + PodRef.
+        if size in self.args.pod_sizes:
+            await self.run_pod(size, kv, directory, levels)
+        elif not self.cpu:
+            chosen = " ".join(f"{g:g}" for g in self.args.pod_sizes) or "none"
+            self.report.note(
+                size,
+                f"no pod rows at this size (--pod-sizes {chosen}; gpu_run.sh runs them at 16 GiB only, "
+                "to stay within the device's 10-minute limit)",
+            )
+
         # Engine B: the same model, no pinned buffers, treated as an engine without the sleep API.
         plain_levels = (
             [lv for lv in levels if lv in (3, 4)] if size <= self.args.plain_max_gib and not self.cpu else []
@@ -1025,27 +1230,60 @@ class Bench:
                 finally:
                     engine.stop()
 
+    async def run_pod(self, size: float, kv: float, directory: Path | None, levels: list[int]) -> None:
+        """Pod rows: the engine in a SimPod given the GPU's device nodes, the agent's own `Levels` with
+        a real `PodRef` doing every step (tests/test_gpu_pod.py's walk), in the order of engine A
+        (1, 3, 2, 4), each level but 4 after an unreported warm-up cycle of its own, as there."""
+        order: list[int] = [lv for lv in (1, 3, 2, 4) if lv in levels]
+        engine = await self.start_engine(size, kv, directory, assisted=True, tag="pod", pod=True)
+        if engine is None:
+            for level in order:
+                self.report.add(
+                    Row(
+                        size,
+                        "pod",
+                        "pod",
+                        level,
+                        skipped="the engine in its pod did not start (see the notes)",
+                    )
+                )
+            return
+        try:
+            for level in order:
+                if level != 4:
+                    await self.step(engine, size, kv, level, "pod-warmup", "pod", str(level))
+                await self.step(engine, size, kv, level, "pod", "pod", str(level))
+        finally:
+            engine.stop()
+
     def adapter_name(self, level: int) -> str:
         if self.args.adapter == "auto":
             return "direct" if level == 4 else "agent"
         return str(self.args.adapter)
 
     async def start_engine(
-        self, size: float, kv: float, directory: Path | None, assisted: bool, tag: str
+        self, size: float, kv: float, directory: Path | None, assisted: bool, tag: str, pod: bool = False
     ) -> EngineProc | None:
         spec = self.spec(size, kv, directory, assisted, tag)
-        engine = EngineProc(spec)
+        engine = PodEngineProc(spec, self.work / "pod-checkpoints") if pod else EngineProc(spec)
         try:
             start = self.estimate("start", size, kv)
             if spec.pinned_prealloc:
                 start += self.estimate("prealloc", size, kv)
+            if pod:
+                start += self.estimate("pod", size, kv)
             self.budget.check(start)
-            say(f"  starting engine ({tag}): {' '.join(engine.argv()[1:])}")
+            say(
+                f"  starting engine ({tag}{' in a simulated pod' if pod else ''}): {' '.join(engine.argv()[1:])}"
+            )
             seconds = await asyncio.to_thread(engine.start, 300 + 4 * size)
             timings = engine.timings()
+            where = f"pid {engine.pid}"
+            if isinstance(engine, PodEngineProc) and engine.sim is not None:
+                where += f" on the host, {engine.sim.engine_ns_pid()} in its pod"
             self.report.note(
                 size,
-                f"engine {tag} (pid {engine.pid}) ready in {seconds:.1f}s; its steps: "
+                f"engine {tag} ({where}) ready in {seconds:.1f}s; its steps: "
                 + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
             )
             answer = engine.complete(MAX_TOKENS)
@@ -1221,6 +1459,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--kv-gib", type=float, default=None, help="KV cache (default 4; CPU 0.004); reduced to fit the GPU"
     )
+    p.add_argument(
+        "--pod-sizes",
+        type=float,
+        nargs="*",
+        default=None,
+        help="sizes that also get pod rows: the engine in a simulated pod, the agent's Levels + PodRef "
+        "(root; default 16; none on CPU, where they check the plumbing at levels 1-2; `--pod-sizes` alone: none)",
+    )
     p.add_argument("--readers", type=int, default=8)
     p.add_argument("--adapter", choices=("auto", "agent", "direct"), default="auto")
     p.add_argument(
@@ -1248,6 +1494,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.sizes = args.sizes or ([0.02] if cpu else [2.0, 16.0, 64.0])
     args.levels = args.levels or ([1, 2] if cpu else [1, 2, 3, 4])
     args.kv_gib = args.kv_gib if args.kv_gib is not None else (0.004 if cpu else 4.0)
+    if args.pod_sizes is None:
+        args.pod_sizes = [] if cpu else [16.0]
     args.log_dir = args.log_dir or str(Path(args.work_dir) / "logs")
     if args.budget_s is not None:
         args.deadline = time.time() + args.budget_s
@@ -1285,6 +1533,14 @@ def header(args: argparse.Namespace, argv: Sequence[str]) -> tuple[str, list[str
         "completion equal to the awake answer (the full answer is compared too)",
         "- raw: bare urllib + cuCheckpoint* + criu binary; plain: a second engine (no pinned buffers) slept "
         "without its API (driver checkpoint of everything / the same, then CRIU)",
+        "- pod: the same engine inside a simulated pod (hibernate.localnode.simpod, the GPU's /dev/nvidia* "
+        "bound in, its own pid/mount/ipc/uts namespaces and cgroup, host network), moved by the agent's own "
+        "Levels with a real PodRef (processes by cgroup, criu in the pod's namespaces); "
+        + (
+            f"at {', '.join(f'{g:g}' for g in args.pod_sizes)} GiB (--pod-sizes)"
+            if args.pod_sizes
+            else "not run (--pod-sizes)"
+        ),
         "",
     ]
     return section, lines

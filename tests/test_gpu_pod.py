@@ -52,6 +52,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from hibernate.localnode.gpupod import end_pod, pod_volumes
 from hibernate.localnode.simpod import SimPod, nvidia_devices
 
 T = TypeVar("T")
@@ -221,57 +222,6 @@ def _fs_type(path: Path) -> str:
     return kind
 
 
-def _mount_points() -> list[str]:
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        raw = line.split()[4]
-        points.append(raw.encode().decode("unicode_escape") if "\\" in raw else raw)
-    return points
-
-
-def _mount_of(path: str, points: list[str]) -> str:
-    return max((m for m in points if path == m or path.startswith(m.rstrip("/") + "/")), key=len, default="/")
-
-
-def pod_volumes(explicit: list[Path]) -> list[str]:
-    """Host directories the engine needs in its pod, bound there at the same path.
-
-    The pod's root is an overlay of the host's / only: another file system mounted below it (the
-    driver's libraries, a Python installation, the checkout) would look empty in the pod. So each
-    mount point that holds something the engine loads is bound, and the `explicit` directories
-    (the weights, which the engine may write) always are.
-    """
-    needed = [
-        sys.prefix,
-        sys.base_prefix,
-        sys.exec_prefix,
-        os.path.realpath(sys.executable),
-        str(OPERATOR_DIR),
-    ]
-    needed += [p for p in sys.path if p and os.path.isdir(p)]
-    needed += [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p and os.path.isdir(p)]
-    spec = importlib.util.find_spec("torch")
-    if spec is not None and spec.origin:
-        needed.append(spec.origin)
-    with contextlib.suppress(OSError):  # the driver library this process loaded (cuda.default_api)
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            if "libcuda.so" in line or "libnvidia-ml.so" in line:
-                needed.append(line.split()[-1])
-    points = _mount_points()
-    found = {str(p.resolve()) for p in explicit}
-    for path in needed:
-        real = os.path.realpath(path)
-        if not os.path.exists(real):
-            continue
-        mount = _mount_of(real, points)
-        if mount != "/" and not any(
-            mount == s or mount.startswith(s + "/") for s in ("/proc", "/sys", "/dev")
-        ):
-            found.add(mount)
-    # A directory below another one in the list comes along with it (recursive binds).
-    return sorted(v for v in found if not any(v != o and v.startswith(o.rstrip("/") + "/") for o in found))
-
-
 def _skip_reason() -> str | None:
     """Why the GPU tests cannot run here, checked in the test itself: bench/gpu_run.sh runs pytest
     with --noconftest, so tests/conftest.py's skip of `gpu` tests does not apply there."""
@@ -354,16 +304,7 @@ class PodEngine:
     def stop(self) -> None:
         """Ends the pod. An engine that criu restored is first put to sleep and CUDA-checkpointed:
         ending a live restored CUDA process has hung hosts (NVIDIA/cuda-checkpoint#53)."""
-        from hibernate.agent import cuda
-
-        pid = self.sim.engine_host_pid()
-        if pid is not None and self.restored:
-            with contextlib.suppress(Exception):
-                if cuda.default_api().get_state(pid) is cuda.ProcessState.RUNNING:
-                    with contextlib.suppress(OSError):
-                        _http("POST", f"{self.url}/sleep?level=2", timeout=60)
-                    cuda.suspend_all([pid])
-        self.sim.close()
+        end_pod(self.sim, self.url, self.restored)
         shutil.rmtree(self.ckpt_root, ignore_errors=True)
 
 
