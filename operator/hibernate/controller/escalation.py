@@ -14,9 +14,7 @@ the spec ends it, as it ends any automatic level; the Deployment then starts fre
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
-
-from kubernetes.client.exceptions import ApiException
+from typing import Any
 
 from hibernate.api import auto_level
 from hibernate.api import constants as c
@@ -42,16 +40,6 @@ def request(md: dict[str, Any], pods: list[PodView]) -> tuple[str, str] | None:
         if asks_stop(pod):
             return pod.name, pod.failure() or f"pod {pod.name}: a failed sleep could not be undone"
     return None
-
-
-def _read(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        obj = kube.custom().get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    return cast(dict[str, Any], obj)
 
 
 def stop_if_asked(md: dict[str, Any], pods: list[PodView]) -> str | None:
@@ -84,7 +72,7 @@ def stop_if_asked(md: dict[str, Any], pods: list[PodView]) -> str | None:
                 "and a change of the spec starts the model again"
             )
         if attempt == 0:
-            fresh = _read(meta["namespace"], meta["name"])
+            fresh = kube.read_model_deployment(meta["namespace"], meta["name"])
             if fresh is None:
                 return None
             md = fresh

@@ -61,19 +61,6 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
 
 
-def _read(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        obj = cast(
-            dict[str, Any],
-            kube.custom().get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name),
-        )
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    return obj
-
-
 def _seconds(decision: idle.Decision) -> str:
     seconds = decision.idle_for.total_seconds()
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
@@ -98,7 +85,7 @@ def idle_ladder(body: kopf.Body, namespace: str | None, name: str, logger: Any, 
     if decision.move_to is not None:
         # kopf's copy may be older than a wake or an activity mark: decide again on a fresh read,
         # and write only if the object is still that one.
-        fresh = _read(namespace, name)
+        fresh = kube.read_model_deployment(namespace, name)
         if fresh is None:
             return
         md = fresh

@@ -96,6 +96,13 @@ def read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
     return _read_or_none(lambda: apps().read_namespaced_deployment(name, namespace))
 
 
+def read_model_deployment(namespace: str, name: str) -> dict[str, Any] | None:
+    """A ModelDeployment as a plain dict, or None when it is gone."""
+    return _read_or_none(
+        lambda: custom().get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
+    )
+
+
 def list_pods(namespace: str, model: str) -> list[dict[str, Any]]:
     result = core().list_namespaced_pod(namespace, label_selector=f"{c.LABEL_MODEL}={model}")
     items: list[dict[str, Any]] = client().sanitize_for_serialization(result).get("items", [])

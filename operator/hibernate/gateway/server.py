@@ -372,7 +372,9 @@ class Gateway:
         # The ladder starts again from this request; the answer is the object with the wake in it.
         obj: dict[str, Any] | None = None
         try:
-            obj = await self.activity.force(view.key) or await asyncio.to_thread(_read, namespace, name)
+            obj = await self.activity.force(view.key) or await asyncio.to_thread(
+                kube.read_model_deployment, namespace, name
+            )
         except Exception as e:  # the wake is asked for; the watch brings the object
             log.warning("after waking %s/%s: could not read it back: %s", namespace, name, e)
             return
@@ -382,7 +384,7 @@ class Gateway:
 
     async def _reread(self, key: Key) -> None:
         try:
-            obj = await asyncio.to_thread(_read, *key)
+            obj = await asyncio.to_thread(kube.read_model_deployment, *key)
         except Exception as e:
             self.metrics.api_errors.labels(call="read").inc()
             log.warning("could not read %s/%s: %s", key[0], key[1], e)
@@ -478,16 +480,6 @@ class Gateway:
 
 def _level(view: ModelView) -> str:
     return view.effective.label if view.effective is not None else "an invalid level"
-
-
-def _read(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        obj = kube.custom().get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    return cast(dict[str, Any], obj)
 
 
 def _annotate(key: Key, annotation: str, value: str) -> dict[str, Any]:
