@@ -9,6 +9,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 log() { printf '[setup %4ds] %s\n' "$SECONDS" "$*" >&2; }
+# One setup at a time per machine: two checkouts (or two people) filling the same caches under
+# ~/.cache at once would race on half-built assets.
+exec 9>/tmp/hibernate-setup.lock
+flock 9
 
 need=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
