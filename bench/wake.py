@@ -67,6 +67,7 @@ if str(OPERATOR) not in sys.path:
     sys.path.insert(0, str(OPERATOR))
 
 from hibernate.agent import criu, cuda  # noqa: E402
+from hibernate.api import constants as c  # noqa: E402
 from reporting import write_section  # noqa: E402
 
 GIB: Final = 2**30
@@ -543,6 +544,11 @@ def _need_criu() -> criu.Bundle:
     return bundle
 
 
+def _assisted_sleep(level: int) -> tuple[int, str]:
+    """The engine's sleep before CudaSuspend (3) or Checkpoint (4), with the agent's hint."""
+    return (1, c.PREPARE_CUDA_SUSPEND) if level == 3 else (2, c.PREPARE_CHECKPOINT)
+
+
 class DirectLevels:
     """The agent's pieces composed here: EngineClient, cuda.suspend_all/resume_all, criu.dump/restore."""
 
@@ -551,10 +557,10 @@ class DirectLevels:
     def __init__(self, target: Target) -> None:
         self.t = target
 
-    async def _engine_sleep(self, level: int) -> float:
+    async def _engine_sleep(self, level: int, prepare: str | None = None) -> float:
         started = time.monotonic()
         async with _engine_client(self.t.url) as client:
-            await client.sleep_level(level)
+            await client.sleep_level(level, prepare=prepare)
         return time.monotonic() - started
 
     async def _engine_wake(self, level: int) -> float:
@@ -576,7 +582,7 @@ class DirectLevels:
             return {"engine_s": await self._engine_sleep(level)}
         details: dict[str, Any] = {}
         if self.t.engine_assisted:
-            details["engine_s"] = await self._engine_sleep(1 if level == 3 else 2)
+            details["engine_s"] = await self._engine_sleep(*_assisted_sleep(level))
         report = await asyncio.to_thread(cuda.suspend_all, [self.t.pid])  # level 4 too: no CRIU plugin
         details["cuda_s"] = report.seconds
         if level == 4:
@@ -746,9 +752,9 @@ class RawLevels:
     def _post(self, path: str, body: object = None) -> None:
         http("POST", f"{self.t.url}{path}", body)
 
-    def _engine_sleep(self, level: int) -> float:
+    def _engine_sleep(self, level: int, prepare: str | None = None) -> float:
         started = time.monotonic()
-        self._post(f"/sleep?level={level}")
+        self._post(f"/sleep?level={level}" + (f"&{c.SLEEP_HINT_PARAM}={prepare}" if prepare else ""))
         return time.monotonic() - started
 
     def _engine_wake(self, level: int) -> float:
@@ -796,7 +802,7 @@ class RawLevels:
             return {"engine_s": self._engine_sleep(level)}
         details: dict[str, Any] = {}
         if self.t.engine_assisted:
-            details["engine_s"] = self._engine_sleep(1 if level == 3 else 2)
+            details["engine_s"] = self._engine_sleep(*_assisted_sleep(level))
         # Level 4 too: criu runs without a CUDA plugin, as in the agent (docs/security.md).
         details["cuda_s"] = self._cuda(["lock", "checkpoint"])
         if level == 4:

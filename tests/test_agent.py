@@ -336,6 +336,7 @@ def test_level_4_checkpoints_the_engine_in_its_pod_and_restores_it_in_place(
         reached(cluster, namespace, name, 0, "Awake", timeout=60)
         assert pod.engine_ns_pid() == engine_pid, "restored in place with the same pid"
         assert complete(url) == before, "same answer after a level-4 cycle"
+        assert memory(url)["sleep_hints"] == [c.PREPARE_CHECKPOINT], "the engine was told a dump follows"
         assert not image.exists(), "the image is removed once the engine runs again"
 
         annotate(cluster, namespace, name, 4)

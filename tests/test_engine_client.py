@@ -329,6 +329,51 @@ def test_the_drain_asks_for_mode_wait_and_falls_back_to_abort_where_it_is_refuse
     assert seen[0] == "POST /sleep?level=1&mode=keep"
 
 
+# --- the agent's hint: what follows the sleep --------------------------------------------------
+
+
+def test_a_sleep_carries_the_hint_of_what_follows_it_and_the_fake_engine_records_it() -> None:
+    with start_fake_engine(weights_mib=4, kv_mib=1) as engine:
+
+        async def cycle() -> None:
+            async with EngineClient(engine.url, timeout=5) as client:
+                await client.sleep_level(1, prepare=c.PREPARE_CUDA_SUSPEND)
+                await client.wake(1)
+                await client.sleep_level(2, prepare=c.PREPARE_CHECKPOINT)
+                await client.wake(2)
+                await client.sleep_level(1)  # a plain level 1: no hint
+
+        run(cycle())
+        memory = httpx.get(f"{engine.url}/debug/memory", timeout=10).json()
+        assert memory["sleep_hints"] == [c.PREPARE_CUDA_SUSPEND, c.PREPARE_CHECKPOINT]
+
+
+def test_an_engine_that_refuses_the_hint_is_asked_again_without_it() -> None:
+    with start_fake_engine(weights_mib=4, kv_mib=1) as engine:
+        httpx.post(f"{engine.url}/debug/faults", json={"refuse_hints": True}, timeout=10)
+
+        async def cycle() -> None:
+            async with EngineClient(engine.url, timeout=5, drain_seconds=5) as client:
+                await client.sleep_level(2, prepare=c.PREPARE_CHECKPOINT)  # the drain path
+                assert await client.is_sleeping()
+                await client.wake(2)
+                await client.sleep_level(1, mode="abort", prepare=c.PREPARE_CUDA_SUSPEND)
+                assert await client.is_sleeping()
+
+        run(cycle())
+        memory = httpx.get(f"{engine.url}/debug/memory", timeout=10).json()
+        assert memory["sleep_hints"] == [] and memory["sleep_level"] == 1
+
+
+def test_the_hint_goes_as_a_query_parameter_and_a_5xx_is_not_taken_for_a_refusal() -> None:
+    client, seen = mocked(answer({"error": "boom"}, status=500), retries=0)
+    with pytest.raises(EngineError):
+        run(client.sleep(2, prepare=c.PREPARE_CHECKPOINT))
+    assert seen == ["POST /sleep?level=2&mode=abort&hibernate=checkpoint"]
+    with pytest.raises(ValueError, match="sleep hints"):
+        run(client.sleep(1, prepare="make-coffee"))
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [

@@ -380,6 +380,7 @@ class EngineDouble:
 
     def __init__(self) -> None:
         self.sleeping = False
+        self.hints: list[str | None] = []
 
     async def __aenter__(self) -> EngineDouble:
         return self
@@ -390,7 +391,8 @@ class EngineDouble:
     async def is_sleeping(self) -> bool:
         return self.sleeping
 
-    async def sleep_level(self, level: int) -> None:
+    async def sleep_level(self, level: int, prepare: str | None = None) -> None:
+        self.hints.append(prepare)
         self.sleeping = True
 
     async def wake(self, level: int) -> None:
@@ -433,6 +435,7 @@ def test_levels_report_a_partial_cuda_rollback_as_partial(tmp_path: Path) -> Non
     assert e.processes == {"pid 101 (python3)": "checkpointed", "pid 102 (python3)": "running"}
     assert "pid 101 (python3) checkpointed, pid 102 (python3) running" in str(e)
     assert host.double.sleeping, "the engine stays asleep under the half suspension, for the restore"
+    assert host.double.hints == [c.PREPARE_CUDA_SUSPEND], "the engine was told the driver comes next"
 
     del driver.failures[("restore", 101)]  # the restore the agent retries, now that it works
     asyncio.run(levels.wake(ref, L.CUDA_SUSPEND))

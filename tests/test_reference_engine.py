@@ -318,6 +318,21 @@ def test_level2_with_reload_same_tokens(awake: Engine) -> None:
     assert awake.call("GET", "/debug/timings")["reload_readers"] == 2
 
 
+def test_a_level2_sleep_before_a_dump_keeps_the_hint_and_still_reloads_the_same_tokens(
+    awake: Engine,
+) -> None:
+    before = awake.complete()
+    awake.call("POST", "/sleep?level=2&hibernate=checkpoint")
+    asleep = awake.memory()
+    assert asleep["sleep_hints"][-1] == "checkpoint" and asleep["host_copy_bytes"] == 0
+    assert "prepare_checkpoint" in awake.call("GET", "/debug/timings"), "the hint was acted on"
+    awake.wake_level2()
+    assert awake.complete() == before, "the staging buffers freed for the dump come back for the reload"
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        awake.call("POST", "/sleep?level=1&hibernate=make-coffee")
+    assert bad.value.code == 400 and not awake.sleeping()
+
+
 def test_level2_without_reload_answers_garbage(awake: Engine) -> None:
     before, checksum = awake.complete(), awake.checksum()
     awake.call("POST", "/sleep?level=2")

@@ -9,6 +9,10 @@ A sleep drains first (`drain_seconds`): `POST /sleep?mode=wait` makes vLLM queue
 sleep once the running ones have finished; if they have not within the deadline, `POST
 /sleep?mode=abort` aborts them and sleeps at once (the waiting call then finds the engine asleep, a
 no-op in vLLM). Engines that refuse `mode=wait` (a 4xx) are slept with `mode=abort`.
+
+A sleep may carry the agent's hint (`hibernate=cuda-suspend|checkpoint`, hibernate.api.constants): what
+follows the sleep, for an engine that can prepare for it. vLLM ignores the parameter; an engine that
+refuses it (a 4xx) is asked again without it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any, Final
 from urllib.parse import urlencode
 
 import httpx
+
+from hibernate.api import constants as c
 
 log = logging.getLogger("hibernate.agent.engine")
 
@@ -108,11 +114,32 @@ class EngineClient:
         return bool(body["is_sleeping"])
 
     async def sleep(
-        self, level: int, mode: str = "abort", timeout: float | None = None
+        self, level: int, mode: str = "abort", timeout: float | None = None, prepare: str | None = None
     ) -> dict[str, Any] | None:
-        """`POST /sleep?level=N&mode=M`; returns the JSON body, or None where the engine sends none.
-        `timeout`: for this call instead of the client's (a drain may take longer than a sleep)."""
+        """`POST /sleep?level=N&mode=M[&hibernate=P]`; returns the JSON body, or None where the engine
+        sends none. `timeout`: for this call instead of the client's (a drain may take longer than a
+        sleep). `prepare`: the hint (c.SLEEP_HINTS), dropped if the engine refuses it."""
         params: list[tuple[str, str | int]] = [("level", level), ("mode", mode)]
+        if prepare is not None:
+            if prepare not in c.SLEEP_HINTS:
+                raise ValueError(f"the sleep hints are {c.SLEEP_HINTS}, not {prepare!r}")
+            try:
+                return await self._sleep([*params, (c.SLEEP_HINT_PARAM, prepare)], timeout)
+            except EngineError as e:
+                if e.status is None or not 400 <= e.status < 500:
+                    raise
+                log.info(
+                    "engine %s refuses the hint %s=%s (%s); asking without it",
+                    self.base_url,
+                    c.SLEEP_HINT_PARAM,
+                    prepare,
+                    e,
+                )
+        return await self._sleep(params, timeout)
+
+    async def _sleep(
+        self, params: list[tuple[str, str | int]], timeout: float | None
+    ) -> dict[str, Any] | None:
         step = f"POST /sleep?{urlencode(params)}"
         body = await self._call("POST", "/sleep", params=params, step=step, timeout=timeout)
         return self._object_or_none(step, body)
@@ -185,24 +212,25 @@ class EngineClient:
 
     # --- whole transitions --------------------------------------------------------------------
 
-    async def sleep_level(self, level: int, mode: str | None = None) -> None:
+    async def sleep_level(self, level: int, mode: str | None = None, prepare: str | None = None) -> None:
         """Sleep at `level` (0-2) and check that the engine says it sleeps. Without `mode`, the requests
-        in flight get `drain_seconds` to finish first (see `drain_then_sleep`)."""
+        in flight get `drain_seconds` to finish first (see `drain_then_sleep`). `prepare`: the hint
+        of what follows (see `sleep`)."""
         if level not in SLEEP_LEVELS:
             raise ValueError(f"the engine sleeps at levels {SLEEP_LEVELS}, not {level}")
         if mode is None and self.drain_seconds > 0:
-            await self.drain_then_sleep(level)
+            await self.drain_then_sleep(level, prepare)
         else:
-            await self.sleep(level, mode or "abort")
+            await self.sleep(level, mode or "abort", prepare=prepare)
         if not await self.is_sleeping():
             raise self._error(f"sleep level {level}", "POST /sleep answered, but /is_sleeping is false")
 
-    async def drain_then_sleep(self, level: int) -> None:
+    async def drain_then_sleep(self, level: int, prepare: str | None = None) -> None:
         """`POST /sleep?mode=wait`: new requests queue and the engine sleeps once the running ones are
         done; after `drain_seconds`, `POST /sleep?mode=abort` ends what still runs and sleeps now."""
         try:
             async with asyncio.timeout(self.drain_seconds):
-                await self.sleep(level, "wait", timeout=self.drain_seconds + self.timeout)
+                await self.sleep(level, "wait", timeout=self.drain_seconds + self.timeout, prepare=prepare)
             return
         except TimeoutError:
             log.warning(
@@ -214,7 +242,7 @@ class EngineClient:
             if e.status is None or not 400 <= e.status < 500:
                 raise
             log.warning("engine %s: no drain (%s); sleeping with mode=abort", self.base_url, e)
-        await self.sleep(level, "abort")
+        await self.sleep(level, "abort", prepare=prepare)
 
     async def wake(self, from_level: int) -> None:
         """Wake from `from_level` (0-2) with the sequence that level needs, and check it is awake.

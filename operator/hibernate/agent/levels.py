@@ -248,7 +248,7 @@ class Levels:
             assisted = await _has_sleep_api(engine)
             if assisted:
                 try:
-                    await engine.sleep_level(1)
+                    await engine.sleep_level(1, prepare=c.PREPARE_CUDA_SUSPEND)
                 except EngineError as e:
                     await self._wake_engine_back(engine, 1, e)
             fault_point("agent.after-engine-sleep")
@@ -302,7 +302,7 @@ class Levels:
             assisted = await _has_sleep_api(engine)
             if assisted:
                 try:
-                    await engine.sleep_level(2)
+                    await engine.sleep_level(2, prepare=c.PREPARE_CHECKPOINT)
                 except EngineError as e:
                     await self._wake_engine_back(engine, 2, e)
             fault_point("agent.after-engine-sleep")

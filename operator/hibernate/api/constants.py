@@ -109,3 +109,11 @@ STOP_ON_POD: Final = (
 
 DEFAULT_CHECKPOINT_DIR: Final = "/var/lib/hibernate/checkpoints"
 ENGINE_CONTAINER: Final = "engine"
+
+# The agent's hint on `POST /sleep` (a query parameter vLLM ignores): what comes after the engine's
+# sleep, so an engine that knows it can prepare for it (docs/levels.md, "Hints"). An engine that
+# answers a hinted sleep with a 4xx is asked again without the hint.
+SLEEP_HINT_PARAM: Final = "hibernate"
+PREPARE_CUDA_SUSPEND: Final = "cuda-suspend"  # level 1, then the driver checkpoints the context
+PREPARE_CHECKPOINT: Final = "checkpoint"  # level 2, then CUDA suspend and a CRIU dump of the process
+SLEEP_HINTS: Final = (PREPARE_CUDA_SUSPEND, PREPARE_CHECKPOINT)

@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per generated token")
     parser.add_argument("--load-delay", type=float, default=0.0, help="seconds of 'loading' before serving")
-    for fault in ("fail-sleep", "hang-sleep", "fail-wake", "hang-wake", "wrong-after-wake"):
+    for fault in ("fail-sleep", "hang-sleep", "fail-wake", "hang-wake", "wrong-after-wake", "refuse-hints"):
         parser.add_argument(f"--{fault}", action="store_true", help="fault injection for tests")
     return parser.parse_known_args(argv)
 

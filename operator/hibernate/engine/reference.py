@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
 
+from hibernate.api.constants import SLEEP_HINT_PARAM, SLEEP_HINTS
 from hibernate.engine import openai
 
 if TYPE_CHECKING:
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="pin host memory with cudaHostRegister on N threads (PYTORCH_CUDA_ALLOC_CONF); 0: torch default",
+    )
+    p.add_argument(
+        "--ignore-hints",
+        action="store_true",
+        help="do not act on the agent's sleep hints (the baseline for bench/wake.py)",
     )
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--enable-sleep-mode", action="store_true", help="accepted; sleep is always on")
@@ -299,8 +305,12 @@ class Handler(BaseHTTPRequestHandler):
         if mode not in SLEEP_MODES:
             self._error(f"mode must be one of {list(SLEEP_MODES)}, got {mode!r}", 400)
             return
+        hint = self._q(SLEEP_HINT_PARAM)
+        if hint is not None and hint not in SLEEP_HINTS:
+            self._error(f"{SLEEP_HINT_PARAM} must be one of {list(SLEEP_HINTS)}, got {hint!r}", 400)
+            return
         # Every mode lets the request in flight finish and holds the ones that arrive.
-        self.server.engine.sleep(int(level_text))
+        self.server.engine.sleep(int(level_text), hint)
         self._json({"status": "sleeping", "level": int(level_text)})
 
     def _wake_up(self) -> None:
@@ -357,16 +367,25 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         if self.command == "POST":
             body = self._body()
-            if not isinstance(body, dict) or not set(body) <= {"readers", "keep_staging"}:
-                self._error("config must be a JSON object with keys among ['keep_staging', 'readers']", 400)
+            keys = {"readers", "keep_staging", "follow_hints"}
+            if not isinstance(body, dict) or not set(body) <= keys:
+                self._error(f"config must be a JSON object with keys among {sorted(keys)}", 400)
                 return
+            if "follow_hints" in body:
+                engine.options.follow_hints = bool(body["follow_hints"])
             if "readers" in body:
                 engine.options.readers = max(1, int(body["readers"]))
             if "keep_staging" in body:
                 engine.store.keep_staging = bool(body["keep_staging"])
                 if not engine.store.keep_staging:
                     engine.store.release_staging()
-        self._json({"readers": engine.options.readers, "keep_staging": engine.store.keep_staging})
+        self._json(
+            {
+                "readers": engine.options.readers,
+                "keep_staging": engine.store.keep_staging,
+                "follow_hints": engine.options.follow_hints,
+            }
+        )
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -422,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             weights_dir=weights_dir(args),
             readers=args.readers,
             warmup=not args.no_warmup,
+            follow_hints=not args.ignore_hints,
         ),
     )
     log.info(

@@ -19,8 +19,9 @@ from typing import Any, Final
 
 import torch  # type: ignore[import-not-found,unused-ignore]
 
+from hibernate.api.constants import PREPARE_CHECKPOINT
 from hibernate.engine.reference_model import ModelConfig, generate
-from hibernate.engine.reference_weights import WeightStore
+from hibernate.engine.reference_weights import WeightStore, trim_heap
 
 log = logging.getLogger("hibernate.engine.reference")
 
@@ -46,6 +47,9 @@ class EngineOptions:
     weights_dir: Path | None  # None: generated from the seed, never written (reload regenerates)
     readers: int = 8
     warmup: bool = True
+    # Act on the agent's hint (hibernate=checkpoint: a CRIU dump follows the level-2 sleep): free what
+    # the image need not hold. False for the baseline rows of bench/wake.py.
+    follow_hints: bool = True
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Engine:
         self.device = store.device
         self.kv: torch.Tensor | None = None
         self.asleep: set[str] = set()
+        self.hints: list[str] = []  # the agent's hints on the sleeps so far (/debug/memory)
         self.level: int | None = None  # the level of the current sleep, None while awake
         self.paused = False
         self.weights_loaded = False  # the device weights hold the model's real bytes
@@ -143,9 +148,12 @@ class Engine:
 
     # --- sleep and wake ------------------------------------------------------------------------
 
-    def sleep(self, level: int) -> None:
+    def sleep(self, level: int, prepare: str | None = None) -> None:
+        """Sleep at `level`; `prepare` is the agent's hint of what follows (docs/levels.md, "Hints")."""
         if level not in SLEEP_LEVELS:
             raise ValueError(f"level must be one of {list(SLEEP_LEVELS)}, not {level}")
+        if prepare is not None:
+            self.hints.append(prepare)
         with self._cond:
             self.paused = True  # new requests are held from now on
         with self._lock:
@@ -168,6 +176,13 @@ class Engine:
                 # so a CRIU image of a level-2 engine holds no copy of the weights.
                 self.store.release_slabs()
                 self.weights_loaded = False
+                if prepare == PREPARE_CHECKPOINT and self.options.follow_hints:
+                    # A dump follows: the readers' pinned staging buffers and the heap's free pages
+                    # would only make the image bigger (the reload allocates staging again).
+                    t = time.monotonic()
+                    self.store.release_staging()
+                    trim_heap()
+                    self.timings.record("prepare_checkpoint", t)
             self.kv = None
             t = time.monotonic()
             self._empty_cache()
@@ -274,6 +289,7 @@ class Engine:
             "asleep_tags": sorted(self.asleep),
             "paused": self.paused,
             "weights_loaded": self.weights_loaded,
+            "sleep_hints": list(self.hints),
         }
         if query_cuda and self.device.type == "cuda":
             info["gpu_allocated_bytes"] = torch.cuda.memory_allocated(self.device)

@@ -131,6 +131,18 @@ def empty_host_cache() -> None:
         fn()
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim), so a process image
+    dumped next holds only what is in use. A no-op where the C library has no malloc_trim."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
 class RegisteredHost:
     """Host memory from an anonymous mmap (transparent huge pages asked for), page-locked with
     cudaHostRegister: `--host-alloc register`, an alternative to torch's cudaHostAlloc pinning.

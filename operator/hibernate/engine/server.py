@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from hibernate.api.constants import SLEEP_HINT_PARAM, SLEEP_HINTS
 from hibernate.engine import openai
 from hibernate.engine.memory import rss_bytes
 from hibernate.engine.model import TAG_SCHEDULING, EngineFault, FakeModel
@@ -36,6 +37,8 @@ class Faults:
     fail_wake: bool = False
     hang_wake: bool = False
     wrong_after_wake: bool = False
+    # An engine stricter than vLLM: a sleep with the agent's hint parameter answers 400.
+    refuse_hints: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Faults:
@@ -67,6 +70,8 @@ class FakeEngineServer:
         self.faults = faults
         self.scheduler = Scheduler()
         self._lock = asyncio.Lock()  # one sleep, wake or reload at a time
+        # The agent's hints (hibernate=…) on the sleeps so far, in order: tests read them back.
+        self.sleep_hints: list[str] = []
         # Finished requests by finish reason: vLLM's counter vllm:request_success.
         self.finished: dict[str, int] = {"length": 0, "stop": 0, "abort": 0}
         self._stopping = asyncio.Event()
@@ -147,6 +152,12 @@ class FakeEngineServer:
         if mode not in SLEEP_MODES:
             return _error(f"mode must be one of {list(SLEEP_MODES)}, got {mode!r}", 400)
         level = int(level_text)
+        hint = request.query.get(SLEEP_HINT_PARAM)
+        if hint is not None:
+            if self.faults.refuse_hints:
+                return _error(f"unknown query parameter {SLEEP_HINT_PARAM!r} (injected fault)", 400)
+            if hint not in SLEEP_HINTS:
+                return _error(f"{SLEEP_HINT_PARAM} must be one of {list(SLEEP_HINTS)}, got {hint!r}", 400)
         await self._injected("sleep", self.faults.fail_sleep, self.faults.hang_sleep)
         # As vLLM: the pause comes first and outside the lock, so that while a mode=wait sleep waits
         # for the running requests, a mode=abort sleep can end them and sleep at once (the waiting
@@ -157,6 +168,8 @@ class FakeEngineServer:
                 self.model.sleep(level)
             except OSError as exc:
                 return _error(f"sleep failed: {exc}", 500)
+            if hint is not None:
+                self.sleep_hints.append(hint)
         if self.config.api == "0.30":
             return web.Response()
         return web.json_response({"status": "sleeping", "level": level})
@@ -215,6 +228,7 @@ class FakeEngineServer:
                 "sleep_level": self.model.level,
                 "weights_loaded": self.model.weights_loaded,
                 "asleep_tags": sorted(self.model.asleep),
+                "sleep_hints": self.sleep_hints,
             }
         )
 
