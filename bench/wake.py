@@ -57,7 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -68,28 +68,13 @@ if str(OPERATOR) not in sys.path:
 
 from hibernate.agent import criu, cuda  # noqa: E402
 from hibernate.api import constants as c  # noqa: E402
-from reporting import write_section  # noqa: E402
+from wake_report import REPEATED_PATHS, Report, Row, median_row, say  # noqa: E402
 
 GIB: Final = 2**30
 MIB: Final = 2**20
 PROMPT: Final = "t17 t4242 hibernate wakes the model t7"
 MAX_TOKENS: Final = 8
 PR_SET_CHILD_SUBREAPER: Final = 36
-
-# Goals for 16 GiB (the task's targets): (label, row key, field, limit seconds).
-GOALS: Final = (
-    ("CudaSuspend sleep", ("agent", 3), "sleep_s", 1.2),
-    ("CudaSuspend wake to first correct token", ("agent", 3), "first_token_s", 0.8),
-    ("L1 wake", ("agent", 1), "wake_s", 0.4),
-    ("L2 wake (weights in page cache)", ("agent", 2), "wake_s", 1.2),
-    ("Checkpoint sleep", ("agent", 4), "sleep_s", 1.5),
-    ("Checkpoint wake (warm)", ("agent", 4), "wake_s", 2.5),
-)
-GOAL_OVERHEAD: Final = 0.05
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 # --- small helpers ---------------------------------------------------------------------------------
@@ -843,208 +828,6 @@ ADAPTERS: Final[dict[str, Callable[[Target], Levels]]] = {
 }
 
 
-# --- rows and the report ---------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    size_gib: float
-    path: str  # agent (the adapter under test), raw, pod, plain, readers-1, tmpfs, cold (and warm-ups)
-    adapter: str
-    level: int
-    sleep_s: float | None = None
-    wake_s: float | None = None
-    first_token_s: float | None = None
-    correct: bool | None = None
-    card_awake_mib: int | None = None
-    card_asleep_mib: int | None = None
-    engine_asleep_mib: int | None = None
-    reserved_asleep_bytes: int | None = None
-    rss_asleep_bytes: int | None = None
-    pinned_asleep_bytes: int | None = None
-    image_bytes: int | None = None
-    image_fs: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    skipped: str | None = None
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.path, self.level)
-
-
-def _f(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _gib(value: int | None) -> str:
-    return "-" if value is None else f"{value / GIB:.2f}"
-
-
-def _mib(value: int | None) -> str:
-    return "-" if value is None else str(value)
-
-
-TABLE_HEAD: Final = (
-    "| path | adapter | level | sleep s | wake s | first correct token s | correct | GPU MiB asleep (card / engine) "
-    "| GPU reserved asleep GiB | host GiB asleep (RSS / pinned) | image GiB | notes |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
-
-
-def row_line(r: Row) -> str:
-    if r.skipped:
-        note = f"skipped: {r.skipped}"
-    elif r.error:
-        note = f"ERROR: {r.error.splitlines()[0][:200]}"
-    else:
-        note = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.details.items())
-    correct = "-" if r.correct is None else ("yes" if r.correct else "**NO**")
-    image = _gib(r.image_bytes) + (f" ({r.image_fs})" if r.image_fs else "")
-    return (
-        f"| {r.path} | {r.adapter} | {r.level} | {_f(r.sleep_s)} | {_f(r.wake_s)} | {_f(r.first_token_s)} | {correct} "
-        f"| {_mib(r.card_asleep_mib)} / {_mib(r.engine_asleep_mib)} | {_gib(r.reserved_asleep_bytes)} "
-        f"| {_gib(r.rss_asleep_bytes)} / {_gib(r.pinned_asleep_bytes)} | {image} | {note} |"
-    )
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b <= 0:
-        return "-"
-    return f"{a / b:.1f}x"
-
-
-def comparisons(rows: Sequence[Row]) -> list[str]:
-    by = {r.key: r for r in rows if not r.skipped and not r.error}
-    lines = []
-    for level in (1, 2, 3, 4):
-        agent, raw = by.get(("agent", level)), by.get(("raw", level))
-        if agent and raw and agent.sleep_s and raw.sleep_s and agent.wake_s and raw.wake_s:
-            lines.append(
-                f"- agent overhead, level {level} ({agent.adapter} vs raw): sleep {agent.sleep_s / raw.sleep_s - 1:+.1%}, "
-                f"wake {agent.wake_s / raw.wake_s - 1:+.1%} (goal <= {GOAL_OVERHEAD:.0%})"
-            )
-    for level in (1, 2, 3, 4):
-        pod, raw = by.get(("pod", level)), by.get(("raw", level))
-        if pod and raw and pod.sleep_s and raw.sleep_s and pod.wake_s and raw.wake_s:
-            token = ""
-            if pod.first_token_s and raw.first_token_s:
-                token = (
-                    f", first correct token {pod.first_token_s / raw.first_token_s - 1:+.1%} "
-                    f"({_f(pod.first_token_s)} vs {_f(raw.first_token_s)} s)"
-                )
-            lines.append(
-                f"- pod vs raw, level {level} (the agent's Levels + PodRef on the engine in a SimPod vs bare "
-                f"mechanisms on the host engine): sleep {pod.sleep_s / raw.sleep_s - 1:+.1%} "
-                f"({_f(pod.sleep_s)} vs {_f(raw.sleep_s)} s), wake {pod.wake_s / raw.wake_s - 1:+.1%} "
-                f"({_f(pod.wake_s)} vs {_f(raw.wake_s)} s){token}"
-            )
-    for level, name in ((3, "CudaSuspend"), (4, "Checkpoint")):
-        fast, plain = by.get(("agent", level)), by.get(("plain", level))
-        if fast and plain:
-            lines.append(
-                f"- {name} engine-assisted vs plain: sleep {_f(fast.sleep_s)} vs {_f(plain.sleep_s)} s "
-                f"({_ratio(plain.sleep_s, fast.sleep_s)} faster), wake to first correct token "
-                f"{_f(fast.first_token_s)} vs {_f(plain.first_token_s)} s ({_ratio(plain.first_token_s, fast.first_token_s)})"
-                + (f", image {_gib(fast.image_bytes)} vs {_gib(plain.image_bytes)} GiB" if level == 4 else "")
-            )
-    one, eight = by.get(("readers-1", 2)), by.get(("agent", 2))
-    if one and eight:
-        r1, r8 = one.details.get("reload_s"), eight.details.get("reload_s")
-        lines.append(
-            f"- weights reload (page cache warm): 1 reader {_f(r1)} s, {eight.details.get('readers', '?')} readers {_f(r8)} s"
-            f" ({_ratio(r1, r8)}); whole level-2 wake {_f(one.wake_s)} vs {_f(eight.wake_s)} s"
-        )
-    cold = by.get(("cold", 2))
-    if cold:
-        lines.append(
-            f"- weights reload with a cold page cache: {_f(cold.details.get('reload_s'))} s, wake {_f(cold.wake_s)} s"
-        )
-    disk, tmpfs = by.get(("agent", 4)), by.get(("tmpfs", 4))
-    if disk and tmpfs:
-        lines.append(
-            f"- Checkpoint image on tmpfs vs {disk.image_fs or 'disk'}: sleep {_f(tmpfs.sleep_s)} vs {_f(disk.sleep_s)} s, "
-            f"wake {_f(tmpfs.wake_s)} vs {_f(disk.wake_s)} s"
-        )
-    return lines
-
-
-def goals(rows: Sequence[Row]) -> list[str]:
-    by = {r.key: r for r in rows if not r.skipped and not r.error}
-    lines = ["| goal (16 GiB) | target | measured | met |", "|---|---|---|---|"]
-    for label, key, attr, limit in GOALS:
-        row = by.get(key)
-        value = getattr(row, attr) if row else None
-        ok = "-" if value is None else ("yes" if value <= limit and row and row.correct else "**no**")
-        lines.append(f"| {label} | <= {limit} s | {_f(value)} | {ok} |")
-    worst: float | None = None
-    for level in (1, 2, 3, 4):
-        agent, raw = by.get(("agent", level)), by.get(("raw", level))
-        if agent and raw and agent.sleep_s and raw.sleep_s and agent.wake_s and raw.wake_s:
-            o = max(agent.sleep_s / raw.sleep_s - 1, agent.wake_s / raw.wake_s - 1)
-            worst = o if worst is None else max(worst, o)
-    met = "-" if worst is None else ("yes" if worst <= GOAL_OVERHEAD else "**no**")
-    lines.append(
-        f"| agent overhead (worst level) | <= {GOAL_OVERHEAD:.0%} | {'-' if worst is None else f'{worst:+.1%}'} | {met} |"
-    )
-    return lines
-
-
-class Report:
-    def __init__(self, path: Path, json_path: Path | None, section: str, header: list[str]) -> None:
-        self.path = path
-        self.json_path = json_path
-        self.section = section
-        self.header = header
-        self.sizes: dict[float, list[Row]] = {}
-        self.notes: dict[float, list[str]] = {}
-        self.status = "in progress"
-
-    def add(self, row: Row) -> None:
-        self.sizes.setdefault(row.size_gib, []).append(row)
-        say(f"  {row_line(row)}")
-        self.write()
-
-    def note(self, size: float, text: str) -> None:
-        self.notes.setdefault(size, []).append(text)
-        say(f"  note: {text}")
-        self.write()
-
-    def render(self) -> str:
-        out = [*self.header, f"Status: {self.status}.", ""]
-        for size, rows in self.sizes.items():
-            out += [f"### {size:g} GiB of weights", ""]
-            out += [f"- {n}" for n in self.notes.get(size, [])]
-            out += ["", TABLE_HEAD, *(row_line(r) for r in rows), ""]
-            comp = comparisons(rows)
-            if comp:
-                out += ["Comparisons:", "", *comp, ""]
-            if size == 16:
-                out += [*goals(rows), ""]
-        return "\n".join(out) + "\n"
-
-    def write(self) -> None:
-        write_section(self.path, f"wake-bench:{self.section}", self.render())
-        if self.json_path is not None:
-            rows = [asdict(r) for rs in self.sizes.values() for r in rs]
-            self.json_path.parent.mkdir(parents=True, exist_ok=True)
-            self.json_path.write_text(
-                json.dumps({"status": self.status, "header": self.header, "rows": rows}, indent=1)
-            )
-
-    def print_table(self, size: float) -> None:
-        say(f"\n== {size:g} GiB ==")
-        say(TABLE_HEAD)
-        for r in self.sizes.get(size, []):
-            say(row_line(r))
-        for line in comparisons(self.sizes.get(size, [])):
-            say(line)
-        if size == 16:
-            for line in goals(self.sizes.get(size, [])):
-                say(line)
-        say("")
-
-
 # --- the bench -------------------------------------------------------------------------------------
 
 
@@ -1318,12 +1101,34 @@ class Bench:
         path: str,
         adapter: str,
         estimate: str,
+        **options: Any,
+    ) -> None:
+        """One reported row: `--cycles` cycles for the paths the goals compare (their median), one
+        for the others; the first cycle that fails or is skipped ends the repetition."""
+        cycles = self.args.cycles if path in REPEATED_PATHS else 1
+        rows: list[Row] = []
+        for _ in range(max(1, cycles)):
+            row = await self.one_cycle(engine, size, kv, level, path, adapter, estimate, **options)
+            rows.append(row)
+            if row.error or row.skipped:
+                break
+        self.report.add(median_row(rows) if len(rows) > 1 else rows[0])
+
+    async def one_cycle(
+        self,
+        engine: EngineProc,
+        size: float,
+        kv: float,
+        level: int,
+        path: str,
+        adapter: str,
+        estimate: str,
         *,
         assisted: bool = True,
         image_root: Path | None = None,
         reload: dict[str, Any] | None = None,
         cold: bool = False,
-    ) -> None:
+    ) -> Row:
         row = Row(size, path, adapter, level)
         image_root = image_root or self.work / "images"
         image_dir = image_root / f"{size:g}g-{path}-{level}"
@@ -1345,7 +1150,7 @@ class Bench:
         finally:
             if level == 4:
                 shutil.rmtree(image_dir, ignore_errors=True)
-        self.report.add(row)
+        return row
 
     async def cycle(
         self, engine: EngineProc, impl: Levels, level: int, row: Row, image_dir: Path, cold: bool
@@ -1474,6 +1279,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(root; default 16; none on CPU, where they check the plumbing at levels 1-2; `--pod-sizes` alone: none)",
     )
     p.add_argument("--readers", type=int, default=8)
+    p.add_argument(
+        "--cycles",
+        type=int,
+        default=3,
+        help="sleep/wake cycles per row for the agent, raw, pod and tmpfs paths, reported as their median",
+    )
     p.add_argument("--adapter", choices=("auto", "agent", "direct"), default="auto")
     p.add_argument(
         "--cold", action="store_true", help="also a level-2 wake with the page cache dropped (root)"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
 from pathlib import Path
+from typing import Any
 
 _SPEC = importlib.util.spec_from_file_location(
     "reporting", Path(__file__).resolve().parent.parent / "bench" / "reporting.py"
@@ -40,3 +43,74 @@ def test_percentile_is_a_measured_value_never_an_interpolated_one() -> None:
     assert reporting.percentile(values, 100) == 100.0
     assert reporting.percentile([0.0, 10.0], 50) == 0.0
     assert reporting.percentile([3.0], 99) == 3.0
+
+
+# --- the wake bench's report (bench/wake_report.py) ------------------------------------------------
+
+
+def _wake_report() -> Any:
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)  # as when bench/wake.py runs: its modules import each other by name
+    return importlib.import_module("wake_report")
+
+
+def test_repeated_cycles_are_reported_as_their_median_and_correct_only_if_every_cycle_was() -> None:
+    wr = _wake_report()
+    cycles = [
+        wr.Row(
+            16, "agent", "agent", 3, sleep_s=s, wake_s=w, first_token_s=t, correct=True, details={"cuda_s": d}
+        )
+        for s, w, t, d in ((1.0, 0.9, 1.0, 0.5), (5.0, 0.7, 0.8, 0.4), (1.2, 3.0, 3.1, 0.6))
+    ]
+    row = wr.median_row(cycles)
+    assert (row.sleep_s, row.wake_s, row.first_token_s) == (1.2, 0.9, 1.0), "each timing its own median"
+    assert row.details == {"cuda_s": 0.5, "cycles": 3} and row.correct
+    cycles[2].correct = False
+    assert not wr.median_row(cycles).correct, "one wrong answer makes the row wrong"
+
+
+def test_a_failed_cycle_is_never_hidden_by_the_median() -> None:
+    wr = _wake_report()
+    good = wr.Row(16, "raw", "raw", 4, sleep_s=1.0, wake_s=1.0, correct=True)
+    failed = wr.Row(16, "raw", "raw", 4, error="criu restore failed (rc 1)")
+    row = wr.median_row([good, failed])
+    assert row.error == "criu restore failed (rc 1)" and row.details["cycle"] == 2
+
+
+def test_agent_overhead_is_a_ratio_for_long_steps_and_milliseconds_for_short_ones() -> None:
+    wr = _wake_report()
+
+    def pair(agent: tuple[float, float], raw: tuple[float, float]) -> bool:
+        a = wr.Row(16, "agent", "agent", 2, sleep_s=agent[0], wake_s=agent[1], correct=True)
+        r = wr.Row(16, "raw", "raw", 2, sleep_s=raw[0], wake_s=raw[1], correct=True)
+        return bool(wr.overhead_met(a, r))
+
+    assert pair((0.050, 0.60), (0.040, 0.59)), "+10 ms on a 40 ms sleep is within the floor"
+    assert not pair((0.055, 0.60), (0.040, 0.59)), "+15 ms on a 40 ms sleep is not"
+    assert pair((0.10, 1.05), (0.10, 1.00)) and not pair((0.10, 1.06), (0.10, 1.00)), "5 % above 0.2 s"
+
+
+def test_the_goals_table_checks_each_size_against_its_own_goals() -> None:
+    wr = _wake_report()
+    gib = 2**30
+    rows = [
+        wr.Row(16, "agent", "agent", 3, sleep_s=1.0, wake_s=0.6, first_token_s=0.75, correct=True),
+        wr.Row(
+            16, "agent", "agent", 4, sleep_s=1.4, wake_s=1.9, first_token_s=2.2, correct=True, image_bytes=gib
+        ),
+        wr.Row(16, "raw", "raw", 3, sleep_s=1.0, wake_s=0.58, correct=True),
+    ]
+    table = "\n".join(wr.goals(16, rows))
+    assert "| CudaSuspend wake to first correct token | <= 0.8 s | 0.750 | yes |" in table
+    assert (
+        "| Checkpoint wake to first correct token (weights in page cache) | <= 2.0 s | 2.200 | **no** |"
+        in table
+    )
+    assert "| Checkpoint image | <= 1 GiB | 1.00 | yes |" in table
+    assert "agent overhead over raw, level 3" in table and "+20 ms" in table
+    big = [wr.Row(64, "agent", "agent", 3, first_token_s=2.5, correct=True)]
+    assert "| CudaSuspend wake to first correct token | <= 2.0 s | 2.500 | **no** |" in "\n".join(
+        wr.goals(64, big)
+    )
+    assert wr.goals(2, big) == [], "no goal is set for 2 GiB"
