@@ -40,7 +40,11 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HACK=$ROOT/hack
-ASSETS="${KUBE_TEST_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-test-assets/1.20}"
+# Kubernetes 1.20 here: its kubelet's built-in dockershim runs pods on dockerd (gone in 1.24); the
+# walk is the chart's oldest end (kubeVersion >=1.20), the pytest suite runs on 1.34
+export KUBE_TEST_VERSION=${KUBE_TEST_VERSION:-1.20}
+ASSETS="${KUBE_TEST_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-test-assets/$KUBE_TEST_VERSION}"
+export KUBE_TEST_ASSETS=$ASSETS
 CRIU_BUNDLE=${HIBERNATE_CRIU_BUNDLE:-${XDG_CACHE_HOME:-$HOME/.cache}/hibernate/criu-4.2}
 IMAGE=local/hibernate:dev
 ENGINE_IMAGE=${ENGINE_IMAGE:-local/hibernate-engine:dev}
