@@ -8,7 +8,7 @@
 #      of hack/install-k8s-test-assets.sh + the control plane's images built FROM scratch), cached in
 #      ~/.cache/hibernate-kind,
 #   2. a dockerd (Debian's docker.io; the running one when it can serve kind, else one started here
-#      and stopped at the end), the images of hack/e2e-real-node.sh (local/hibernate:dev and the
+#      and stopped at the end), the images of hack/e2e-real-node.sh (tagged :kind: local/hibernate and the
 #      engine's), `kind create cluster` with that node image, `kind load docker-image`,
 #   3. `helm install` of ./helm/hibernate, then tests/e2e/walk.py (L1, L2, Checkpoint, Stop), a real
 #      Prometheus beside it (tests/e2e/prometheus_check.py) and tests/e2e/readiness.py,
@@ -31,7 +31,8 @@
 # /proc and plants canaries on the host, and in kind both live inside the node container.
 # Root on the project's machines lacks CAP_SYS_RESOURCE: kind's privileged node then needs the runc
 # wrapper of hack/start-real-node.sh (dockerd runtime "clampoom"), and the node's containerd runs with
-# restrict_oom_score_adj. The engine runs as root (local/hibernate-engine:dev), as on the real node.
+# restrict_oom_score_adj. The engine runs as root (local/hibernate-engine:kind = the image + USER 0), as on
+# the real node; ENGINE_IMAGE=local/hibernate:kind runs the stock image as the engine.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HACK=$ROOT/hack
@@ -40,8 +41,9 @@ export K8S_ASSETS=${K8S_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-test-assets/
 CRIU_BUNDLE=${HIBERNATE_CRIU_BUNDLE:-${XDG_CACHE_HOME:-$HOME/.cache}/hibernate/criu-4.2}
 CLUSTER=${CLUSTER:-hibernate-e2e}
 NODE=$CLUSTER-control-plane   # kind's name for the single node's container
-IMAGE=local/hibernate:dev
-ENGINE_IMAGE=${ENGINE_IMAGE:-local/hibernate-engine:dev}
+# tags of their own: hack/e2e-real-node.sh builds :dev from the same Dockerfile (the layers are shared)
+IMAGE=local/hibernate:kind
+ENGINE_IMAGE=${ENGINE_IMAGE:-local/hibernate-engine:kind}
 BASE=local/python:3.11-bookworm
 RELEASE=hibernate
 RELEASE_NS=hibernate-system
@@ -197,7 +199,7 @@ cp -a "$CRIU_BUNDLE" "$CTX/prebuilt/criu"
 rm -rf "$CTX/build" "$CTX"/operator/*.egg-info
 docker build -t "$IMAGE" --build-arg PYTHON_IMAGE="$BASE" "$CTX" >"$DIR/logs/build-image.log" 2>&1 ||
   { tail -30 "$DIR/logs/build-image.log" >&2; exit 1; }
-if [ "$ENGINE_IMAGE" = local/hibernate-engine:dev ]; then
+if [ "$ENGINE_IMAGE" = local/hibernate-engine:kind ]; then
   printf 'FROM %s\nUSER 0:0\n' "$IMAGE" | docker build -t "$ENGINE_IMAGE" - >"$DIR/logs/build-engine.log" 2>&1 ||
     { tail -20 "$DIR/logs/build-engine.log" >&2; exit 1; }
 fi
