@@ -7,6 +7,7 @@ cd "$ROOT"
 hack/setup.sh
 V=.venv/bin
 echo "== generated CRD is up to date" && $V/hibernate crds --check -o crds/modeldeployments.hibernate.dev.yaml
+$V/hibernate crds --check --resource gpugroups -o crds/gpugroups.hibernate.dev.yaml
 echo "== ruff" && $V/ruff check operator tests bench && $V/ruff format --check operator tests bench
 echo "== mypy" && $V/mypy
 echo "== pytest"

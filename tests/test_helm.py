@@ -33,6 +33,7 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 CI_IDS = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
 INSTALL_HELM = ROOT / "hack" / "install-helm.sh"
 CRD_NAME = c.CRD_NAME
+GPU_GROUP_CRD_NAME = c.GPU_GROUP_CRD_NAME
 VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
 
 
@@ -103,6 +104,14 @@ def test_chart_crd_is_the_generated_crd() -> None:
     chart_crd = CHART / "crds" / CRD_FILE.name
     assert chart_crd.read_text() == CRD_FILE.read_text() == crd_yaml(), (
         f"the chart's CRD is stale: cp {CRD_FILE.relative_to(ROOT)} {chart_crd.relative_to(ROOT)}"
+    )
+
+
+def test_chart_gpu_group_crd_is_the_generated_crd() -> None:
+    generated = ROOT / "crds" / f"{GPU_GROUP_CRD_NAME}.yaml"
+    chart_crd = CHART / "crds" / generated.name
+    assert chart_crd.read_text() == generated.read_text() == crd_yaml(c.GPU_GROUP_PLURAL), (
+        f"the chart's GpuGroup CRD is stale: cp {generated.relative_to(ROOT)} {chart_crd.relative_to(ROOT)}"
     )
 
 
@@ -502,7 +511,7 @@ def test_crd_roles_aggregate_into_admin_edit_view(helm: Path) -> None:
         assert obj["metadata"]["labels"][f"rbac.authorization.k8s.io/aggregate-to-{aggregate}"] == "true"
         assert {
             "apiGroups": ["hibernate.dev"],
-            "resources": ["modeldeployments/status"],
+            "resources": ["modeldeployments/status", "gpugroups/status"],
             "verbs": ["get"],
         } in obj["rules"]
 
@@ -531,7 +540,7 @@ def test_crd_upgrade_hook_carries_the_chart_crd(helm: Path) -> None:
         {
             "apiGroups": ["apiextensions.k8s.io"],
             "resources": ["customresourcedefinitions"],
-            "resourceNames": [CRD_NAME],
+            "resourceNames": [GPU_GROUP_CRD_NAME, CRD_NAME],
             "verbs": ["get", "patch"],
         }
     ]
@@ -1117,7 +1126,10 @@ def test_crd_upgrade_hook_script_applies_the_chart_crd(helm: Path, cluster: Clus
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"customresourcedefinition {CRD_NAME} applied"
+    assert out.stdout.strip().splitlines() == [
+        f"customresourcedefinition {GPU_GROUP_CRD_NAME} applied",
+        f"customresourcedefinition {CRD_NAME} applied",
+    ]
     crd = cluster.kubectl("get", "crd", CRD_NAME, "-o", "json").stdout
     managers = {m["manager"]: m for m in json.loads(crd)["metadata"]["managedFields"]}
     assert managers["hibernate-crd-upgrade"]["operation"] == "Apply"

@@ -14,7 +14,7 @@ from typing import Any
 def _crds(args: argparse.Namespace) -> int:
     from hibernate.api.crd import crd_yaml
 
-    text = crd_yaml()
+    text = crd_yaml(args.resource)
     if args.check:
         current = Path(args.output).read_text() if Path(args.output).exists() else ""
         if current != text:
@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crds", help="print or write the ModelDeployment CRD generated from the API types")
     p.add_argument("-o", "--output", default="-", help="file to write, - for stdout")
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the generated CRD")
+    p.add_argument(
+        "--resource",
+        choices=["modeldeployments", "gpugroups"],
+        default="modeldeployments",
+        help="which CRD (default: modeldeployments)",
+    )
     p.set_defaults(func=_crds)
 
     p = sub.add_parser("operator", help="run the operator (reconciles ModelDeployments)")

@@ -117,3 +117,17 @@ SLEEP_HINT_PARAM: Final = "hibernate"
 PREPARE_CUDA_SUSPEND: Final = "cuda-suspend"  # level 1, then the driver checkpoints the context
 PREPARE_CHECKPOINT: Final = "checkpoint"  # level 2, then CUDA suspend and a CRIU dump of the process
 SLEEP_HINTS: Final = (PREPARE_CUDA_SUSPEND, PREPARE_CHECKPOINT)
+
+# GpuGroup (issue 20): ModelDeployments that take turns on one GPU (docs/gpu-sharing.md).
+GPU_GROUP_KIND: Final = "GpuGroup"
+GPU_GROUP_PLURAL: Final = "gpugroups"
+GPU_GROUP_SINGULAR: Final = "gpugroup"
+GPU_GROUP_SHORT_NAMES: Final = ("gg",)
+GPU_GROUP_CRD_NAME: Final = f"{GPU_GROUP_PLURAL}.{GROUP}"
+# On a GpuGroup: who holds its GPU, as JSON (hibernate.api.gpu_group.Lease). Written by the gateway
+# with resourceVersion compare-and-swap, so two gateway replicas never wake more than the budget.
+ANN_GPU_LEASE: Final = f"{GROUP}/gpu-lease"
+# On a group member's pods: the group, so that the members' pod affinity finds each other.
+LABEL_GPU_GROUP: Final = f"{GROUP}/gpu-group"
+# The source of the automatic levels the gateway sets to make room in a group.
+GPU_GROUP_SOURCE: Final = "gpu-group"

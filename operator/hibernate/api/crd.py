@@ -12,9 +12,12 @@ from typing import Any
 import yaml
 
 from hibernate.api import constants as c
+from hibernate.api.gpu_group import GpuGroupSpec, GpuGroupStatus
+from hibernate.api.levels import LEVEL_NAMES
 from hibernate.api.v1alpha1 import ModelDeploymentSpec, ModelDeploymentStatus
 
 _DROP = {"title", "examples"}
+SLEEP_PATTERN = "^([1-5]|(?i:" + "|".join(n.lower() for n in LEVEL_NAMES[1:]) + "))$"
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
@@ -67,6 +70,7 @@ def openapi_schema(model: type[Any]) -> dict[str, Any]:
 
 def _spec_schema() -> dict[str, Any]:
     schema = openapi_schema(ModelDeploymentSpec)
+    schema["properties"]["gpuGroup"]["properties"]["makeRoomLevel"].update(minimum=1, pattern=SLEEP_PATTERN)
     # Defaults of nested objects would be written into every stored object; keep only leaf defaults.
     for key in ("engine", "checkpoint", "network"):
         schema["properties"][key].pop("default", None)
@@ -118,6 +122,8 @@ def crd() -> dict[str, Any]:
                         {"name": "Auto", "type": "string", "jsonPath": ".status.automaticLevel.level"},
                         {"name": "Level", "type": "string", "jsonPath": ".status.sleepLevel"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        # In a GpuGroup: whether it holds the group's GPU now (blank outside groups).
+                        {"name": "GPU", "type": "string", "jsonPath": ".status.gpu"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {
@@ -151,6 +157,70 @@ def crd() -> dict[str, Any]:
     }
 
 
-def crd_yaml() -> str:
-    header = "# Generated from operator/hibernate/api/v1alpha1.py by `hibernate crds`. Do not edit.\n"
-    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
+def gpu_group_crd() -> dict[str, Any]:
+    spec = openapi_schema(GpuGroupSpec)
+    spec["properties"]["placement"].pop("default", None)
+    # A level to make room at is a sleep level: refuse Awake (0) at admission too.
+    spec["properties"]["makeRoomLevel"].update(minimum=1, pattern=SLEEP_PATTERN)
+    status: dict[str, Any] = _without_defaults(openapi_schema(GpuGroupStatus))
+    status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
+    status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": c.GPU_GROUP_CRD_NAME, "labels": {"app.kubernetes.io/part-of": "hibernate"}},
+        "spec": {
+            "group": c.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": c.GPU_GROUP_KIND,
+                "plural": c.GPU_GROUP_PLURAL,
+                "singular": c.GPU_GROUP_SINGULAR,
+                "shortNames": list(c.GPU_GROUP_SHORT_NAMES),
+                "listKind": f"{c.GPU_GROUP_KIND}List",
+                "categories": ["hibernate"],
+            },
+            "versions": [
+                {
+                    "name": c.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Max Awake", "type": "integer", "jsonPath": ".spec.maxAwake"},
+                        {"name": "Awake", "type": "integer", "jsonPath": ".status.awake"},
+                        {"name": "Holders", "type": "string", "jsonPath": ".status.holding"},
+                        {
+                            "name": "Placeable",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Placeable")].status',
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "ModelDeployments that take turns on one GPU.",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+RESOURCES = {c.PLURAL: crd, c.GPU_GROUP_PLURAL: gpu_group_crd}
+
+
+def crd_yaml(resource: str = c.PLURAL) -> str:
+    header = "# Generated from operator/hibernate/api/ by `hibernate crds`. Do not edit.\n"
+    if resource == c.PLURAL:  # unchanged, so the ModelDeployment CRD file stays as it was
+        header = "# Generated from operator/hibernate/api/v1alpha1.py by `hibernate crds`. Do not edit.\n"
+    return header + yaml.safe_dump(RESOURCES[resource](), sort_keys=False, width=100)

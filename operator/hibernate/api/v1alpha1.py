@@ -195,6 +195,26 @@ class NetworkSpec(_Model):
     )
 
 
+class GpuGroupRef(_Model):
+    """Membership of a GpuGroup (docs/gpu-sharing.md): the models of a group take turns on one GPU."""
+
+    name: str = Field(min_length=1, max_length=63, description="A GpuGroup in this namespace.")
+    make_room_level: LevelValue | None = Field(
+        default=None,
+        description="The level this model goes to when it must make room; default: the group's makeRoomLevel.",
+    )
+    gpu_memory: Quantity | None = Field(
+        default=None, description="GPU memory this model holds awake (e.g. 40Gi), for the group's gpuMemory."
+    )
+
+    @field_validator("make_room_level")
+    @classmethod
+    def _sleep_level(cls, v: int | str | None) -> int | str | None:
+        if v is not None and SleepLevel.parse(v) == SleepLevel.AWAKE:
+            raise ValueError("makeRoomLevel must be a sleep level, not Awake")
+        return v
+
+
 class ModelDeploymentSpec(_Model):
     model: str = Field(min_length=1, description="What the engine serves (a model name or path).")
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas while awake.")
@@ -221,6 +241,10 @@ class ModelDeploymentSpec(_Model):
             "completion gives the same tokens as before its sleep; otherwise it is restarted cold. "
             "false: no check (changing it rolls the pods, like any pod template change)."
         ),
+    )
+
+    gpu_group: GpuGroupRef | None = Field(
+        default=None, description="Take turns on one GPU with the other members of this GpuGroup."
     )
 
     @field_validator("sleep_level")
@@ -289,3 +313,10 @@ class ModelDeploymentStatus(_Model):
     last_transition: Transition | None = None
     observed_generation: int | None = None
     idle: IdleStatus | None = None
+    gpu: str | None = Field(
+        default=None,
+        description=(
+            "In a GpuGroup: Holding (it has the GPU: awake, or not yet settled asleep), Released, or "
+            "Refused (the group cannot place it; the Degraded condition says why)."
+        ),
+    )

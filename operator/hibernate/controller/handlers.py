@@ -112,6 +112,11 @@ def _reconcile(md: dict[str, Any], namespace: str, name: str, memo: Any) -> None
     ctx.applied[(namespace, name)] = (int(md["metadata"].get("generation") or 0), level)
 
 
+def reconcile_member(md: dict[str, Any], namespace: str, name: str, memo: Any) -> None:
+    """Reconcile one ModelDeployment for a change outside it (its GpuGroup's placement)."""
+    _reconcile(md, namespace, name, memo)
+
+
 @kopf.on.resume(*MD, backoff=RETRY_SECONDS)
 @kopf.on.create(*MD, backoff=RETRY_SECONDS)
 @kopf.on.update(*MD, field="spec", backoff=RETRY_SECONDS)

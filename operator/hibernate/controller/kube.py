@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -38,6 +39,7 @@ _APPLY_PATHS = {
     "Deployment": "/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
     "Service": "/api/v1/namespaces/{namespace}/services/{name}",
     "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies/{name}",
+    "ResourceClaim": "/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims/{name}",
 }
 
 
@@ -137,3 +139,43 @@ def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     custom().patch_namespaced_custom_object_status(
         c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"status": status}
     )
+
+
+def read_gpu_group(namespace: str, name: str) -> dict[str, Any] | None:
+    """A GpuGroup as a plain dict, or None when there is none."""
+    return _read_or_none(
+        lambda: custom().get_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.GPU_GROUP_PLURAL, name)
+    )
+
+
+def patch_gpu_group_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    custom().patch_namespaced_custom_object_status(
+        c.GROUP, c.VERSION, namespace, c.GPU_GROUP_PLURAL, name, {"status": status}
+    )
+
+
+_served: dict[str, tuple[float, bool]] = {}
+SERVED_TTL = 60.0  # a cluster upgraded to serve an API is noticed within this many seconds
+
+
+def serves(group_version: str) -> bool:
+    """Whether the API server serves `group/version` (e.g. resource.k8s.io/v1), asked at most once a minute."""
+    cached = _served.get(group_version)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < SERVED_TTL:
+        return cached[1]
+    try:
+        response = client().call_api(
+            *client().param_serialize(
+                method="GET", resource_path=f"/apis/{group_version}", auth_settings=["BearerToken"]
+            )
+        )
+        response.read()
+        status = response.status
+    except ApiException as e:
+        status = e.status
+    if status not in (200, 404):
+        raise ApiException(status=status, reason=f"discovery of {group_version}")
+    found: bool = status == 200
+    _served[group_version] = (now, found)
+    return found

@@ -12,7 +12,12 @@ from pydantic import ValidationError
 
 from hibernate.api.pod_fields import PodFieldPolicy
 from hibernate.api.v1alpha1 import NetworkPeer
-from hibernate.controller import api_session, handlers, idle_handlers  # noqa: F401  (register kopf handlers)
+from hibernate.controller import (  # noqa: F401  (register kopf handlers)
+    api_session,
+    gpu_groups,
+    handlers,
+    idle_handlers,
+)
 from hibernate.controller.reconcile import OperatorContext
 from hibernate.controller.workload import EngineNetwork
 

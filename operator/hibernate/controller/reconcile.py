@@ -9,10 +9,13 @@ from typing import Any
 
 from hibernate.api import auto_level
 from hibernate.api import constants as c
+from hibernate.api.gpu_group import GpuGroupSpec
 from hibernate.api.levels import SleepLevel
 from hibernate.api.pod_fields import PodFieldPolicy, refusals
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.controller import kube, workload
+from hibernate.controller.gpu_placement import DRA_API, GroupPlacement
+from hibernate.controller.gpu_placement import problems as placement_problems
 from hibernate.controller.status import Fold, PodView, fold
 from hibernate.faults import fault_point
 
@@ -33,6 +36,8 @@ class OperatorContext:
     # automatic level (annotations, no new generation) is noticed against it.
     applied: dict[tuple[str, str], tuple[int, SleepLevel]] = field(default_factory=dict)
     guard: threading.Lock = field(default_factory=threading.Lock)
+    # Why a GpuGroup member's pods cannot be placed (hibernate.controller.gpu_placement), per model.
+    gpu_refused: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def lock_for(self, key: tuple[str, str]) -> threading.Lock:
         with self.guard:
@@ -43,6 +48,7 @@ class OperatorContext:
             self.locks.pop(key, None)
             self.last_status.pop(key, None)
             self.applied.pop(key, None)
+            self.gpu_refused.pop(key, None)
 
 
 def target_level(md: dict[str, Any], spec: ModelDeploymentSpec) -> SleepLevel:
@@ -65,14 +71,46 @@ def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorC
     refused = refusals(spec.engine, ctx.pod_fields)
     if refused:
         return refused
+    placement, refused = _gpu_group(md, spec, ctx)
+    if refused:
+        return refused
     level = target_level(md, spec)
-    dep = workload.deployment(md, spec, awake_replicas(spec, level), ctx.tools_image)
+    dep = workload.deployment(md, spec, awake_replicas(spec, level), ctx.tools_image, placement)
     if level == SleepLevel.STOP:
         dep["metadata"]["annotations"] = {c.ANN_REPLICAS_BEFORE_STOP: str(spec.replicas)}
     kube.server_side_apply(dep)
     fault_point("operator.after-deployment")
     kube.server_side_apply(workload.service(md, spec))
     return []
+
+
+def _gpu_group(
+    md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorContext
+) -> tuple[GroupPlacement | None, list[str]]:
+    """The member's GpuGroup placement, or why it cannot be placed (remembered for the status)."""
+    meta = md["metadata"]
+    key = (meta["namespace"], meta["name"])
+    if spec.gpu_group is None:
+        ctx.gpu_refused.pop(key, None)
+        return None, []
+    name = spec.gpu_group.name
+    obj = kube.read_gpu_group(meta["namespace"], name)
+    placement = None
+    if obj is not None:
+        try:
+            placement = GroupPlacement(name, GpuGroupSpec.model_validate(obj.get("spec") or {}))
+        except ValueError as e:
+            return None, _remember(ctx, key, [f"GpuGroup {name} has an invalid spec: {e}"])
+    dra = placement is not None and placement.spec.placement.mode == "DRA" and kube.serves(DRA_API)
+    return placement, _remember(ctx, key, placement_problems(placement, name, spec, dra))
+
+
+def _remember(ctx: OperatorContext, key: tuple[str, str], found: list[str]) -> list[str]:
+    if found:
+        ctx.gpu_refused[key] = "; ".join(found)
+    else:
+        ctx.gpu_refused.pop(key, None)
+    return found
 
 
 def level_patch(
@@ -158,14 +196,32 @@ def compute_status(
         generation=int(meta.get("generation") or 0),
         pods=pods,
         previous=previous,
-        refused="; ".join(refusals(spec.engine, ctx.pod_fields)),
+        refused="; ".join([*refusals(spec.engine, ctx.pod_fields), *_gpu_refusal(key, ctx)]),
     )
     # What the fold was made for: the gateway and the idle timer know from it that the status has
     # caught up with an automatic level (which, unlike a spec change, bumps no generation).
     result.status["effectiveLevel"] = level.label
     auto = auto_level.automatic_level(md)
     result.status["automaticLevel"] = auto.to_status() if auto is not None else None  # None: removed
+    result.status["gpu"] = gpu_column(spec, level, result.status.get("phase"), key in ctx.gpu_refused)
     return result
+
+
+def _gpu_refusal(key: tuple[str, str], ctx: OperatorContext) -> list[str]:
+    found = ctx.gpu_refused.get(key)
+    return [found] if found else []
+
+
+def gpu_column(spec: ModelDeploymentSpec, level: SleepLevel, phase: str | None, refused: bool) -> str | None:
+    """`status.gpu` (the GPU column): whether a GpuGroup member holds the group's GPU now. It holds it
+    while awake and until it has settled asleep (a sleep under way still has its memory)."""
+    if spec.gpu_group is None:
+        return None  # removed by the merge patch
+    if refused:
+        return "Refused"
+    if level != SleepLevel.AWAKE and phase in ("Asleep", "Stopped"):
+        return "Released"
+    return "Holding"
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:

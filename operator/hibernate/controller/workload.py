@@ -7,6 +7,7 @@ from typing import Any
 
 from hibernate.api import constants as c
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
+from hibernate.controller.gpu_placement import GroupPlacement, place
 
 VLLM_COMMAND = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 TOOLS_VOLUME = "hibernate-tools"
@@ -39,7 +40,9 @@ def engine_command(spec: ModelDeploymentSpec, tools_image: str) -> tuple[list[st
     return command, args
 
 
-def pod_template(name: str, spec: ModelDeploymentSpec, tools_image: str) -> dict[str, Any]:
+def pod_template(
+    name: str, spec: ModelDeploymentSpec, tools_image: str, group: GroupPlacement | None = None
+) -> dict[str, Any]:
     engine = spec.engine
     command, args = engine_command(spec, tools_image)
     env = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}]
@@ -105,11 +108,18 @@ def pod_template(name: str, spec: ModelDeploymentSpec, tools_image: str) -> dict
     annotations = {**engine.pod_annotations, c.ANN_CHECKPOINT_DIR: spec.checkpoint.directory}
     if not spec.verify_wake:  # only then: the default template stays as it was (no rollout on upgrade)
         annotations[c.ANN_VERIFY_WAKE] = "false"
-    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+    template = {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+    if group is not None:
+        place(template, group)
+    return template
 
 
 def deployment(
-    md: dict[str, Any], spec: ModelDeploymentSpec, replicas: int, tools_image: str
+    md: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    replicas: int,
+    tools_image: str,
+    group: GroupPlacement | None = None,
 ) -> dict[str, Any]:
     name = md["metadata"]["name"]
     return {
@@ -126,7 +136,7 @@ def deployment(
             "selector": {"matchLabels": selector_labels(name)},
             # A GPU node rarely has room for a surge pod; replace in place.
             "strategy": {"type": "Recreate"},
-            "template": pod_template(name, spec, tools_image),
+            "template": pod_template(name, spec, tools_image, group),
         },
     }
 

@@ -28,6 +28,12 @@ RESULTS: Final = (
     RESULT_WAKE_DISABLED,
 )
 
+# The `result` of a GPU switch (a member of a full GpuGroup put to sleep to wake another).
+SWITCH_OK: Final = "ok"  # the member made room at its level
+SWITCH_STOPPED: Final = "stopped"  # it failed to (or did not in time) and was stopped instead
+SWITCH_FAILED: Final = "failed"  # it could not even be stopped: the request was refused
+SWITCH_RESULTS: Final = (SWITCH_OK, SWITCH_STOPPED, SWITCH_FAILED)
+
 HOLD_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -68,5 +74,19 @@ class GatewayMetrics:
             "hibernate_gateway_api_errors_total",
             "Kubernetes API calls of the gateway that failed, by call.",
             ["call"],
+            registry=self.registry,
+        )
+        self.gpu_switches = Counter(
+            "hibernate_gateway_gpu_switch_total",
+            "GPU switches in GpuGroups: a member put to sleep so that another could wake, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in SWITCH_RESULTS:
+            self.gpu_switches.labels(result=result)
+        self.gpu_switch_seconds = Histogram(
+            "hibernate_gateway_gpu_switch_seconds",
+            "From the start of a GPU switch until the member woken for the request serves.",
+            buckets=HOLD_BUCKETS,
             registry=self.registry,
         )

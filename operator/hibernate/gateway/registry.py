@@ -21,6 +21,7 @@ from kubernetes import watch
 
 from hibernate.api import auto_level
 from hibernate.api import constants as c
+from hibernate.api.gpu_group import parse_bytes
 from hibernate.api.levels import SleepLevel
 from hibernate.controller import kube
 
@@ -64,6 +65,9 @@ class ModelView:
     reached: str | None  # status.sleepLevel
     message: str  # the Ready/Degraded message, for errors
     wake_on_request: bool
+    gpu_group: str | None = None  # spec.gpuGroup.name: it takes turns on one GPU with the group
+    make_room_level: SleepLevel | None = None  # spec.gpuGroup.makeRoomLevel, when it overrides the group's
+    gpu_memory: int | None = None  # spec.gpuGroup.gpuMemory in bytes
 
     @property
     def key(self) -> Key:
@@ -100,6 +104,8 @@ class ModelView:
         name = str(meta.get("name", ""))
         namespace = str(meta.get("namespace", ""))
         observed = status.get("observedGeneration")
+        raw_group = spec.get("gpuGroup")
+        group: dict[str, Any] = raw_group if isinstance(raw_group, dict) else {}
         return cls(
             namespace=namespace,
             name=name,
@@ -116,7 +122,19 @@ class ModelView:
             reached=status.get("sleepLevel"),
             message=message,
             wake_on_request=str(annotations.get(ANN_WAKE_ON_REQUEST, "true")).strip().lower() != "false",
+            gpu_group=str(group["name"]) if group.get("name") else None,
+            make_room_level=SleepLevel.parse_or_none(group.get("makeRoomLevel")),
+            gpu_memory=_bytes_or_none(group.get("gpuMemory")),
         )
+
+
+def _bytes_or_none(value: object) -> int | None:
+    if not isinstance(value, int | str):
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError:
+        return None
 
 
 class Registry:
@@ -160,6 +178,10 @@ class Registry:
 
     def get(self, key: Key) -> ModelView | None:
         return self.models.get(key)
+
+    def group_members(self, namespace: str, group: str) -> list[ModelView]:
+        """The ModelDeployments of one GpuGroup."""
+        return [v for v in self.models.values() if v.namespace == namespace and v.gpu_group == group]
 
     @property
     def synced(self) -> bool:

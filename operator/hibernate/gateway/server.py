@@ -33,6 +33,7 @@ from hibernate.controller.idle import format_time
 from hibernate.gateway import metrics as m
 from hibernate.gateway.activity import ActivityRecorder
 from hibernate.gateway.endpoints import Endpoints
+from hibernate.gateway.gpu_switch import GpuSwitch
 from hibernate.gateway.registry import ANN_WAKE_ON_REQUEST, Key, ModelView, Registry
 
 log = logging.getLogger("hibernate.gateway")
@@ -116,6 +117,8 @@ class Gateway:
         self.held: dict[Key, int] = {}
         self.wakes: dict[Key, _Wake] = {}
         self.session: aiohttp.ClientSession | None = None
+        # GpuGroups: who makes room for a sleeping member (a member with requests in flight never does).
+        self.gpu = GpuSwitch(registry, metrics, busy=lambda key: bool(self.activity.in_flight.get(key)))
         self._background: list[asyncio.Task[None]] = []
 
     # --- application --------------------------------------------------------------------------
@@ -213,6 +216,7 @@ class Gateway:
             body = json.dumps(payload).encode()
         key = view.key
         self.activity.started(key)
+        self.gpu.touch(key)
         try:
             if not self._serving(view):
                 outcome = await self.hold(view)
@@ -296,6 +300,21 @@ class Gateway:
                     ),
                     retry_after=self.options.retry_after_disabled,
                 )
+            switched_at: float | None = None
+            if view.gpu_group is not None:
+                room = await self.gpu.make_room(view, deadline)
+                if room.refusal is not None:
+                    return Outcome(
+                        ok=False,
+                        result=m.RESULT_WAKE_FAILED,
+                        message=room.refusal,
+                        retry_after=room.retry_after,
+                    )
+                switched_at = room.switched_at
+                fresh = self.registry.get(key)  # the switch took time: decide the wake on a fresh view
+                if fresh is None:
+                    return self._gone(key)
+                view = fresh
             try:
                 await self._ask_for_awake(view)
             except ApiException as e:
@@ -308,6 +327,19 @@ class Gateway:
                     message=f"could not ask for a wake of model `{view.model}`: {e.status} {e.reason}",
                     retry_after=self.options.retry_after_failed,
                 )
+            if switched_at is not None:
+                return await self._served(key, deadline, switched_at)
+        return await self._served(key, deadline)
+
+    async def _served(self, key: Key, deadline: float, switched_at: float | None = None) -> Outcome:
+        """Wait until the model serves (OK), fails, is set to sleep again, or `deadline` passes."""
+        outcome = await self._wait_serving(key, deadline)
+        if switched_at is not None and outcome.ok:
+            self.metrics.gpu_switch_seconds.observe(time.monotonic() - switched_at)
+        return outcome
+
+    async def _wait_serving(self, key: Key, deadline: float) -> Outcome:
+        loop = asyncio.get_running_loop()
         last_read = loop.time()
         while True:
             view = self.registry.get(key)
