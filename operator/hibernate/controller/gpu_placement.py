@@ -102,7 +102,8 @@ def place(template: dict[str, Any], placement: GroupPlacement) -> None:
             if not resources[kind]:
                 del resources[kind]
     if group.mode == "TimeSlicing":
-        resources.setdefault("limits", {})[group.resource_name] = "1"
+        if group.resource_name:  # empty: no GPU resource (a CPU test node; the GPU given another way)
+            resources.setdefault("limits", {})[group.resource_name] = "1"
     else:
         resources["claims"] = [{"name": CLAIM_NAME}]
         pod["resourceClaims"] = [{"name": CLAIM_NAME, "resourceClaimName": claim_name(placement.name)}]
