@@ -45,7 +45,10 @@ class GpuPlacement(_Model):
     )
     resource_name: str = Field(
         default=DEFAULT_SHARED_RESOURCE,
-        description="TimeSlicing: the extended resource each member asks for.",
+        description=(
+            "TimeSlicing: the extended resource each member asks for one of; empty: none (the members "
+            "are only kept on one node, e.g. fake engines on a CPU node)."
+        ),
     )
     device_class_name: str = Field(
         default=DEFAULT_DEVICE_CLASS, description="DRA: the DeviceClass of the shared claim's one GPU."
