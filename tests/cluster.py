@@ -1,7 +1,8 @@
 """A real Kubernetes control plane for tests (etcd, kube-apiserver, controller-manager, scheduler).
 
 Started once per test session on loopback by hack/start-control-plane.sh from binaries that
-hack/install-k8s-test-assets.sh builds and caches in $KUBE_TEST_ASSETS. No mocked API anywhere.
+hack/install-k8s-test-assets.sh builds and caches in $KUBE_TEST_ASSETS (Kubernetes 1.34 by default,
+KUBE_TEST_VERSION=1.20 for the oldest supported one). No mocked API anywhere.
 """
 
 from __future__ import annotations
@@ -26,9 +27,19 @@ HACK = ROOT / "hack"
 CRD_FILE = ROOT / "crds" / "modeldeployments.hibernate.dev.yaml"
 
 
+# The Kubernetes minor the tests run on: 1.34 by default (a supported release, the newest one the
+# chart is tested against), 1.20 (the oldest the chart claims, its kubeVersion) with
+# KUBE_TEST_VERSION=1.20. hack/install-k8s-test-assets.sh builds either.
+DEFAULT_KUBE_TEST_VERSION = "1.34"
+
+
+def kube_test_version() -> str:
+    return os.environ.get("KUBE_TEST_VERSION") or DEFAULT_KUBE_TEST_VERSION
+
+
 def assets_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "k8s-test-assets" / "1.20"
-    return Path(os.environ.get("KUBE_TEST_ASSETS", default))
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("KUBE_TEST_ASSETS") or cache / "k8s-test-assets" / kube_test_version())
 
 
 @dataclass
@@ -36,6 +47,12 @@ class Cluster:
     dir: Path
     kubeconfig: str
     api: kubernetes.client.ApiClient
+
+    @property
+    def minor(self) -> int:
+        """The API server's minor version (34 for 1.34): what it enforces differs (CEL, policies)."""
+        info = kubernetes.client.VersionApi(self.api).get_code()
+        return int(str(info.minor).rstrip("+"))
 
     @property
     def core(self) -> kubernetes.client.CoreV1Api:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 import yaml
 
@@ -605,7 +606,8 @@ def _awake(status: str) -> dict[str, str]:
 
 def _agent_write_refusals(policy: dict[str, Any], change: Any) -> list[str]:
     """The messages the agent's pod-writes policy gives a write by the agent that makes the pod `change`
-    of a Running pod (cel-python, as test_pod_fields does: the tests' 1.20 API server has no policies)."""
+    of a Running pod (cel-python, as test_pod_fields does; tests/test_admission_policies.py runs the
+    policy on the real API server)."""
     import copy
 
     import celpy
@@ -1130,9 +1132,10 @@ def test_crd_upgrade_hook_script_applies_the_chart_crd(helm: Path, cluster: Clus
         f"customresourcedefinition {GPU_GROUP_CRD_NAME} applied",
         f"customresourcedefinition {CRD_NAME} applied",
     ]
-    crd = cluster.kubectl("get", "crd", CRD_NAME, "-o", "json").stdout
-    managers = {m["manager"]: m for m in json.loads(crd)["metadata"]["managedFields"]}
-    assert managers["hibernate-crd-upgrade"]["operation"] == "Apply"
+    # (through the API: kubectl 1.21+ leaves managedFields out of -o json)
+    crd = kubernetes.client.ApiextensionsV1Api(cluster.api).read_custom_resource_definition(CRD_NAME)
+    managers = {m.manager: m for m in crd.metadata.managed_fields}
+    assert managers["hibernate-crd-upgrade"].operation == "Apply"
     # An empty directory is an error, not a silent success.
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -1,6 +1,7 @@
 """Pod-template fields that widen a pod's rights: one table, checked by the operator's pure function
-and by the chart's ValidatingAdmissionPolicy (its CEL run here by cel-python: the tests' 1.20 API
-server has no such API), so the two layers refuse the same specs with the same messages."""
+and by the chart's ValidatingAdmissionPolicy (its CEL run here by cel-python, for every case and
+every `security` value; tests/test_admission_policies.py runs the policy itself on the real 1.34 API
+server), so the two layers refuse the same specs with the same messages."""
 
 from __future__ import annotations
 

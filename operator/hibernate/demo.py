@@ -48,8 +48,10 @@ def free_port() -> int:
 
 
 def assets() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "k8s-test-assets" / "1.20"
-    return Path(os.environ.get("KUBE_TEST_ASSETS", default))
+    # the same default as hack/install-k8s-test-assets.sh: Kubernetes 1.34 (KUBE_TEST_VERSION picks another)
+    version = os.environ.get("KUBE_TEST_VERSION") or "1.34"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("KUBE_TEST_ASSETS") or cache / "k8s-test-assets" / version)
 
 
 class Demo:

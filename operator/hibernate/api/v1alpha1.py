@@ -120,7 +120,48 @@ class IdleSpec(_Model):
         return out
 
 
+def needs_values_message(operator: str) -> str:
+    return f"matchExpressions: {operator} needs values"
+
+
+def takes_no_values_message(operator: str) -> str:
+    return f"matchExpressions: {operator} takes no values"
+
+
+def cel_rules(*rules: tuple[str, str, str]) -> dict[str, Any]:
+    """CEL validation rules (x-kubernetes-validations) for the CRD: (rule, message, messageExpression).
+
+    The API server checks them at admission from Kubernetes 1.25 (GA 1.29) with the message the
+    operator gives for the same refusal (the model validators beside them); older API servers drop
+    the field (1.20 does, silently), and there the operator refuses the object (a permanent
+    error, posted as an event). Only base CEL: a function of a newer Kubernetes CEL library would
+    make an older API server refuse the whole CRD. messageExpression needs 1.27; `message` stands
+    in before.
+    """
+    return {
+        "x-kubernetes-validations": [
+            {"rule": rule, "message": message, **({"messageExpression": expr} if expr else {})}
+            for rule, message, expr in rules
+        ]
+    }
+
+
 class LabelSelectorRequirement(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            (
+                "!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
+                "matchExpressions: In and NotIn need values",
+                "'matchExpressions: ' + self.operator + ' needs values'",
+            ),
+            (
+                "!(self.operator in ['Exists', 'DoesNotExist']) || !has(self.values) || size(self.values) == 0",
+                "matchExpressions: Exists and DoesNotExist take no values",
+                "'matchExpressions: ' + self.operator + ' takes no values'",
+            ),
+        )
+    )
+
     key: str = Field(min_length=1)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     values: list[str] | None = None
@@ -128,9 +169,9 @@ class LabelSelectorRequirement(_Model):
     @model_validator(mode="after")
     def _values_fit_the_operator(self) -> Self:
         if self.operator in ("In", "NotIn") and not self.values:
-            raise ValueError(f"matchExpressions: {self.operator} needs values")
+            raise ValueError(needs_values_message(self.operator))
         if self.operator in ("Exists", "DoesNotExist") and self.values:
-            raise ValueError(f"matchExpressions: {self.operator} takes no values")
+            raise ValueError(takes_no_values_message(self.operator))
         return self
 
 
@@ -155,20 +196,28 @@ class IPBlock(_Model):
         return v
 
 
+PEER_SAYS_NOTHING = "a peer needs podSelector, namespaceSelector or ipBlock"
+PEER_SAYS_TOO_MUCH = "a peer with ipBlock takes no podSelector or namespaceSelector"
+
+
 class NetworkPeer(_Model):
     """A NetworkPolicyPeer: pods (of this namespace, or of the namespaces selected), or an IP block."""
 
-    # At least one field, and ipBlock alone (1.20 has no CEL; `not` with `required` is structural).
+    # At least one field, and ipBlock alone: CEL rules with the operator's messages (they replace a
+    # `minProperties` and a `not`/`required` schema whose refusals named no field).
     model_config = ConfigDict(
-        json_schema_extra={
-            "minProperties": 1,
-            "not": {
-                "anyOf": [
-                    {"required": ["ipBlock", "podSelector"]},
-                    {"required": ["ipBlock", "namespaceSelector"]},
-                ]
-            },
-        }
+        json_schema_extra=cel_rules(
+            (
+                "has(self.podSelector) || has(self.namespaceSelector) || has(self.ipBlock)",
+                PEER_SAYS_NOTHING,
+                "",
+            ),
+            (
+                "!has(self.ipBlock) || !(has(self.podSelector) || has(self.namespaceSelector))",
+                PEER_SAYS_TOO_MUCH,
+                "",
+            ),
+        )
     )
 
     pod_selector: LabelSelector | None = None
@@ -178,9 +227,9 @@ class NetworkPeer(_Model):
     @model_validator(mode="after")
     def _says_who(self) -> Self:
         if self.pod_selector is None and self.namespace_selector is None and self.ip_block is None:
-            raise ValueError("a peer needs podSelector, namespaceSelector or ipBlock")
+            raise ValueError(PEER_SAYS_NOTHING)
         if self.ip_block is not None and (self.pod_selector or self.namespace_selector):
-            raise ValueError("a peer with ipBlock takes no podSelector or namespaceSelector")
+            raise ValueError(PEER_SAYS_TOO_MUCH)
         return self
 
 
