@@ -18,6 +18,19 @@ the same pod. The pod must survive that, so its PID 1 cannot be the engine. This
 - forwards SIGTERM/SIGINT/SIGHUP to the engine, and exits at once on them while the engine is
   checkpointed, so deleting a hibernated pod is not held up by the grace period.
 
+With `--restore-wait SECONDS` (or $HIBERNATE_RESTORE_WAIT), in a new pod woken from a snapshot
+(Stop with a snapshot, docs/snapshots.md), the init first waits for the node agent to restore the
+engine into the pod instead of starting it, and starts it cold when that does not happen:
+
+- it writes RESTORE_WAIT (its deadline) and runs nothing else, no thread either, so the engine's
+  pids stay free for the restore;
+- the agent claims the restore by renaming RESTORE_WAIT to RESTORE_CLAIMED (atomic: either the
+  agent claims it or the init, once the wait has passed, takes it back, never both), restores,
+  checks the engine, and writes RESTORE_RESULT: {"restored": <pid>} or {"cold": "<why>"};
+- on "restored" the init adopts the engine (restored as its child) and carries on as above; on
+  "cold", on an unclaimed wait that ran out, or when a claimed restore gives no result within
+  CLAIM_LIMIT_S (a lost agent), it ends whatever a restore left in the pod and starts the engine.
+
 Standard library only, no imports from `hibernate`: the engine image need not have the package.
 """
 
@@ -25,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -35,6 +49,14 @@ from types import FrameType
 
 DEFAULT_LOG = "/.hibernate/engine.log"
 DEFAULT_MARKER = "/.hibernate/checkpointed"
+# The restore protocol's files (agent/snapshot.py uses the same names), in the init's emptyDir.
+RESTORE_WAIT = "restore-wait"
+RESTORE_CLAIMED = "restore-claimed"
+RESTORE_EXPIRED = "restore-expired"
+RESTORE_RESULT = "restore-result"
+# How long a claimed restore may take before the init gives up on it: criu's own timeout (600 s)
+# and the engine's wake, with room.
+CLAIM_LIMIT_S = 900.0
 # How often the init looks for the marker's removal while it has no child to wait for.
 POLL_S = 0.2
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -63,6 +85,15 @@ def _no_stray_fds() -> None:
         if fd > 2:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
+
+
+def _children() -> list[int]:
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+    return kids
 
 
 class LogFollower(threading.Thread):
@@ -95,10 +126,20 @@ class LogFollower(threading.Thread):
 
 
 class Init:
-    def __init__(self, command: Sequence[str], log: str, marker: str) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        log: str,
+        marker: str,
+        restore_wait: float = 0.0,
+        claim_limit: float = CLAIM_LIMIT_S,
+    ) -> None:
         self.command = list(command)
         self.log = log
         self.marker = marker
+        self.restore_wait = restore_wait
+        self.claim_limit = claim_limit
+        self.state_dir = os.path.dirname(marker) or "."
         self.engine_pid = 0
         self.engine_status = 0
         self.terminating = False
@@ -159,14 +200,90 @@ class Init:
             _say(f"engine pid {pid} exited: code {_exit_code(status)}")
             return _exit_code(status)
 
+    def _path(self, name: str) -> str:
+        return os.path.join(self.state_dir, name)
+
+    def _result(self) -> dict[str, object] | None:
+        try:
+            with open(self._path(RESTORE_RESULT)) as f:
+                verdict = json.load(f)
+        except (OSError, ValueError):
+            return None  # not there yet (the agent renames it into place whole)
+        return verdict if isinstance(verdict, dict) else {"cold": "an unreadable restore result"}
+
+    def _is_child(self, pid: int) -> bool:
+        self.engine_pid = pid
+        return pid > 1 and self.engine_running()
+
+    def _end_leftovers(self) -> None:
+        """Ends every other process of the pod (what a restore left) and reaps it. As PID 1, kill(-1)
+        reaches exactly the pod's pid namespace; anywhere else (a test) only the init's children."""
+        targets = [-1] if os.getpid() == 1 else _children()
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                    time.sleep(0.01)
+            except ChildProcessError:
+                return
+
+    def wait_for_restore(self) -> int:
+        """The engine's pid once the agent has restored it into the pod, or 0 for a cold start."""
+        # criu reopens the engine's log by its path: it must exist, as in the pod it was dumped from.
+        os.close(os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+        # What an earlier run of this container left in the pod's emptyDir is not about this wait.
+        for stale in (RESTORE_RESULT, RESTORE_CLAIMED, RESTORE_EXPIRED):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(stale))
+        deadline = time.time() + self.restore_wait
+        with open(self._path(RESTORE_WAIT), "w") as f:
+            f.write(f"{deadline:.0f}\n")
+        _say(f"waiting up to {self.restore_wait:g} s for the agent to restore the engine from a snapshot")
+        claimed_at = 0.0
+        while True:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-1, os.WNOHANG)  # the short-lived processes of a failed restore
+            verdict = self._result()
+            if verdict is not None:
+                pid = verdict.get("restored")
+                if isinstance(pid, int) and self._is_child(pid):
+                    _say(f"engine restored from a snapshot by the agent: pid {pid}")
+                    return pid
+                why = verdict.get("cold") or f"the restored engine (pid {pid}) is not running"
+                _say(f"no restore ({why}): starting the engine cold")
+                break
+            now = time.time()
+            if not claimed_at and now >= deadline:
+                try:
+                    os.rename(self._path(RESTORE_WAIT), self._path(RESTORE_EXPIRED))
+                    _say(f"no restore within {self.restore_wait:g} s: starting the engine cold")
+                    break
+                except FileNotFoundError:
+                    claimed_at = now  # the agent took it first: its result decides
+            if claimed_at and now - claimed_at >= self.claim_limit:
+                _say(f"a restore claimed {self.claim_limit:g} s ago gave no result: starting the engine cold")
+                break
+            if self.terminating:
+                sys.exit(128 + signal.SIGTERM)
+            time.sleep(POLL_S)
+        self._end_leftovers()
+        self.engine_pid = 0
+        return 0
+
     def run(self) -> int:
         with contextlib.suppress(PermissionError):
             os.setsid()  # already a session leader under some runtimes: fine
         _no_stray_fds()
         for sig in FORWARDED:
             signal.signal(sig, self.on_signal)
-        start_at = os.stat(self.log).st_size if os.path.exists(self.log) else 0
-        self.start_engine()
+        if self.restore_wait > 0 and self.wait_for_restore():
+            start_at = os.stat(self.log).st_size  # the restored engine's earlier lines were shown before
+        else:
+            start_at = os.stat(self.log).st_size if os.path.exists(self.log) else 0
+            self.start_engine()
         LogFollower(self.log, start_at).start()
         return self.reap_forever()
 
@@ -175,6 +292,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="podinit", description="PID 1 of a hibernate engine container")
     p.add_argument("--log", default=os.environ.get("HIBERNATE_ENGINE_LOG", DEFAULT_LOG))
     p.add_argument("--marker", default=os.environ.get("HIBERNATE_CHECKPOINT_MARKER", DEFAULT_MARKER))
+    p.add_argument(
+        "--restore-wait",
+        type=float,
+        default=float(os.environ.get("HIBERNATE_RESTORE_WAIT") or 0),
+        help="seconds to wait for the agent to restore the engine from a snapshot (0: start it)",
+    )
+    p.add_argument(
+        "--restore-claim-limit",
+        type=float,
+        default=CLAIM_LIMIT_S,
+        help="seconds a restore the agent has claimed may take before the engine is started cold",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER)
     ns = p.parse_args(argv)
     if ns.command and ns.command[0] == "--":
@@ -186,7 +315,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
-    return Init(ns.command, ns.log, ns.marker).run()
+    os.environ.pop("HIBERNATE_RESTORE_WAIT", None)  # the init's, not the engine's
+    return Init(ns.command, ns.log, ns.marker, ns.restore_wait, ns.restore_claim_limit).run()
 
 
 if __name__ == "__main__":

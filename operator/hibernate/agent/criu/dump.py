@@ -44,6 +44,8 @@ def dump(
     *,
     timeout: float = 600.0,
     tcp_established: bool = True,
+    tcp_close: bool = False,
+    spec_hash: str | None = None,
     gpu: GpuInfo | None = None,
     bundle: Bundle | None = None,
     extra_args: Sequence[str] = (),
@@ -64,7 +66,9 @@ def dump(
 
     tcp_established: connections to the engine (probes, the gateway) are dumped and restored
     instead of failing the dump; the network is locked with nftables, which criu links in, so
-    the container needs no iptables.
+    the container needs no iptables. tcp_close instead: connections are neither dumped nor locked,
+    and a restore brings them back closed (a snapshot restored into a pod with another address).
+    spec_hash: recorded in the metadata, for a snapshot (snapshot.restore_into checks it).
     """
     started = time.monotonic()
     bundle = bundle or locate()
@@ -80,6 +84,7 @@ def dump(
     elif not nsexec.alive(pid):
         raise CriuError(f"no process with pid {pid}")
     tree = [host_pid, *nsexec.descendants(host_pid)]
+    pids = task_pids(tree) if pod is not None else []
 
     images.make_private_dirs(image.parent, checkpoint_root or image.parent)
     tmp = image.with_name(f".{image.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -93,6 +98,8 @@ def dump(
         engine_pid=pid,
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         image_bytes=0,
+        pids=pids,
+        spec_hash=spec_hash,
     )
     marked = False
     try:
@@ -104,7 +111,9 @@ def dump(
         fd = images.locked_dir(tmp)
         try:
             args = ["-t", str(pid), "-o", DUMP_LOG]
-            if tcp_established:
+            if tcp_close:
+                args += ["--tcp-close"]
+            elif tcp_established:
                 args += ["--tcp-established", "--network-lock", "nftables"]
             launched = nsexec.launch(pod, bundle, "dump", fd, [*args, *extra_args])
             rc, out = nsexec.run(launched, fd, timeout, "dump", fault="agent.criu-dump-running")
@@ -137,6 +146,19 @@ def dump(
         raise
     _wait_gone(tree, reaped=pod is not None)
     return DumpResult(image, meta, time.monotonic() - started, image / DUMP_LOG)
+
+
+def task_pids(host_pids: Sequence[int]) -> list[int]:
+    """Every task (threads too) of the given host processes, by its pid in its pid namespace, sorted."""
+    found: set[int] = set()
+    for pid in host_pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    for line in (task / "status").read_text().splitlines():
+                        if line.startswith("NSpid:"):
+                            found.add(int(line.split()[-1]))
+    return sorted(found)
 
 
 def _wait_gone(host_pids: Sequence[int], reaped: bool, timeout: float = 5.0) -> None:

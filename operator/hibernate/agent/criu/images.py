@@ -95,6 +95,12 @@ class ImageMetadata:
     # them first, because criu's restorer does not stop at the early end of a cut pages image (it
     # reads nothing, again and again, until the agent's criu timeout; seen on an H200).
     files: dict[str, int] = field(default_factory=dict)
+    # Every task of the tree, threads included, by its pid in the pod's pid namespace: a snapshot
+    # restored into another pod needs each of them free there (criu gives every task its old pid).
+    pids: list[int] = field(default_factory=list)
+    # What the engine ran (the operator's hash of its image, args and model), for a snapshot: it is
+    # restored only into a pod of the same spec. None for an in-place image.
+    spec_hash: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,380 @@
+"""Stop that wakes in seconds (issue 19): an engine's snapshot restored into a NEW pod.
+
+One simulated pod (tests use SimPod: real namespaces, real criu) serves and is snapshotted; it
+goes, as a Stop takes it. Then a new pod, another UID, network namespace and cgroup, starts with its
+init waiting for the restore (podinit --restore-wait). The agent's side (agent/snapshot.py) restores
+the engine into it, the same process state serving the same answers, or, whatever goes wrong,
+lets the init start the engine cold with the reason. The init's own side of the protocol is tested
+without criu at the end.
+
+CRIU tests need root and the bundle from hack/build-criu.sh; they are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hibernate import podinit
+from hibernate.agent import criu
+from hibernate.agent import snapshot as agent_snapshot
+from hibernate.agent.criu import snapshot
+from hibernate.localnode.simpod import SimPod
+from tests.test_criu import ENGINE
+
+ENGINE_MIB = 16
+COMMAND = [sys.executable, "/.hibernate/engine.py", "8000", str(ENGINE_MIB)]
+FILES = {"engine.py": ENGINE}
+SPEC = "spec-1f2e3d"  # the operator's hash of the engine's image, args and model
+PODINIT = Path(podinit.__file__)
+
+
+class WaitingPod(SimPod):
+    """A new pod of the model, woken from a snapshot: its init waits for the agent's restore and
+    starts nothing (ready as soon as it waits)."""
+
+    @classmethod
+    def waiting(cls, seconds: float = 30) -> WaitingPod:
+        pod = cls.start(COMMAND, files=FILES, env={"HIBERNATE_RESTORE_WAIT": str(seconds)}, ready_path=None)
+        assert isinstance(pod, WaitingPod)
+        return pod
+
+    def __enter__(self) -> WaitingPod:
+        return self
+
+    def _wait_ready(self, ready_path: str | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pod exited with {self.proc.returncode}:\n{self.log()}")
+            kids = [int(k) for k in children.read_text().split()]
+            self.init_pid = self.init_pid or (kids[0] if kids else 0)
+            if self.init_pid and (self.emptydir / podinit.RESTORE_WAIT).exists():
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"the pod's init did not wait for a restore:\n{self.log()}")
+
+    def agent_pod(self) -> criu.Pod:
+        """The pod as the agent's criu sees it; no checkpoint marker (nothing was dumped here)."""
+        return criu.Pod(self.init_pid, marker=None)
+
+    def serving(self, timeout: float = 20) -> dict[str, Any]:
+        """The engine's /state once it answers (restored, or started cold by the init)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = self.get_json("/state", timeout=1)
+                assert isinstance(data, dict)
+                return data
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"the engine does not answer:\n{self.log()}")
+
+
+@pytest.fixture(scope="module")
+def bundle() -> criu.Bundle:
+    if os.geteuid() != 0:
+        pytest.skip("CRIU tests need root")
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing")
+    try:
+        b = criu.locate()
+        criu.version(b)
+    except criu.CriuError as e:
+        pytest.skip(f"no usable CRIU bundle: {e}")
+    if b.nsjoin is None:
+        pytest.skip(f"{b.criu} is not a bundle with hibernate-nsjoin.so; build one with hack/build-criu.sh")
+    return b
+
+
+@pytest.fixture(scope="module")
+def taken(bundle: criu.Bundle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A snapshot of a serving engine, whose pod is then gone: the image, and what the engine said."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    image = snapshot.snapshot_dir(root, "default", "llama")
+    with SimPod.start(COMMAND, files=FILES) as old:
+        conn = old.http_connection()  # a client connected while the snapshot is taken
+        conn.request("GET", "/state")
+        before = json.loads(conn.getresponse().read())
+        result = snapshot.take(
+            image, old.engine_ns_pid(), criu.Pod(old.init_pid), spec_hash=SPEC, checkpoint_root=root
+        )
+        assert old.engine_host_pid() is None, "the dump ends the engine"
+        conn.close()
+        old_uid = old.uid
+    yield {"image": image, "root": root, "before": before, "meta": result.metadata, "old_uid": old_uid}
+
+
+# -- a snapshot into a new pod --------------------------------------------------------------------
+
+
+@pytest.mark.criu
+def test_a_snapshot_lists_the_engine_pids_and_its_spec(taken: dict[str, Any]) -> None:
+    meta, before = taken["meta"], taken["before"]
+    assert meta.spec_hash == SPEC
+    assert before["pid"] in meta.pids and len(meta.pids) >= 2  # the engine and its worker, threads too
+    assert taken["image"] == taken["root"] / ".snapshots" / "default" / "llama"
+    assert criu.check_image(taken["image"]) == [] and criu.check_private(taken["image"], taken["root"]) == []
+    with pytest.raises(ValueError):
+        snapshot.snapshot_dir(taken["root"], "default", "../other")
+
+
+@pytest.mark.criu
+def test_a_new_pod_wakes_from_the_snapshot_with_the_same_engine(taken: dict[str, Any]) -> None:
+    before = taken["before"]
+    seen: list[dict[str, Any]] = []
+
+    def answers_as_before(result: criu.RestoreResult) -> None:
+        seen.append(pod.serving())
+        assert seen[-1]["digest"] == before["digest"]
+
+    with WaitingPod.waiting() as pod:
+        assert pod.uid != taken["old_uid"] and pod.engine_host_pid() is None  # nothing started
+        outcome = agent_snapshot.wake_from_snapshot(
+            taken["image"],
+            pod.agent_pod(),
+            spec_hash=SPEC,
+            check=answers_as_before,
+            checkpoint_root=taken["root"],
+        )
+        assert outcome.restored, outcome.reason
+        print(f"\n[snapshot] restored into a new pod in {outcome.seconds:.2f} s")
+        # The engine is the one that was dumped: same pid, same memory, its counter and worker go on.
+        after = pod.serving()
+        assert after["pid"] == before["pid"] == outcome.pid
+        assert after["digest"] == before["digest"]
+        assert after["count"] == before["count"] + 2  # the check's request, then this one
+        assert after["worker_alive"] is True
+        assert pod.get_json("/hash")["hash"] == before["digest"]  # type: ignore[index]
+        # ... now in the new pod: a child of its init, charged to its container's cgroup.
+        host_pid = pod.engine_host_pid()
+        assert outcome.restore is not None and host_pid == outcome.restore.host_pid
+        assert f"PPid:\t{pod.init_pid}\n" in Path(f"/proc/{host_pid}/status").read_text()
+        assert pod.container_id in Path(f"/proc/{host_pid}/cgroup").read_text()
+        assert "engine restored from a snapshot by the agent" in eventually_logged(pod, "restored")
+        # The snapshot stays for the next wake (another replica, the next Stop).
+        assert criu.check_image(taken["image"]) == []
+
+
+def eventually_logged(pod: SimPod, word: str, timeout: float = 5) -> str:
+    deadline = time.monotonic() + timeout
+    while word not in pod.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pod.log()
+
+
+# -- every failure is a cold start, with the reason -------------------------------------------------
+
+
+def _cut_pages(image: Path) -> None:
+    pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    with open(pages, "r+b") as f:
+        f.truncate(pages.stat().st_size // 2)
+
+
+def _taken_on_an_a100(image: Path) -> None:
+    """As if dumped on another node: no GPU, or another model and driver, here."""
+    meta = json.loads((image / criu.METADATA).read_text())
+    (image / criu.METADATA).write_text(
+        json.dumps({**meta, "gpu_model": "NVIDIA A100-SXM4-80GB", "driver_version": "570.86.15"})
+    )
+
+
+FALLBACKS: list[tuple[str, dict[str, Any], Callable[[Path], None] | None, str]] = [
+    ("another spec", {"spec_hash": "spec-changed"}, None, "taken from another engine spec"),
+    ("another GPU", {}, _taken_on_an_a100, "only valid on the same GPU model and driver"),
+    ("a damaged image", {}, _cut_pages, r"is damaged: pages-\d+\.img has"),
+    ("no image on this node", {"image": "missing"}, None, "does not exist"),
+]
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize(("case", "args", "tamper", "says"), FALLBACKS, ids=[f[0] for f in FALLBACKS])
+def test_a_refused_snapshot_is_a_cold_start_with_the_reason(
+    taken: dict[str, Any],
+    tmp_path: Path,
+    case: str,
+    args: dict[str, Any],
+    tamper: Callable[[Path], None] | None,
+    says: str,
+) -> None:
+    image, root, args = taken["image"], taken["root"], dict(args)
+    if tamper is not None:  # a copy, root-only as the agent writes it
+        root = tmp_path / "copy"
+        root.mkdir(mode=0o700)
+        image = shutil.copytree(taken["image"], root / "llama")
+        tamper(image)
+    if args.pop("image", None):
+        image = root / "missing"
+    kwargs = {"spec_hash": SPEC, "checkpoint_root": root, **args}
+    with WaitingPod.waiting() as pod:
+        started = time.monotonic()
+        outcome = agent_snapshot.wake_from_snapshot(image, pod.agent_pod(), **kwargs)
+        assert not outcome.restored
+        assert re.search(says, outcome.reason), outcome.reason
+        # The init starts the engine itself: a fresh process (new memory), serving.
+        assert "starting the engine cold" in eventually_logged(pod, "starting the engine cold")
+        cold = pod.serving()
+        print(f"\n[snapshot] {case}: cold start after {time.monotonic() - started:.2f} s: {outcome.reason}")
+        assert cold["count"] == 1 and cold["digest"] != taken["before"]["digest"]
+
+
+@pytest.mark.criu
+def test_an_engine_that_fails_its_check_is_ended_and_started_cold(taken: dict[str, Any]) -> None:
+    """The restored replica serves only after its check (the canary): a wrong answer ends it."""
+
+    def wrong_answer(result: criu.RestoreResult) -> None:
+        raise RuntimeError("canary: the restored engine answered 'b c d', expected 'a b c'")
+
+    with WaitingPod.waiting() as pod:
+        outcome = agent_snapshot.wake_from_snapshot(
+            taken["image"], pod.agent_pod(), spec_hash=SPEC, check=wrong_answer, checkpoint_root=taken["root"]
+        )
+        assert not outcome.restored and outcome.reason.startswith("canary: the restored engine answered")
+        assert "starting the engine cold" in eventually_logged(pod, "starting the engine cold")
+        cold = pod.serving()
+        assert cold["count"] == 1 and cold["digest"] != taken["before"]["digest"]
+        assert cold["worker_alive"] is True
+
+
+@pytest.mark.criu
+def test_a_pod_whose_wait_ran_out_is_not_restored_into(taken: dict[str, Any]) -> None:
+    with WaitingPod.waiting(seconds=0.5) as pod:
+        cold = pod.serving()  # nobody came: the init started the engine itself
+        assert cold["count"] == 1
+        assert "no restore within 0.5 s: starting the engine cold" in pod.log()
+        outcome = agent_snapshot.wake_from_snapshot(
+            taken["image"], pod.agent_pod(), spec_hash=SPEC, checkpoint_root=taken["root"]
+        )
+        assert not outcome.restored and outcome.reason == "the pod's init was not waiting for a restore"
+        assert pod.serving()["count"] == 2  # the cold engine, untouched
+
+
+@pytest.mark.criu
+def test_a_pod_that_runs_its_engine_is_neither_restored_into_nor_touched(taken: dict[str, Any]) -> None:
+    """The image's pids must be free in the pod; a pod whose engine runs (and that plants a wait file
+    of its own) keeps its engine, and the agent says why it did not restore."""
+    with SimPod.start(COMMAND, files=FILES) as pod:
+        engine, count = pod.engine_host_pid(), pod.get_json("/state")["count"]  # type: ignore[index]
+        (pod.emptydir / podinit.RESTORE_WAIT).write_text("0\n")
+        outcome = agent_snapshot.wake_from_snapshot(
+            taken["image"], criu.Pod(pod.init_pid, marker=None), spec_hash=SPEC, checkpoint_root=taken["root"]
+        )
+        assert not outcome.restored
+        assert re.search(r"pids \[2, .*\] of its engine are in use in the pod", outcome.reason), (
+            outcome.reason
+        )
+        assert pod.engine_host_pid() == engine
+        assert pod.get_json("/state")["count"] == count + 1  # type: ignore[index]
+
+
+# -- the init's side, without criu ----------------------------------------------------------------
+
+
+def start_init(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """podinit in restore-wait mode, its files in tmp_path, the engine a shell that says it started."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(PODINIT),
+            "--log",
+            str(tmp_path / "engine.log"),
+            "--marker",
+            str(tmp_path / "checkpointed"),
+            *args,
+            "--",
+            "sh",
+            "-c",
+            "echo engine started; exec sleep 30",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), path
+
+
+def started_cold(tmp_path: Path) -> bool:
+    wait_for(tmp_path / "engine.log")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if "engine started" in (tmp_path / "engine.log").read_text():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def stop(init: subprocess.Popen[str]) -> str:
+    init.send_signal(signal.SIGTERM)
+    _, err = init.communicate(timeout=10)
+    return err
+
+
+def test_podinit_waits_then_starts_the_engine_cold_when_nobody_restores(tmp_path: Path) -> None:
+    init = start_init(tmp_path, "--restore-wait", "0.3")
+    wait_for(tmp_path / podinit.RESTORE_WAIT)
+    assert (tmp_path / "engine.log").exists()  # made for criu, which reopens it by path
+    assert started_cold(tmp_path)
+    assert (tmp_path / podinit.RESTORE_EXPIRED).exists() and not (tmp_path / podinit.RESTORE_WAIT).exists()
+    assert "no restore within 0.3 s: starting the engine cold" in stop(init)
+
+
+def test_podinit_starts_cold_on_the_agents_verdict(tmp_path: Path) -> None:
+    init = start_init(tmp_path, "--restore-wait", "30")
+    wait_for(tmp_path / podinit.RESTORE_WAIT)
+    os.rename(tmp_path / podinit.RESTORE_WAIT, tmp_path / podinit.RESTORE_CLAIMED)  # as the agent claims
+    time.sleep(0.3)
+    assert "engine started" not in (tmp_path / "engine.log").read_text()  # a claimed restore is waited for
+    (tmp_path / podinit.RESTORE_RESULT).write_text(json.dumps({"cold": "snapshot taken on another GPU"}))
+    assert started_cold(tmp_path)
+    assert "no restore (snapshot taken on another GPU): starting the engine cold" in stop(init)
+
+
+def test_podinit_ignores_what_an_earlier_run_left(tmp_path: Path) -> None:
+    """A restarted container finds its emptyDir as the last run left it: an old verdict is not this
+    wait's."""
+    (tmp_path / podinit.RESTORE_RESULT).write_text(json.dumps({"cold": "an earlier run's verdict"}))
+    (tmp_path / podinit.RESTORE_CLAIMED).write_text("")
+    init = start_init(tmp_path, "--restore-wait", "30")
+    wait_for(tmp_path / podinit.RESTORE_WAIT)
+    time.sleep(0.3)
+    assert "engine started" not in (tmp_path / "engine.log").read_text()
+    assert (
+        not (tmp_path / podinit.RESTORE_RESULT).exists() and not (tmp_path / podinit.RESTORE_CLAIMED).exists()
+    )
+    assert "an earlier run's verdict" not in stop(init)
+
+
+def test_podinit_refuses_a_restored_pid_that_is_not_its_child(tmp_path: Path) -> None:
+    init = start_init(tmp_path, "--restore-wait", "30")
+    wait_for(tmp_path / podinit.RESTORE_WAIT)
+    os.rename(tmp_path / podinit.RESTORE_WAIT, tmp_path / podinit.RESTORE_CLAIMED)
+    (tmp_path / podinit.RESTORE_RESULT).write_text(json.dumps({"restored": os.getpid()}))
+    assert started_cold(tmp_path)
+    assert f"the restored engine (pid {os.getpid()}) is not running" in stop(init)
+
+
+def test_podinit_gives_up_on_a_claimed_restore_without_a_result(tmp_path: Path) -> None:
+    init = start_init(tmp_path, "--restore-wait", "0.2", "--restore-claim-limit", "0.5")
+    wait_for(tmp_path / podinit.RESTORE_WAIT)
+    os.rename(tmp_path / podinit.RESTORE_WAIT, tmp_path / podinit.RESTORE_CLAIMED)  # an agent that then died
+    assert started_cold(tmp_path)
+    assert "a restore claimed 0.5 s ago gave no result: starting the engine cold" in stop(init)
