@@ -25,6 +25,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -62,8 +63,18 @@ class _Model:
 
 
 class AgentStandin:
-    def __init__(self, cluster: Cluster, namespace: str, workdir: Path, weights_mib: int = 8) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        namespace: str,
+        workdir: Path,
+        weights_mib: int = 8,
+        engine_command: Callable[[str, int], list[str]] | None = None,
+    ) -> None:
         self.cluster = cluster
+        # (model, port) -> the engine's command line; default: the fake engine (bench/switch.py gives
+        # the reference engine on a GPU).
+        self.engine_command = engine_command
         self.namespace = namespace
         self.workdir = workdir
         self.weights_mib = weights_mib
@@ -206,14 +217,18 @@ class AgentStandin:
 
     def _start_engine(self, slot: _Model) -> FakeEngine:
         log = self.workdir / f"engine-{slot.name}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "hibernate.engine.fake",
-            *("--model", slot.model, "--host", "127.0.0.1", "--port", str(slot.port)),
-            *("--weights-mib", str(self.weights_mib), "--kv-mib", "4", "--enable-sleep-mode"),
-            *slot.engine_args,
-        ]
+        command = (
+            [*self.engine_command(slot.model, slot.port), *slot.engine_args]
+            if self.engine_command is not None
+            else [
+                sys.executable,
+                "-m",
+                "hibernate.engine.fake",
+                *("--model", slot.model, "--host", "127.0.0.1", "--port", str(slot.port)),
+                *("--weights-mib", str(self.weights_mib), "--kv-mib", "4", "--enable-sleep-mode"),
+                *slot.engine_args,
+            ]
+        )
         for _ in range(50):  # the port may still be held by the engine that just ended
             engine = _spawn(command, log, None)
             if _wait_healthy(engine, 20.0):

@@ -16,9 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from hibernate.api import constants as c
-from hibernate.api.gpu_group import read_lease
+from hibernate.api.gpu_group import GpuGroupSpec, read_lease
+from hibernate.api.v1alpha1 import ModelDeploymentSpec
+from hibernate.controller import gpu_placement, workload
+from hibernate.controller.gpu_placement import GroupPlacement
 from tests.agent_standin import AgentStandin
 from tests.cluster import ROOT, Cluster, Process, eventually
 from tests.engine_fixtures import free_port
@@ -307,3 +311,24 @@ def test_the_operator_keeps_the_budget_when_people_wake_members_and_refuses_what
     else:
         eventually(lambda: placeable("dra")["status"] == "False", what="dra not placeable")
         assert "does not serve resource.k8s.io/v1" in placeable("dra")["message"]
+
+
+def test_the_two_models_example_is_accepted_and_renders_one_shared_gpu(
+    cluster: Cluster, namespace: str
+) -> None:
+    path = ROOT / "examples" / "gpu-sharing" / "two-models.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))
+    assert result.stdout.count("created (server dry run)") == len(docs) == 3, result.stdout
+    group = next(d for d in docs if d["kind"] == c.GPU_GROUP_KIND)
+    placement = GroupPlacement(group["metadata"]["name"], GpuGroupSpec.model_validate(group["spec"]))
+    uid = "0" * 8 + "-0000-0000-0000-" + "0" * 12
+    for doc in (d for d in docs if d["kind"] == c.KIND):
+        spec = ModelDeploymentSpec.model_validate(doc["spec"])
+        assert gpu_placement.problems(placement, "shared-h100", spec, dra_served=False) == []
+        md = {"metadata": {**doc["metadata"], "namespace": namespace, "uid": uid}}
+        body = workload.deployment(md, spec, spec.replicas, "", placement)
+        limits = body["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu.shared"] == "1"
+        out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(body))
+        assert "(server dry run)" in out.stdout

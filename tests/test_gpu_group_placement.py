@@ -144,9 +144,9 @@ def test_time_slicing_asks_for_the_shared_resource_on_the_group_node_next_to_the
     ]
     assert "nodeAffinity" in pod["affinity"], "the engine's own affinity stays"
     assert "resourceClaims" not in pod
-    # No resource name: no GPU asked at all (fake engines on a CPU node); still kept together.
-    bare = render(spec, {"placement": {"resourceName": ""}})["spec"]
-    assert bare["containers"][0]["resources"]["limits"] == {"memory": "64Gi"}
+    # SameNode: kept together, the engine's resources as they are (the GPU given another way).
+    bare = render(spec, {"placement": {"mode": "SameNode"}})["spec"]
+    assert bare["containers"][0]["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "1"}
     assert bare["affinity"]["podAffinity"] == pod["affinity"]["podAffinity"]
     # The spec is not changed by rendering: twice gives the same template.
     assert render(spec, {"placement": {"nodeSelector": {"nvidia.com/gpu.count": "1"}}}) == template

@@ -19,7 +19,7 @@ from hibernate.api import constants as c
 from hibernate.api.levels import SleepLevel
 from hibernate.api.v1alpha1 import LevelValue, Quantity, _Model
 
-PlacementMode = Literal["TimeSlicing", "DRA"]
+PlacementMode = Literal["TimeSlicing", "DRA", "SameNode"]
 DEFAULT_SHARED_RESOURCE = "nvidia.com/gpu.shared"  # the device plugin's time-sliced GPU (renameByDefault)
 DEFAULT_DEVICE_CLASS = "gpu.nvidia.com"  # NVIDIA's DRA driver
 
@@ -40,15 +40,14 @@ class GpuPlacement(_Model):
         description=(
             "TimeSlicing: each member asks for one replica of `resourceName`, the time-sliced GPU the "
             "NVIDIA device plugin advertises, on a node with one GPU. DRA: every member's pod uses one "
-            "shared ResourceClaim (resource.k8s.io/v1, Kubernetes 1.34+)."
+            "shared ResourceClaim (resource.k8s.io/v1, Kubernetes 1.34+). SameNode: the members are only "
+            "kept on one node, their resources left as the engine says (the GPU given another way, or "
+            "fake engines on a CPU node)."
         ),
     )
     resource_name: str = Field(
         default=DEFAULT_SHARED_RESOURCE,
-        description=(
-            "TimeSlicing: the extended resource each member asks for one of; empty: none (the members "
-            "are only kept on one node, e.g. fake engines on a CPU node)."
-        ),
+        description="TimeSlicing: the extended resource each member asks for one of.",
     )
     device_class_name: str = Field(
         default=DEFAULT_DEVICE_CLASS, description="DRA: the DeviceClass of the shared claim's one GPU."

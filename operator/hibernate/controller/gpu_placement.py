@@ -7,7 +7,8 @@ and what its pod template gets. Two ways, as the cluster allows:
   `renameByDefault`); each member asks for one of them, on a node with one GPU (the group's
   nodeSelector), and pod affinity keeps the members on the same node;
 - DRA: one ResourceClaim for the group (resource.k8s.io/v1, Kubernetes 1.34+) that every member's
-  pod references: the scheduler puts every pod that shares a claim where its one GPU is.
+  pod references: the scheduler puts every pod that shares a claim where its one GPU is;
+- SameNode: only the pod affinity (the GPU given another way; fake engines on a CPU node).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def place(template: dict[str, Any], placement: GroupPlacement) -> None:
     )
     if group.node_selector:
         pod["nodeSelector"] = {**pod.get("nodeSelector", {}), **group.node_selector}
+    if group.mode == "SameNode":
+        return  # the engine's own resources, as they are
     container = next(x for x in pod["containers"] if x["name"] == c.ENGINE_CONTAINER)
     resources = container.setdefault("resources", {})
     for kind in ("limits", "requests"):
@@ -102,8 +105,7 @@ def place(template: dict[str, Any], placement: GroupPlacement) -> None:
             if not resources[kind]:
                 del resources[kind]
     if group.mode == "TimeSlicing":
-        if group.resource_name:  # empty: no GPU resource (a CPU test node; the GPU given another way)
-            resources.setdefault("limits", {})[group.resource_name] = "1"
+        resources.setdefault("limits", {})[group.resource_name] = "1"
     else:
         resources["claims"] = [{"name": CLAIM_NAME}]
         pod["resourceClaims"] = [{"name": CLAIM_NAME, "resourceClaimName": claim_name(placement.name)}]
