@@ -332,3 +332,53 @@ def test_the_two_models_example_is_accepted_and_renders_one_shared_gpu(
         assert limits["nvidia.com/gpu.shared"] == "1"
         out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(body))
         assert "(server dry run)" in out.stdout
+
+
+def test_two_gateway_replicas_share_the_lease_and_never_wake_more_than_the_budget(
+    cluster: Cluster, namespace: str, three: AgentStandin, tmp_path: Path
+) -> None:
+    ns = namespace
+    apply_group(cluster, ns, "g", maxAwake=1, minAwakeSeconds=2)
+    for name in ("a", "b", "c"):
+        apply_member(cluster, ns, name, three.models[name].port, "g", level="Awake" if name == "a" else "L1")
+    first, second = tmp_path / "gw1", tmp_path / "gw2"
+    first.mkdir()
+    second.mkdir()
+    with start_gateway(cluster, ns, first, hold_timeout=60) as gw1, start_gateway(cluster, ns, second) as gw2:
+        wait_settled(cluster, ns, "a", "Awake", "Awake")
+        wait_settled(cluster, ns, "b", "L1", "Asleep")
+        wait_settled(cluster, ns, "c", "L1", "Asleep")
+        most_awake = [0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                awake = sum(1 for slot in three.models.values() if 0 in slot.levels.values())
+                most_awake[0] = max(most_awake[0], awake)
+                time.sleep(0.01)
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=90) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            f"{url}/v1/completions",
+                            json={"model": f"hib/{name}", "prompt": f"{name} {i}", "max_tokens": 4},
+                        )
+                        for i in range(3)
+                        for url, name in ((gw1.url, "b"), (gw2.url, "c"))
+                    )
+                )
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        responses = asyncio.run(burst())
+        stop.set()
+        sampler.join()
+        bad = [(r.status_code, r.text[:200]) for r in responses if r.status_code != 200]
+        assert not bad, bad
+        assert most_awake[0] == 1, f"{most_awake[0]} engines were awake at once"
+        ok = 'hibernate_gateway_gpu_switch_total{result="ok"}'
+        assert metric(gw1, ok) == metric(gw2, ok) == 1, "each replica made one switch"
+    lease = read_lease(get_group(cluster, ns, "g"))
+    assert [e.name for e in lease.holders] in (["b"], ["c"]), lease
