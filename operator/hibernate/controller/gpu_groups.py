@@ -21,7 +21,7 @@ from hibernate.controller.status import now_iso
 
 log = logging.getLogger(__name__)
 GG = (c.GROUP, c.VERSION, c.GPU_GROUP_PLURAL)
-STATUS_SECONDS = 2.0
+STATUS_SECONDS = 1.0  # the status reads only the index; it writes only what changed
 ENFORCE_AFTER_SECONDS = 3.0  # over budget this long (a person woke a member by hand): make room
 
 REASON_PLACED = "Placed"
