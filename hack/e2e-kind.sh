@@ -16,7 +16,7 @@
 #      leftover cgroups, the dockerd if it was started here. Images stay in docker for the next run.
 #
 #   --if-possible   exit 0 with "SKIP e2e-kind: <why>" where this cannot run (CI).
-#   KEEP=1          leave the cluster running and print how to use and delete it.
+#   KEEP=1          leave the cluster running and print how to use it and `hack/e2e-kind.sh --stop DIR`.
 #   LEVELS=L1,Checkpoint   walk only these levels.  CLUSTER=name (default hibernate-e2e).
 #
 # How the cluster differs from kind's default (each is a registry image we do not have):
@@ -53,9 +53,9 @@ SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops)
 LOCK=/tmp/hibernate-e2e.lock   # one kubelet-starting e2e at a time on this machine
 export DOCKER_BUILDKIT=0
 
-IF_POSSIBLE=; DIR=
+IF_POSSIBLE=; DIR=; STOP=
 for a in "$@"; do case $a in
-  --if-possible) IF_POSSIBLE=1 ;; -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  --if-possible) IF_POSSIBLE=1 ;; --stop) STOP=1 ;; -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   -*) echo "unknown flag $a" >&2; exit 2 ;; *) DIR=$a ;; esac; done
 
 T0=${EPOCHREALTIME/./}
@@ -80,8 +80,12 @@ fi
 bnd=$(awk '/^CapBnd:/ {print $2}' /proc/self/status)
 NEED_CLAMP=; (( (16#$bnd >> 24) & 1 )) || NEED_CLAMP=1
 
+[ -z "$STOP" ] || [ -d "$DIR" ] || { echo "usage: $0 --stop DIR (the work dir a KEEP=1 run printed)" >&2; exit 2; }
 exec 9>"$LOCK"
-if ! flock -n 9; then echo "e2e-kind: waiting for $LOCK (another e2e run)"; flock 9; fi
+if [ -z "$STOP" ] && ! flock -n 9; then
+  echo "e2e-kind: waiting for $LOCK (another e2e run)"; flock 9
+  echo "e2e-kind: waited $(elapsed) s for the lock; the times below start now"; T0=${EPOCHREALTIME/./}
+fi
 
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hibernate-kind-e2e.XXXXXX")}
 mkdir -p "$DIR/logs"; DIR=$(cd "$DIR" && pwd)
@@ -90,16 +94,7 @@ echo "e2e-kind: work dir $DIR (logs in $DIR/logs)"
 # --- cleanup, whatever happens from here on ---
 KC=$DIR/kubeconfig; KIND=$CACHE/bin/kind; NODE_ID=; ROUTE=; HELM=; NETWORK_MADE=
 K() { "$K8S_ASSETS/kubectl" --kubeconfig "$KC" "$@"; }
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  if [ "${KEEP:-0}" = 1 ] && [ -n "$NODE_ID" ]; then
-    printf '\nKEEP=1: cluster %s left running.\n  export KUBECONFIG=%s\n  kubectl: %s\n' "$CLUSTER" "$KC" "$K8S_ASSETS/kubectl"
-    printf '  delete: %s delete cluster --name %s; ip route del %s; %s --stop %s\n' "$KIND" "$CLUSTER" "$POD_SUBNET" \
-      "$ROOT/.venv/bin/python $ROOT/tests/e2e/prometheus_check.py stop --dir" "$DIR/prometheus"
-    exit "$rc"
-  fi
-  step "cleanup"
+teardown() {  # what this script changed; the state is in DIR too, for --stop after KEEP=1
   "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py" stop --dir "$DIR/prometheus" 2>/dev/null || true
   [ -z "$ROUTE" ] || ip route del $ROUTE 2>/dev/null || true
   if [ -n "$NODE_ID" ]; then
@@ -114,6 +109,22 @@ cleanup() {
     for _ in $(seq 200); do [ -e "/proc/$p" ] || break; sleep 0.1; done
   fi
   rm -rf "$DIR"
+}
+if [ -n "$STOP" ]; then  # after KEEP=1
+  [ -f "$DIR/state" ] || { echo "no $DIR/state: not a kept hack/e2e-kind.sh run" >&2; exit 1; }
+  . "$DIR/state"; teardown; echo "e2e-kind: deleted cluster $CLUSTER and removed $DIR"; exit 0
+fi
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ "${KEEP:-0}" = 1 ] && [ -n "$NODE_ID" ]; then
+    printf 'CLUSTER=%q\nNODE_ID=%q\nROUTE=%q\nNETWORK_MADE=%q\n' "$CLUSTER" "$NODE_ID" "$ROUTE" "$NETWORK_MADE" > "$DIR/state"
+    printf '\nKEEP=1: cluster %s left running (the e2e lock is released).\n  export KUBECONFIG=%s\n  kubectl: %s\n  stop: %s --stop %s\n' \
+      "$CLUSTER" "$KC" "$K8S_ASSETS/kubectl" "$0" "$DIR"
+    exit "$rc"
+  fi
+  step "cleanup"
+  teardown
   echo "e2e-kind: cleaned up after $(elapsed) s; rc $rc"
   exit "$rc"
 }
