@@ -257,11 +257,15 @@ def agent_image(
 
 
 def service_account_ready(cluster: Cluster, namespace: str) -> None:
-    """Pods are refused until the namespace's default ServiceAccount has its token (a new namespace)."""
-    eventually(
-        lambda: cluster.core.read_namespaced_service_account("default", namespace).secrets,
-        what="the default ServiceAccount's token",
-    )
+    """Pods are refused until the namespace's default ServiceAccount exists (a new namespace) and,
+    before Kubernetes 1.24, has its token Secret (1.24+ mounts a projected token and makes none)."""
+    legacy = cluster.minor < 24
+
+    def ready() -> Any:
+        account = cluster.core.read_namespaced_service_account("default", namespace)
+        return account.secrets if legacy else account
+
+    eventually(ready, what="the default ServiceAccount" + ("'s token" if legacy else ""))
 
 
 def reported(pod: EnginePod, level: int, state: str, timeout: float = 60) -> dict[str, Any]:
