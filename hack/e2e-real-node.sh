@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# hack/e2e-real-node.sh [--if-possible] [DIR]
+# hack/e2e-real-node.sh [--if-possible] [--runtime docker|containerd] [DIR]
 #
 # End to end on a REAL node, in one command, from a fresh clone on Debian 12 as root:
-#   1. a loopback control plane + dockerd + a real kubelet v1.20.2 (hack/start-real-node.sh),
+#   1. a loopback control plane + a real kubelet (hack/start-real-node.sh) on one of two runtimes:
+#      docker (default): dockerd + kubelet v1.20.2 (dockershim), pods on docker0;
+#      containerd: Debian's containerd 1.6 + kubelet 1.34 over CRI (cgroupfs driver), pods on the CNI
+#      bridge hibcni0 (10.88.0.0/24); the images below are built with docker and imported with
+#      `docker save | ctr -n k8s.io images import -`, still no registry,
 #   2. images built without any registry: local/debian:bookworm (debootstrap, by start-real-node.sh),
 #      local/python:3.11-bookworm (python3 + pip from Debian's apt, inside `docker build`), and the
 #      project's Dockerfile on it -> local/hibernate:dev, fed a wheelhouse built here (containers do
@@ -23,15 +27,21 @@
 #      checkpoint directory if it made it, DIR. Images stay in /var/lib/docker for the next run.
 #
 #   --if-possible   exit 0 with "SKIP: <why>" where this cannot run (not root, no apt candidate for
-#                   docker.io, a dockerd without the clampoom runtime already running): for CI.
+#                   docker.io (or containerd), a dockerd without the clampoom runtime already running
+#                   for the docker walk): for CI.
+#   --runtime R     docker (default) or containerd.
+# Walks never overlap: each holds /run/lock/hibernate-e2e-real-node.lock (flock) from its start to its
+# cleanup (both use the host's kubepods cgroups, the checkpoint root, the API Service's DNAT); a second
+# one waits. KEEP=1 lets go of it at exit: stop a kept node before the next walk.
 #   KEEP=1          leave everything running and print how to use and stop it.
 #   LEVELS=L1,Checkpoint   walk only these levels.
 #
 # What this machine lacks and how it is bridged (shared/testenv/real-node.md has the facts):
 # - No kube-proxy: pods reach the API server at the `kubernetes` Service IP 10.0.0.1:443 through one
-#   iptables DNAT rule on docker0 to the loopback apiserver (route_localnet=1 on docker0), removed at
-#   the end. The apiserver's certificate names 10.0.0.1, so in-cluster config works unchanged.
-# - No CNI, no DNS: the walk reaches the engine at its pod IP (docker0, 172.17.0.x) from this host.
+#   iptables DNAT rule on the pods' bridge (docker0, or hibcni0 for containerd) to the loopback
+#   apiserver (route_localnet=1 on it), removed at the end. The apiserver's certificate names
+#   10.0.0.1, so in-cluster config works unchanged.
+# - No DNS: the walk reaches the engine at its pod IP (docker0 172.17.0.x, hibcni0 10.88.0.x) from this host.
 # - Root here lacks CAP_SYS_RESOURCE, so CRIU cannot read the rlimits of a process of another uid
 #   (prlimit: EPERM) and a non-root engine fails to dump. The engine image is therefore
 #   local/hibernate-engine:dev = local/hibernate:dev with USER 0 (as vLLM's own image runs); the
@@ -40,9 +50,13 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HACK=$ROOT/hack
-# Kubernetes 1.20 here: its kubelet's built-in dockershim runs pods on dockerd (gone in 1.24); the
-# walk is the chart's oldest end (kubeVersion >=1.20), the pytest suite runs on 1.34
-export KUBE_TEST_VERSION=${KUBE_TEST_VERSION:-1.20}
+CRI=docker
+for a in "$@"; do [ "${prev:-}" = --runtime ] && CRI=$a; prev=$a; done; unset prev
+case $CRI in docker|containerd) ;; *) echo "unknown --runtime '$CRI': docker or containerd" >&2; exit 2 ;; esac
+# docker: Kubernetes 1.20, whose kubelet's built-in dockershim runs pods on dockerd (gone in 1.24),
+# the chart's oldest end (kubeVersion >=1.20); containerd: 1.34 over CRI, as GPU clusters run it
+if [ "$CRI" = containerd ]; then export KUBE_TEST_VERSION=${KUBE_TEST_VERSION:-1.34}
+else export KUBE_TEST_VERSION=${KUBE_TEST_VERSION:-1.20}; fi
 ASSETS="${KUBE_TEST_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/k8s-test-assets/$KUBE_TEST_VERSION}"
 export KUBE_TEST_ASSETS=$ASSETS
 CRIU_BUNDLE=${HIBERNATE_CRIU_BUNDLE:-${XDG_CACHE_HOME:-$HOME/.cache}/hibernate/criu-4.2}
@@ -55,6 +69,7 @@ RELEASE=hibernate
 RELEASE_NS=hibernate-system
 CKPT=/var/lib/hibernate/checkpoints
 API_SVC_IP=10.0.0.1       # first IP of start-control-plane.sh's --service-cluster-ip-range 10.0.0.0/24
+LOCK=/run/lock/hibernate-e2e-real-node.lock
 export DOCKER_BUILDKIT=0  # the legacy builder: offline, local base images, no buildx needed
 
 IF_POSSIBLE=; DIR=
@@ -67,13 +82,16 @@ if [ "${1:-}" = --stop ]; then  # after KEEP=1: what the cleanup would have done
   "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py" stop --dir "$DIR/prometheus" || true
   read -ra DNAT < "$DIR/dnat" || DNAT=()
   [ "${#DNAT[@]}" = 0 ] || iptables -t nat -D PREROUTING "${DNAT[@]}" 2>/dev/null || true
-  [ -f "$DIR/route_localnet.orig" ] && cat "$DIR/route_localnet.orig" > /proc/sys/net/ipv4/conf/docker0/route_localnet 2>/dev/null || true
+  BRIDGE=$(cat "$DIR/bridge" 2>/dev/null || echo docker0)
+  [ -f "$DIR/route_localnet.orig" ] && cat "$DIR/route_localnet.orig" > "/proc/sys/net/ipv4/conf/$BRIDGE/route_localnet" 2>/dev/null || true
   made=$(cat "$DIR/ckpt-made" 2>/dev/null || true); [ -z "$made" ] || rm -rf "$made"
   rm -rf "$DIR"; echo "stopped and removed $DIR"; exit 0
 fi
-for a in "$@"; do case $a in
-  --if-possible) IF_POSSIBLE=1 ;; -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-  -*) echo "unknown flag $a" >&2; exit 2 ;; *) DIR=$a ;; esac; done
+prev=
+for a in "$@"; do case $prev:$a in
+  --runtime:*) ;; *:--runtime) ;;
+  *:--if-possible) IF_POSSIBLE=1 ;; *:-h|*:--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *:-*) echo "unknown flag $a" >&2; exit 2 ;; *) DIR=$a ;; esac; prev=$a; done
 
 T0=${EPOCHREALTIME/./}
 elapsed() { local d=$(( ${EPOCHREALTIME/./} - T0 )); printf '%d.%01d' $((d / 1000000)) $((d % 1000000 / 100000)); }
@@ -92,8 +110,19 @@ if ! command -v dockerd >/dev/null; then
   fi
   [ -n "$cand" ] && [ "$cand" != "(none)" ] || skip_or_die "docker.io cannot be installed (no apt candidate)"
 fi
-if docker info >/dev/null 2>&1 && ! docker info --format '{{json .Runtimes}}' | grep -q '"clampoom"'; then
+if [ "$CRI" = containerd ] && ! command -v containerd >/dev/null; then
+  cand=$(apt-cache policy containerd 2>/dev/null | awk '/Candidate:/ {print $2}')
+  [ -n "$cand" ] && [ "$cand" != "(none)" ] || skip_or_die "containerd cannot be installed (no apt candidate)"
+fi
+if [ "$CRI" = docker ] && docker info >/dev/null 2>&1 && ! docker info --format '{{json .Runtimes}}' | grep -q '"clampoom"'; then
   skip_or_die "a dockerd runs without the clampoom runtime of start-real-node.sh; stop it first"
+fi
+
+# --- one walk at a time on this machine; the node's daemons do not inherit the lock (9>&-) ---
+exec 9>"$LOCK"
+if ! flock -n 9; then
+  echo "e2e-real-node: another real-node walk holds $LOCK; waiting for it"
+  flock 9
 fi
 
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hibernate-e2e.XXXXXX")}
@@ -101,7 +130,7 @@ mkdir -p "$DIR/logs"; DIR=$(cd "$DIR" && pwd)
 echo "e2e-real-node: work dir $DIR (logs in $DIR/logs)"
 
 # --- cleanup, whatever happens from here on ---
-KC=; DNAT=(); CKPT_MADE=
+KC=; DNAT=(); CKPT_MADE=; BRIDGE=docker0
 K() { "$ASSETS/kubectl" --kubeconfig "$KC" "$@"; }
 cleanup() {
   local rc=$?
@@ -110,6 +139,7 @@ cleanup() {
     printf '\nKEEP=1: left running.\n  export KUBECONFIG=%s\n  kubectl: %s\n  stop: %s --stop %s\n' \
       "$KC" "$ASSETS/kubectl" "$0" "$DIR"
     printf '%s\n' "${DNAT[*]}" > "$DIR/dnat"; printf '%s\n' "$CKPT_MADE" > "$DIR/ckpt-made"
+    printf '%s\n' "$BRIDGE" > "$DIR/bridge"
     exit "$rc"
   fi
   step "cleanup"
@@ -117,7 +147,7 @@ cleanup() {
     "$HELM" --kubeconfig "$KC" uninstall "$RELEASE" -n "$RELEASE_NS" --wait --timeout 60s >/dev/null 2>&1 || true
   fi
   [ -d "$DIR/node" ] && { "$HACK/start-real-node.sh" stop "$DIR/node" || true; }
-  "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py" stop --dir "$DIR/prometheus" || true
+  "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py" stop --dir "$DIR/prometheus" 9>&- || true
   teardown_host
   rm -rf "$DIR"
   echo "e2e-real-node: cleaned up after $(elapsed) s; rc $rc"
@@ -125,8 +155,8 @@ cleanup() {
 }
 teardown_host() {  # the host changes of this script (not the node's: start-real-node.sh stop does those)
   if [ "${#DNAT[@]}" -gt 0 ]; then iptables -t nat -D PREROUTING "${DNAT[@]}" 2>/dev/null || true; fi
-  if [ -f "$DIR/route_localnet.orig" ] && [ -e /proc/sys/net/ipv4/conf/docker0/route_localnet ]; then
-    cat "$DIR/route_localnet.orig" > /proc/sys/net/ipv4/conf/docker0/route_localnet || true; fi
+  if [ -f "$DIR/route_localnet.orig" ] && [ -e "/proc/sys/net/ipv4/conf/$BRIDGE/route_localnet" ]; then
+    cat "$DIR/route_localnet.orig" > "/proc/sys/net/ipv4/conf/$BRIDGE/route_localnet" || true; fi
   if [ -n "$CKPT_MADE" ]; then rm -rf "$CKPT_MADE"; fi
   rm -rf "$CANARY"
 }
@@ -136,14 +166,16 @@ trap 'exit 130' INT TERM
 # --- prerequisites (each a no-op when already there) ---
 step "prerequisites: venv, kubelet, helm, CRIU bundle"
 [ -x "$ROOT/.venv/bin/python" ] || "$HACK/setup.sh"
-[ -x "$ASSETS/kubelet" ] || WITH_KUBELET=1 "$HACK/install-k8s-test-assets.sh"
+[ -x "$ASSETS/kubelet" ] || WITH_KUBELET=1 "$HACK/install-k8s-test-assets.sh"   # 1.34 builds it anyway
 HELM=$("$HACK/install-helm.sh" 2>/dev/null)/helm
 [ -x "$CRIU_BUNDLE/bin/criu" ] || "$HACK/build-criu.sh" "$CRIU_BUNDLE"
 echo "kubelet $("$ASSETS/kubelet" --version), helm $("$HELM" version --template '{{.Version}}'), $("$CRIU_BUNDLE/bin/criu" --version | head -1)"
 
 # --- the node ---
-step "control plane + dockerd + real kubelet (hack/start-real-node.sh)"
-KC=$("$HACK/start-real-node.sh" "$DIR/node")
+step "control plane + $CRI + real kubelet (hack/start-real-node.sh --runtime $CRI)"
+KC=$("$HACK/start-real-node.sh" --runtime "$CRI" "$DIR/node" 9>&-)
+BRIDGE=$(sed -n 's/^BRIDGE=//p' "$DIR/node/env")
+CTR_ADDRESS=$(sed -n 's/^CONTAINERD_ADDRESS=//p' "$DIR/node/env")
 K get nodes -o wide
 
 # --- images, no registry ---
@@ -190,14 +222,22 @@ docker build -t "$HOSTILE_IMAGE" "$DIR/hostile" >"$DIR/logs/build-hostile.log" 2
   { tail -20 "$DIR/logs/build-hostile.log" >&2; exit 1; }
 docker images --format 'table {{.Repository}}:{{.Tag}}\t{{.ID}}\t{{.Size}}' | grep -E '^(REPOSITORY|local/)'
 docker run --rm --entrypoint sh "$IMAGE" -c 'hibernate --help >/dev/null && /opt/hibernate/criu/bin/criu --version | head -1 && id'
+if [ "$CRI" = containerd ]; then  # into containerd's k8s.io namespace, where its CRI plugin looks
+  t=${EPOCHREALTIME/./}
+  docker save "$IMAGE" "$ENGINE_IMAGE" "$HOSTILE_IMAGE" |
+    ctr --address "$CTR_ADDRESS" -n k8s.io images import - >"$DIR/logs/ctr-import.log" 2>&1 ||
+    { tail -20 "$DIR/logs/ctr-import.log" >&2; exit 1; }
+  echo "imported into containerd in $(( (${EPOCHREALTIME/./} - t) / 1000 )) ms:"
+  ctr --address "$CTR_ADDRESS" -n k8s.io images list | awk 'NR == 1 || /local\//' | cut -c1-110
+fi
 
 # --- the host bits the node lacks: the kubernetes Service for pods, the checkpoint root ---
-step "pods -> API server: DNAT $API_SVC_IP:443 on docker0 to the loopback apiserver; checkpoint root $CKPT"
+step "pods -> API server: DNAT $API_SVC_IP:443 on $BRIDGE to the loopback apiserver; checkpoint root $CKPT"
 API_PORT=$(sed -n 's|.*server: "https://127.0.0.1:\([0-9]*\)".*|\1|p' "$KC")
 [ -n "$API_PORT" ] || { echo "no apiserver port in $KC" >&2; exit 1; }
-cat /proc/sys/net/ipv4/conf/docker0/route_localnet > "$DIR/route_localnet.orig"
-echo 1 > /proc/sys/net/ipv4/conf/docker0/route_localnet
-DNAT=(-i docker0 -d "$API_SVC_IP/32" -p tcp --dport 443 -m comment --comment "hibernate-e2e:$DIR"
+cat "/proc/sys/net/ipv4/conf/$BRIDGE/route_localnet" > "$DIR/route_localnet.orig"
+echo 1 > "/proc/sys/net/ipv4/conf/$BRIDGE/route_localnet"
+DNAT=(-i "$BRIDGE" -d "$API_SVC_IP/32" -p tcp --dport 443 -m comment --comment "hibernate-e2e:$DIR"
       -j DNAT --to-destination "127.0.0.1:$API_PORT")
 iptables -t nat -I PREROUTING "${DNAT[@]}"
 if [ ! -e /var/lib/hibernate ]; then CKPT_MADE=/var/lib/hibernate
@@ -226,14 +266,14 @@ step "Prometheus: the operator, agent and gateway through the chart's Services (
 PROM=("$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py")
 prom_rc=0
 "${PROM[@]}" start --dir "$DIR/prometheus" --kubectl "$ASSETS/kubectl --kubeconfig $KC" --namespace "$RELEASE_NS" \
-  --release "$RELEASE" --helm "$HELM" || prom_rc=$?
+  --release "$RELEASE" --helm "$HELM" 9>&- || prom_rc=$?
 
 # --- the walk ---
 step "the walk (tests/e2e/walk.py)"
 rc=0
 "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/walk.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
   --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" ${LEVELS:+--levels "$LEVELS"} \
-  --summary-json "$DIR/walk.json" || rc=$?
+  --summary-json "$DIR/walk.json" --runtime "$CRI" || rc=$?
 step "Prometheus: a query of each level's wake seconds returns the walk's wakes"
 if [ "$prom_rc" = 0 ]; then "${PROM[@]}" check --dir "$DIR/prometheus" --walk-summary "$DIR/walk.json" || rc=1
 else echo "prometheus did not start (above)"; rc=1; fi
@@ -245,7 +285,9 @@ step "a hostile engine: a Checkpoint cycle and a deletion give it nothing (tests
   --engine-image "$HOSTILE_IMAGE" --release-namespace "$RELEASE_NS" --canary-dir "$CANARY" || rc=1
 step "the agent's log (its DaemonSet pod)"
 K -n "$RELEASE_NS" logs ds/$RELEASE-agent --tail 400 2>&1 | grep -v 'GET /healthz\|GET /metrics' | tail -25 || true
-if [ -n "$CKPT_MADE" ] || [ -d "$CKPT/default" ]; then
-  echo "checkpoint images left under $CKPT after the ModelDeployment's deletion: $(find "$CKPT" -mindepth 2 -maxdepth 2 | wc -l)"
-fi
+step "no checkpoint image left after the deletions"
+left=$(find "$CKPT/default" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
+echo "checkpoint images left under $CKPT/default after the ModelDeployments' deletion: $left"
+if [ "$left" != 0 ]; then find "$CKPT/default" -maxdepth 3 | head -20; rc=1; fi
+echo "e2e-real-node ($CRI, kubelet $("$ASSETS/kubelet" --version | awk '{print $2}')): $([ "$rc" = 0 ] && echo PASSED || echo FAILED) after $(elapsed) s"
 exit "$rc"

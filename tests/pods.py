@@ -171,15 +171,18 @@ def create_engine_pod(
     return {"name": name, "uid": pod.metadata.uid}
 
 
-def start_pod(cluster: Cluster, namespace: str, name: str, container_id: str | None = None) -> None:
+def start_pod(
+    cluster: Cluster, namespace: str, name: str, container_id: str | None = None, scheme: str = "docker"
+) -> None:
     """What the kubelet reports once the engine container runs: the pod IP (the loopback engine) and
-    the container's id (so the agent finds its processes by cgroup)."""
+    the container's id (so the agent finds its processes by cgroup), `scheme://<id>` as the runtime
+    reports it (docker, containerd, cri-o)."""
     status: dict[str, Any] = {"phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1"}
     if container_id:
         status["containerStatuses"] = [
             {
                 "name": c.ENGINE_CONTAINER,
-                "containerID": f"docker://{container_id}",
+                "containerID": f"{scheme}://{container_id}",
                 "ready": True,
                 "restartCount": 0,
                 "image": "local/fake-engine",

@@ -7,6 +7,7 @@ IP themselves) and runs `hibernate agent` as users do, as a subprocess.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -296,9 +297,34 @@ def criu_bundle() -> object:
     return need_root_and_criu()
 
 
+# (runtime as the pod status's containerID scheme says, the container's cgroup as the runtime names
+# it, a cgroup namespace of its own): docker on cgroupfs, and containerd with the systemd driver as
+# GPU clusters run it (tests/test_cgroup_layouts.py has every layout).
+LAYOUTS = [
+    ("docker", "kubepods/besteffort/pod{uid}/{id}", False, "cgroupfs"),
+    (
+        "containerd",
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{id}.scope",
+        True,
+        "systemd",
+    ),
+]
+
+
 @pytest.mark.criu
+@pytest.mark.parametrize(
+    ("runtime", "cgroup_path", "cgroupns", "driver"), LAYOUTS, ids=["docker", "containerd"]
+)
 def test_level_4_checkpoints_the_engine_in_its_pod_and_restores_it_in_place(
-    cluster: Cluster, namespace: str, agent: Process, tmp_path: Path, criu_bundle: object
+    cluster: Cluster,
+    namespace: str,
+    agent: Process,
+    tmp_path: Path,
+    criu_bundle: object,
+    runtime: str,
+    cgroup_path: str,
+    cgroupns: bool,
+    driver: str,
 ) -> None:
     import sys
     import uuid
@@ -314,11 +340,19 @@ def test_level_4_checkpoints_the_engine_in_its_pod_and_restores_it_in_place(
     cmd = [sys.executable, "-m", "hibernate.engine.fake", "--model", "fake-model", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--weights-mib", "64", "--kv-mib", "16", "--enable-sleep-mode"]
     with SimPod.start(
-        cmd, uid=created["uid"], container_id=cid, host_network=True, port=port, ready_path="/health"
+        cmd,
+        uid=created["uid"],
+        container_id=cid,
+        host_network=True,
+        port=port,
+        ready_path="/health",
+        cgroup_path=cgroup_path,
+        cgroupns=cgroupns,
     ) as pod:
-        start_pod(cluster, namespace, name, container_id=cid)
+        start_pod(cluster, namespace, name, container_id=cid, scheme=runtime)
         url = f"http://127.0.0.1:{port}"
         before, engine_pid = complete(url), pod.engine_ns_pid()
+        cgroup_before = Path(f"/proc/{pod.engine_host_pid()}/cgroup").read_text()
         reached(cluster, namespace, name, 0, "Awake")
 
         annotate(cluster, namespace, name, "Checkpoint")
@@ -331,10 +365,19 @@ def test_level_4_checkpoints_the_engine_in_its_pod_and_restores_it_in_place(
         assert meta["criu_version"].startswith("4.") and meta["kernel_release"]
         # The engine slept at level 2 first, so the image holds no weights.
         assert op["image_bytes"] < 64 * 2**20 + 40 * 2**20
+        # The agent says which cgroup layout it found, at the dump and at the restore.
+        assert (op["cgroup"]["runtime"], op["cgroup"]["driver"]) == (runtime, driver)
+        assert op["cgroup"]["namespace"] == ("own" if cgroupns else "host")
 
         annotate(cluster, namespace, name, "Awake")
-        reached(cluster, namespace, name, 0, "Awake", timeout=60)
+        woke = reached(cluster, namespace, name, 0, "Awake", timeout=60)
+        assert woke["cgroup"] == op["cgroup"] and "cgroup_warning" not in woke
         assert pod.engine_ns_pid() == engine_pid, "restored in place with the same pid"
+        restored = pod.engine_host_pid()
+        assert Path(f"/proc/{restored}/cgroup").read_text() == cgroup_before, "in the same cgroups"
+        assert (
+            os.stat(f"/proc/{restored}/ns/cgroup").st_ino == os.stat(f"/proc/{pod.init_pid}/ns/cgroup").st_ino
+        )
         assert complete(url) == before, "same answer after a level-4 cycle"
         assert memory(url)["sleep_hints"] == [c.PREPARE_CHECKPOINT], "the engine was told a dump follows"
         assert not image.exists(), "the image is removed once the engine runs again"

@@ -298,7 +298,10 @@ def test_agent_daemonset_is_privileged_hostpid_on_gpu_nodes_with_its_host_mounts
     else:
         assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert pod.get("runtimeClassName") == (agent.get("runtimeClassName") or None)
+    nvidia = given.get("nvidia", {})
+    assert pod.get("runtimeClassName") == (
+        agent.get("runtimeClassName") or nvidia.get("runtimeClassName") or None
+    )
     ctr = container(ds, "agent")
     assert ctr["securityContext"]["privileged"] is True
     assert ctr["securityContext"]["runAsUser"] == 0
@@ -329,6 +332,79 @@ def test_agent_daemonset_is_privileged_hostpid_on_gpu_nodes_with_its_host_mounts
     assert volumes["host-driver"]["hostPath"] == {"path": driver, "type": "Directory"}
     assert mounts["/run/hibernate/host-driver"]["readOnly"] is True
     assert env["LD_LIBRARY_PATH"]["value"] == "/run/hibernate/driver-lib"
+
+
+def test_nvidia_gpu_operator_on_containerd(helm: Path) -> None:
+    """ci/gpu-operator-containerd-values.yaml: the GPU operator's RuntimeClass for the agent, the driver
+    from the NVIDIA runtime (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES), no GPU requested, and
+    the device plugin's resource in the alert for GPU nodes without an agent (docs/install.md)."""
+    values = CHART / "ci" / "gpu-operator-containerd-values.yaml"
+    docs = render(helm, "-f", str(values), "--set", "monitoring.prometheusRule.enabled=true")
+    ds = find(docs, "DaemonSet", "-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert "initContainers" not in pod and "host-driver" not in {v["name"] for v in pod["volumes"]}
+    ctr = container(ds, "agent")
+    env = {e["name"]: e.get("value") for e in ctr["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    assert "LD_LIBRARY_PATH" not in env
+    # The agent takes no GPU from the device plugin (that would starve an engine).
+    for kind in ("requests", "limits"):
+        assert not [r for r in ctr["resources"].get(kind, {}) if r.startswith("nvidia.com/")]
+    assert ctr["securityContext"]["privileged"] is True and pod["hostPID"] is True
+    rule = json.dumps(find(docs, "PrometheusRule"))
+    assert 'kube_node_status_capacity{resource=\\"nvidia_com_gpu_shared\\"}' in rule
+
+    # Each value on its own: the agent's own RuntimeClass wins; a MIG resource; chosen GPUs.
+    docs = render(
+        helm,
+        "-f",
+        str(values),
+        "--set",
+        "agent.runtimeClassName=nvidia-cdi",
+        "--set",
+        "nvidia.resourceName=nvidia.com/mig-1g.10gb",
+        "--set",
+        "nvidia.visibleDevices=GPU-8f2b6c1e\\,GPU-11111111",
+        "--set",
+        "nvidia.driverCapabilities=compute\\,utility\\,video",
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+    )
+    ds = find(docs, "DaemonSet", "-agent")
+    assert ds["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia-cdi"
+    env = {e["name"]: e.get("value") for e in container(ds, "agent")["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "GPU-8f2b6c1e,GPU-11111111"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility,video"
+    assert 'resource=\\"nvidia_com_mig_1g_10gb\\"' in json.dumps(find(docs, "PrometheusRule"))
+    # gpuResource, where set, is taken as kube-state-metrics writes it.
+    docs = render(
+        helm,
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+        "--set",
+        "monitoring.prometheusRule.gpuResource=amd_com_gpu",
+    )
+    assert 'resource=\\"amd_com_gpu\\"' in json.dumps(find(docs, "PrometheusRule"))
+    # The defaults: nvidia.com/gpu, the node's default runtime.
+    docs = render(helm, "--set", "monitoring.prometheusRule.enabled=true")
+    assert 'resource=\\"nvidia_com_gpu\\"' in json.dumps(find(docs, "PrometheusRule"))
+    assert "runtimeClassName" not in find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "nvidia.runtimeClassName=NVIDIA"], "runtimeClassName"),
+        (["--set", "nvidia.resourceName=gpu"], "resourceName"),
+        (["--set", "nvidia.visibleDevices=all gpus"], "visibleDevices"),
+        (["--set", "nvidia.driverCapabilities=cuda"], "driverCapabilities"),
+        (["--set", "nvidia.cdi=true"], "cdi"),
+    ],
+)
+def test_nvidia_values_are_checked(helm: Path, args: list[str], message: str) -> None:
+    result = run_helm(helm, "template", "x", str(CHART), *args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
 def test_agent_without_a_driver_mount_relies_on_the_runtime_class(helm: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,10 +42,16 @@ def canaries(directory: Path) -> dict[str, object]:
 
 
 def container_pid(pod: dict[str, object]) -> int:
+    """Host pid of the engine container's PID 1, found by its cgroup as the agent finds it, whatever the
+    runtime (docker, containerd)."""
+    from hibernate.agent import discovery
+
     statuses = pod["status"]["containerStatuses"]  # type: ignore[index]
-    cid = next(s["containerID"] for s in statuses if s["name"] == "engine").split("://", 1)[1]
-    out = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", cid], capture_output=True, text=True)
-    return int(out.stdout.strip())
+    cid = next(s["containerID"] for s in statuses if s["name"] == "engine")
+    procs = discovery.container_processes(pod["metadata"]["uid"], cid)  # type: ignore[index]
+    if not procs:
+        raise LookupError(f"no process of container {cid} on this host")
+    return next((p.pid for p in procs if p.ns_pid == 1), procs[0].pid)
 
 
 def cap_bound(pid: int) -> int:

@@ -9,7 +9,10 @@ non-zero when one fails:
 - for levels 1-4 the pod is the same pod afterwards (same UID, same IP) and the Service's
   Endpoints list that pod IP as ready; for Checkpoint, the engine answers nothing while asleep
   (its processes are gone) and comes back in place;
-- the transitions were made by the agent (its `hibernate.dev/last-operation` annotation).
+- the transitions were made by the agent (its `hibernate.dev/last-operation` annotation);
+- with `--runtime docker|containerd`: the node runs that runtime, the engine's container is one of
+  its containers (`containerID: <runtime>://...`), and the agent's Checkpoint dump and restore name
+  the cgroup layout they found with that runtime (`cgroup` in last-operation).
 
 Prints `kubectl get md`, `kubectl get pods -o wide` and `kubectl get endpoints` at every step, so
 the output can be pasted as it is. Standard library only: it runs with any python3 >= 3.11.
@@ -56,6 +59,7 @@ class Walk:
         self.t0 = time.monotonic()
         self.summary_json = args.summary_json
         self.apply_seconds = 0.0
+        self.runtime = args.runtime
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -236,6 +240,13 @@ class Walk:
                 status.get("numberReady", 0) >= 1,
                 f"agent pods ready: {status.get('numberReady', 0)}/{status.get('desiredNumberScheduled')}",
             )
+        if self.runtime:
+            nodes = json.loads(self.kubectl("get", "nodes", "-o", "json"))["items"]
+            versions = [n["status"]["nodeInfo"]["containerRuntimeVersion"] for n in nodes]
+            self.check(
+                bool(versions) and all(v.startswith(f"{self.runtime}://") for v in versions),
+                f"the node runs {self.runtime}: {', '.join(versions)}",
+            )
 
     def apply(self) -> None:
         self.say(f"== kubectl apply: ModelDeployment {NAME}, the fake engine from {self.image} ==")
@@ -243,9 +254,16 @@ class Walk:
         self.say(self.kubectl("apply", "-f", "-", stdin=json.dumps(manifest)).rstrip())
         seconds = self.wait_for("Awake", self.reached("Awake", "Awake"))
         self.apply_seconds = seconds
-        ip = self.pod()["status"]["podIP"]
+        pod = self.pod()
+        ip = pod["status"]["podIP"]
         self.wait_for("the pod IP in the Service's ready endpoints", lambda: ip in self.ready_endpoints())
         self.say(f"   Awake after {seconds:.1f} s (a cold start)")
+        if self.runtime:
+            ids = [s.get("containerID", "") for s in pod["status"].get("containerStatuses") or []]
+            self.check(
+                bool(ids) and all(i.startswith(f"{self.runtime}://") for i in ids),
+                f"the engine runs in {self.runtime}: {', '.join(i[:26] + '…' for i in ids)}",
+            )
         self.show_state("Awake")
 
     def cycle(self, level: str, baseline: str) -> dict[str, Any]:
@@ -260,7 +278,8 @@ class Walk:
         if level == "Stop":
             self.wait_for("no engine pod", lambda: not self.pods())
             self.check(not self.pods(), "Stop: the Deployment is scaled to zero, no engine pod")
-        else:
+        op: dict[str, Any] = {}
+        if level != "Stop":
             asleep = self.pod()
             ann = asleep["metadata"].get("annotations", {})
             op = json.loads(ann.get("hibernate.dev/last-operation") or "{}")
@@ -284,6 +303,8 @@ class Walk:
         self.wait_for("the pod IP in the Service's ready endpoints", lambda: new_ip in self.ready_endpoints())
         answer = self.complete(new_ip)
         self.say(f"   Awake after {woke:.2f} s")
+        if level == "Checkpoint":
+            self.restored_layout(after, op)
         self.show_state(f"Awake again after {level}")
         same_answer = answer == baseline
         self.check(same_answer, f"answer after waking {answer!r} == before {baseline!r}")
@@ -304,6 +325,20 @@ class Walk:
             self.check(restarts == 0, f"no container restarts (restartCount {restarts})")
         self.check(endpoints == [new_ip], f"Service endpoints {endpoints} == [{new_ip}]")
         return {"level": level, "sleep": slept, "wake": woke, "same": same_answer, "pod": same_pod}
+
+    def restored_layout(self, pod: dict[str, Any], slept: dict[str, Any]) -> None:
+        """The agent's restore said which cgroup layout it put the engine back into, the dump's."""
+        ann = pod["metadata"].get("annotations", {})
+        op = json.loads(ann.get("hibernate.dev/last-operation") or "{}")
+        self.say(f"   agent's last-operation (the restore): {json.dumps(op)}")
+        layout = op.get("cgroup") or {}
+        self.check(
+            op.get("action") == "wake" and bool(layout) and "cgroup_warning" not in op,
+            f"the restore names the cgroup layout: {layout or op.get('cgroup_warning')}",
+        )
+        self.check(layout == slept.get("cgroup"), "the restore's cgroup layout is the dump's")
+        if self.runtime:
+            self.check(layout.get("runtime") == self.runtime, f"layout runtime {layout.get('runtime')}")
 
     def delete(self) -> None:
         self.say("\n== kubectl delete md: the owned Deployment, Service and pods go ==")
@@ -339,6 +374,12 @@ def common_parser(doc: str | None, engine_image: str) -> argparse.ArgumentParser
     parser.add_argument("--engine-image", default=engine_image)
     parser.add_argument("--pull-policy", default="Never", choices=["Never", "IfNotPresent", "Always"])
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for each state")
+    parser.add_argument(
+        "--runtime",
+        default="",
+        choices=["", "docker", "containerd", "cri-o"],
+        help="the node's runtime, checked",
+    )
     parser.set_defaults(http_via="", summary_json="")
     return parser
 

@@ -11,8 +11,12 @@ depends on the cgroup driver (cgroupfs or systemd), the cgroup version and the r
     CRI-O's conmon (crio-conmon-<id>) is the runtime's monitor, not part of the pod, and is left out.
 
 Paths are matched by their components anywhere in the line, so the relative paths a
-process in another cgroup namespace sees (`0::/../../kubepods-...slice/...`) match too.
-Everything here only reads /proc; `proc_root` lets tests point it at a synthetic tree.
+process in another cgroup namespace sees (`0::/../../kubepods-...slice/...`) match too. Where
+/proc shows no cgroup of the pod at all (an agent inside a cgroup namespace of its own sees "/"), the
+pod's directory is looked for in the host's cgroup tree through the agent's own mounts
+(agent/cgroups.py), never through the pod's. agent/layout.py names the layout in words.
+Everything here only reads /proc and /sys/fs/cgroup; `proc_root` lets tests point it at a synthetic
+tree (whose self/mountinfo names the cgroup mounts).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from hibernate.agent import cgroups
 
 DEFAULT_PROC_ROOT: Final = "/proc"
 
@@ -179,7 +185,32 @@ def pod_processes(pod_uid: str, proc_root: str | os.PathLike[str] = DEFAULT_PROC
         info = _read_process(pid_dir, match)
         if info is not None:
             result.append(info)
+    if not result:
+        result = _from_host_tree(uid, Path(proc_root))
     return sorted(result, key=lambda p: p.pid)
+
+
+def _from_host_tree(uid: str, proc_root: Path) -> list[ProcessInfo]:
+    """The pod's processes read from the host's cgroup tree (its cgroup.procs files, through the
+    agent's own mounts), for when /proc/<pid>/cgroup names no cgroup of the pod: what an agent in a
+    cgroup namespace of its own sees there is relative to that namespace, or just "/"."""
+
+    def is_pod(name: str) -> bool:
+        match = parse_cgroup_path(f"/kubepods/{name}")
+        return match is not None and match.pod_uid == uid and match.container_id is None
+
+    result: list[ProcessInfo] = []
+    for hierarchy, pod_dir in cgroups.find_pod_dirs(cgroups.hierarchies(proc_root), is_pod):
+        for pid, path in cgroups.processes_below(hierarchy, pod_dir, proc_root).items():
+            match = parse_cgroup_path(path)
+            if match is None or match.conmon or any(p.pid == pid for p in result):
+                continue
+            info = _read_process(proc_root / str(pid), CgroupMatch(uid, match.container_id, False, path))
+            if info is not None:
+                result.append(info)
+        if result:  # one hierarchy that has them is enough (v1 lists them in every one)
+            break
+    return result
 
 
 def container_processes(

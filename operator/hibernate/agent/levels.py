@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hibernate.agent import criu, cuda, discovery, shm
+from hibernate.agent import criu, cuda, discovery, layout, shm
 from hibernate.agent.engine_client import EngineClient, EngineError
 from hibernate.agent.podref import PodRef
 from hibernate.api import constants as c
@@ -125,6 +125,12 @@ class Host:
         if pod.container_id:
             return discovery.container_processes(pod.uid, pod.container_id, self.proc_root)
         return discovery.pod_processes(pod.uid, self.proc_root)
+
+    def cgroup_layout(self, pod: PodRef, proc: discovery.ProcessInfo) -> layout.Layout:
+        """The cgroup layout of the pod's container, logged; LayoutError for one the agent cannot place."""
+        found = layout.detect(proc, pod.container_id, self.proc_root)
+        log.info("%s/%s: cgroup layout: %s", pod.namespace, pod.name, found.describe())
+        return found
 
     def cuda_pids(self, pod: PodRef) -> list[int]:
         return self.cuda_pids_of(self.processes(pod))
@@ -279,7 +285,10 @@ class Levels:
     def _engine_root(self, pod: PodRef) -> discovery.EngineRoot:
         procs = self.host.processes(pod)
         if not procs:
-            raise LookupError(f"no processes of pod {pod.namespace}/{pod.name} on this node")
+            raise LookupError(
+                f"pod {pod.namespace}/{pod.name}: "
+                + layout.explain_missing(pod.uid, pod.container_id, self.host.proc_root)
+            )
         root = discovery.engine_root(procs)
         if root.init_is_engine:
             raise LookupError(
@@ -295,6 +304,7 @@ class Levels:
             ckpt_root = pod.checkpoint_root(self.host.checkpoint_roots)
             root = await asyncio.to_thread(self._engine_root, pod)
             engine_pid = root.root.ns_pid
+            cgroup = await asyncio.to_thread(self.host.cgroup_layout, pod, root.root)
         except (LookupError, PermissionError, criu.CriuError) as e:
             raise LevelError(str(e), rolled_back=True) from e
         async with self.host.engine(pod) as engine:
@@ -359,6 +369,7 @@ class Levels:
             "image": str(image),
             "image_bytes": result.metadata.image_bytes,
             "criu_seconds": round(result.seconds, 3),
+            "cgroup": cgroup.report(),
             **leftovers,
         }
 
@@ -367,7 +378,11 @@ class Levels:
             image = pod.image_dir(self.host.checkpoint_roots)
             ckpt_root = pod.checkpoint_root(self.host.checkpoint_roots)
             procs = await asyncio.to_thread(self.host.processes, pod)
+            if not procs:
+                raise LookupError(layout.explain_missing(pod.uid, pod.container_id, self.host.proc_root))
             init = discovery.engine_root(procs).init
+            # Refused before criu runs where the container's cgroups cannot be placed.
+            await asyncio.to_thread(self.host.cgroup_layout, pod, init)
         except (LookupError, PermissionError, ValueError) as e:
             raise LevelError(f"cannot restore: {e}", rolled_back=True) from e
         try:
@@ -381,6 +396,15 @@ class Levels:
         except criu.CriuError as e:
             raise LevelError(str(e), rolled_back=True) from e
         fault_point("agent.after-restore")
+        procs = await asyncio.to_thread(self.host.processes, pod)
+        cgroup = await asyncio.to_thread(
+            layout.restored,
+            f"{pod.namespace}/{pod.name}",
+            procs,
+            result.host_pid,
+            pod.container_id,
+            self.host.proc_root,
+        )
         # criu runs without its cuda plugin (it would exec a cuda-checkpoint inside the pod): the
         # engine comes back CUDA-checkpointed, as it was dumped, and the agent restores it here.
         pids = await asyncio.to_thread(self.host.cuda_pids, pod)
@@ -391,7 +415,7 @@ class Levels:
             if await _has_sleep_api(engine) and await engine.is_sleeping():
                 await engine.wake(2)
         await asyncio.to_thread(criu.remove_image, image)
-        details: dict[str, Any] = {"path": "criu", "criu_seconds": round(result.seconds, 3)}
+        details: dict[str, Any] = {"path": "criu", "criu_seconds": round(result.seconds, 3), **cgroup}
         if result.warnings:
             log.warning("%s/%s: restored with warnings: %s", *pod.key, "; ".join(result.warnings))
             details["warnings"] = [w[:300] for w in result.warnings]

@@ -75,6 +75,10 @@ def mount(src, dst, fstype, flags=0, data=None):
 for procs in cfg["cgroup_procs"]:
     with open(procs, "w") as f:
         f.write("0")
+# A cgroup namespace of its own, rooted at the container's cgroup (what containerd and CRI-O give a
+# container on cgroup v2): the pod sees "0::/" in /proc/self/cgroup, the host the full path.
+if cfg["cgroupns"] and libc.unshare(0x02000000) != 0:  # CLONE_NEWCGROUP
+    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWCGROUP)")
 base = cfg["base"]
 mount("tmpfs", base, "tmpfs", 0, "mode=0755")
 for d in ("upper", "work", "root"):
@@ -160,11 +164,15 @@ def _cgroup_mounts() -> list[Path]:
     return out
 
 
-def _make_cgroup(mount: Path, rel: Path) -> Path:
+def _make_cgroup(mount: Path, rel: Path, made: list[Path] | None = None) -> Path:
+    """mount/rel, with its parents; the directories it had to make are appended to `made`."""
     path = mount
     for part in rel.parts:
         parent, path = path, path / part
-        path.mkdir(exist_ok=True)
+        if not path.is_dir():
+            path.mkdir(exist_ok=True)
+            if made is not None:
+                made.append(path)
         # A new v1 cpuset has no cpus or mems, and a task cannot join it until it has them. (On v2
         # an empty one inherits its parent's, and the root has none to copy.)
         for knob in ("cpuset.cpus", "cpuset.mems"):
@@ -235,6 +243,7 @@ class SimPod:
         self.cgroups = cgroups
         self.port = port
         self.init_pid = 0
+        self.made_cgroups: list[Path] = []  # the cgroup directories start() made, removed by close()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -253,6 +262,8 @@ class SimPod:
         env: Mapping[str, str] | None = None,
         devices: Sequence[str | os.PathLike[str]] = (),
         volumes: Sequence[str | os.PathLike[str]] = (),
+        cgroup_path: str | None = None,
+        cgroupns: bool = False,
     ) -> SimPod:
         """Starts a pod whose engine is `command`, run by podinit; waits until it answers HTTP.
 
@@ -262,13 +273,19 @@ class SimPod:
         on the host (the agent) reaches the engine at 127.0.0.1 without any routed address.
         `devices` are host device nodes (or directories of them) under /dev, bound at the same path in
         the pod's /dev; `volumes` are host directories bound (with their submounts) at the same path.
+        `cgroup_path` is the container's cgroup below each hierarchy's root, as a kubelet and runtime
+        name it (default `kubepods/besteffort/pod<uid>/<container id>`, cgroupfs with docker or
+        containerd; `{uid}`, `{uid_}` (dashes as underscores) and `{id}` are filled in); `cgroupns`
+        gives the pod a cgroup namespace of its own, rooted there.
         """
         device_paths = [_host_path(d, "device", under="/dev") for d in devices]
         volume_paths = sorted({_host_path(v, "volume") for v in volumes}, key=lambda v: (v.count("/"), v))
         uid = uid or str(uuid.uuid4())
         container_id = container_id or uuid.uuid4().hex + uuid.uuid4().hex
-        rel = Path("kubepods", "besteffort", f"pod{uid}", container_id)
-        cgroups = [_make_cgroup(m, rel) for m in _cgroup_mounts()]
+        template = cgroup_path or "kubepods/besteffort/pod{uid}/{id}"
+        rel = Path(template.format(uid=uid, uid_=uid.replace("-", "_"), id=container_id).strip("/"))
+        made: list[Path] = []
+        cgroups = [_make_cgroup(m, rel, made) for m in _cgroup_mounts()]
         base = Path(tempfile.mkdtemp(prefix="simpod-"))
         emptydir = base / "emptydir"
         emptydir.mkdir()
@@ -288,6 +305,7 @@ class SimPod:
             "cgroup_procs": [str(c / "cgroup.procs") for c in cgroups],
             "devices": device_paths,
             "volumes": volume_paths,
+            "cgroupns": cgroupns,
         }
         with open(base / "pod.log", "ab") as log:
             proc = subprocess.Popen(
@@ -315,6 +333,7 @@ class SimPod:
                 env={**os.environ, **(env or {})},
             )
         pod = cls(uid, container_id, base, proc, cgroups, port)
+        pod.made_cgroups = made
         try:
             pod._wait_ready(ready_path, timeout)
         except BaseException:
@@ -350,6 +369,7 @@ class SimPod:
             self.proc.wait(timeout=10)
         # A restored tree is in the pod's pid namespace too, so it died with the init; cgroups
         # empty a moment after the last task is reaped.
+        made = sorted(set(self.made_cgroups) - set(self.cgroups), key=lambda p: -len(p.parts))
         for cg in self.cgroups:
             for path in (cg, cg.parent):
                 for _ in range(100):
@@ -360,6 +380,9 @@ class SimPod:
                         break
                     except OSError:
                         time.sleep(0.02)
+        for path in made:  # the parents it made (kubepods.slice, ...), deepest first, if empty now
+            with contextlib.suppress(OSError):
+                path.rmdir()
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> SimPod:
@@ -403,9 +426,10 @@ class SimPod:
 
     def cgroup(self, controller: str) -> Path:
         """The container's cgroup directory of one v1 controller (or "unified")."""
-        for cg in self.cgroups:
-            if cg.parents[3].name == controller:
-                return cg
+        for mount in _cgroup_mounts():
+            for cg in self.cgroups:
+                if mount.name == controller and mount in cg.parents:
+                    return cg
         raise LookupError(controller)
 
     def log(self) -> str:

@@ -2,11 +2,14 @@
 
 criu is executed by the host's kernel and loader from the agent's bundle, in the agent's mount
 namespace, so no binary, loader, library or configuration file of the pod is ever loaded. The
-preload library `hibernate-nsjoin.so` (nsjoin.c) then joins the pod's net, ipc, uts, pid and mount
-namespaces (descriptors the agent opened from /proc/<init>/ns) and forks criu into the pod's pid
-namespace as a session leader, before criu's main(). Inside, criu shares every namespace with the
-engine: the image holds no namespace state, and the restored tree gets the same pids, IP address
-and mounts, as a child of the pod's init (hibernate.podinit).
+preload library `hibernate-nsjoin.so` (nsjoin.c) then joins the pod's net, ipc, uts, pid, cgroup
+and mount namespaces (descriptors the agent opened from /proc/<init>/ns) and forks criu into the
+pod's pid namespace as a session leader, before criu's main(). Inside, criu shares every namespace
+with the engine: the image holds no namespace state, and the restored tree gets the same pids, IP
+address, mounts and cgroups, as a child of the pod's init (hibernate.podinit). The cgroup namespace
+matters where the runtime gives containers one of their own (containerd and CRI-O on cgroup v2):
+criu then sees the container's cgroup as `/`, as the engine does, and the restored tree shares the
+init's namespace instead of getting a new one.
 
 Paths criu is given are descriptors of the agent's (`-D /proc/self/fd/N` for the image directory,
 `-L` for an empty plugin directory), so criu never reads plugins from the pod's /usr/lib/criu, and
@@ -39,7 +42,7 @@ from hibernate.faults import fault_point
 POD_WORKDIR = PurePosixPath("/.hibernate/criu-work")
 POD_MARKER = PurePosixPath("/.hibernate/checkpointed")
 # The namespaces criu joins, in this order: the mount namespace last, once the others are joined.
-JOINED_NAMESPACES = ("net", "ipc", "uts", "pid", "mnt")
+JOINED_NAMESPACES = ("net", "ipc", "uts", "pid", "cgroup", "mnt")
 NSJOIN_FAILED = 125  # nsjoin.c's exit status when it could not enter the pod
 
 

@@ -107,7 +107,10 @@ def _restore_once(
             root.unlink(work_log)
     except OSError as e:
         raise CriuError(f"cannot prepare criu's work directory {pod.workdir} in the pod: {e}") from e
-    args = ["-d", "-W", str(pod.workdir), "-o", RESTORE_LOG, *extra]
+    # Back into the cgroups the tree was dumped from (criu joined the pod's cgroup namespace too, so
+    # the restored tree shares the init's), which must still exist: the container's, kept by its
+    # init. `none`: criu neither creates a cgroup nor writes a limit; those are the kubelet's.
+    args = ["-d", "-W", str(pod.workdir), "-o", RESTORE_LOG, "--manage-cgroups=none", *extra]
     launched = nsexec.launch(pod, bundle, "restore", fd, args)
     rc, out = nsexec.run(launched, fd, timeout, "restore", fault="agent.criu-restore-running")
     with contextlib.suppress(OSError, UnsafePath), pod.root() as root:
