@@ -12,6 +12,7 @@ CRIU tests need root and the bundle from hack/build-criu.sh; they are skipped ot
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -24,13 +25,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import pytest
 
 from hibernate import podinit
-from hibernate.agent import criu
+from hibernate.agent import criu, kube
 from hibernate.agent import snapshot as agent_snapshot
 from hibernate.agent.criu import snapshot
+from hibernate.agent.criu.images import make_private_dirs, write_private
+from hibernate.agent.ownership import Ownership
+from hibernate.agent.sweep import Sweeper
+from hibernate.api import constants as c
 from hibernate.localnode.simpod import SimPod
+from tests.cluster import Cluster
+from tests.pods import create_model
 from tests.test_criu import ENGINE
 
 ENGINE_MIB = 16
@@ -278,6 +286,49 @@ def test_a_pod_that_runs_its_engine_is_neither_restored_into_nor_touched(taken: 
         )
         assert pod.engine_host_pid() == engine
         assert pod.get_json("/state")["count"] == count + 1  # type: ignore[index]
+
+
+# -- a snapshot goes with its ModelDeployment ------------------------------------------------------
+
+
+def sealed_snapshot(image: Path, root: Path) -> Path:
+    """A directory laid out and sealed as the agent writes a snapshot; nothing was dumped into it."""
+    make_private_dirs(image, root)
+    write_private(image / criu.METADATA, b'{"format": 1}')
+    write_private(image / "pages-1.img", b"\0" * 4096)
+    return image
+
+
+def test_the_sweep_removes_a_snapshot_once_its_model_deployment_is_gone(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("snapshots are root-only")
+    root = tmp_path / "checkpoints"
+    create_model(cluster, namespace, "kept")
+    kept = sealed_snapshot(snapshot.snapshot_dir(root, namespace, "kept"), root)
+    gone = sealed_snapshot(snapshot.snapshot_dir(root / "team-a", namespace, "gone"), root)  # a dir below
+    partial = gone.with_name(".gone.partial-0123abcd")  # what a dump left when its agent died
+    partial.mkdir(mode=0o700)
+    restore_log = Path(f"{gone}.{criu.RESTORE_LOG}")
+    write_private(restore_log, b"criu's log of the last restore")
+    foreign = sealed_snapshot(snapshot.snapshot_dir(root, namespace, "foreign"), root)
+    foreign.chmod(0o755)  # not as the agent writes them: left alone
+
+    def sweeper(api: kubernetes.client.ApiClient) -> Sweeper:
+        lookup = functools.partial(kube.read_owner, api=api)
+        return Sweeper((root,), "snapshot-node", Ownership(lookup))
+
+    live = sweeper(cluster.api)
+    assert sorted(live.sweep()) == sorted([str(gone), str(partial)])
+    assert not restore_log.exists()
+    assert kept.exists() and foreign.exists()
+
+    cluster.custom.delete_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, "kept")
+    unreachable = kubernetes.client.Configuration()
+    unreachable.host = "https://127.0.0.1:1"  # nothing listens: the API server cannot be asked
+    assert sweeper(kubernetes.client.ApiClient(unreachable)).sweep() == [] and kept.exists()
+    assert live.sweep() == [str(kept)] and not kept.exists() and foreign.exists()
 
 
 # -- the init's side, without criu ----------------------------------------------------------------

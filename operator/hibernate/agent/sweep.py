@@ -19,6 +19,10 @@ Images of pods this agent serves right now, of pods on another node (a root on s
 pods whose owners cannot be read right now, and of pods a ModelDeployment owns all stay; so does the
 image of a pod that only lost its label: it is restored once the label is back, and swept once the
 pod is gone.
+
+Snapshots (`<checkpoint dir>/.snapshots/<namespace>/<model>`, docs/snapshots.md) outlive their pods
+by design: one goes, with its temporary directories and restore log, once its ModelDeployment does
+not exist any more (read from the API server now; unreadable: it stays).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from hibernate.agent import criu, kube
+from hibernate.agent.criu import snapshot as criu_snapshot
 from hibernate.agent.ownership import Ownership
+from hibernate.api import constants as c
 from hibernate.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -119,7 +125,52 @@ def find(root: Path) -> list[Found]:
     return found
 
 
-def _remove(found: Found) -> bool:
+@dataclass(frozen=True)
+class FoundSnapshot:
+    """A ModelDeployment's snapshot: its image directory, or a temporary one of its dump."""
+
+    path: Path
+    namespace: str
+    model: str
+
+
+def find_snapshots(root: Path) -> list[FoundSnapshot]:
+    """The snapshot directories under `root` that the agent wrote: `<ns>/<model>` (with metadata.json)
+    and `<ns>/.<model>.partial-…|.old-…` in every `.snapshots` directory, all root-only to `root`."""
+    found: list[FoundSnapshot] = []
+    stack = [(root, 0)]
+    while stack:
+        here, depth = stack.pop()
+        for entry in _dirs(here):
+            path = Path(entry.path)
+            if entry.name != criu_snapshot.SNAPSHOTS:
+                if not entry.name.startswith(".") and depth + 1 < MAX_DEPTH:
+                    stack.append((path, depth + 1))
+                continue
+            for ns in _dirs(path):
+                for model in _dirs(Path(ns.path)):
+                    temporary = _TEMPORARY.match(model.name)
+                    name = temporary["container"] if temporary else model.name
+                    candidate = Path(model.path)
+                    is_image = temporary is not None or (candidate / criu.METADATA).is_file()
+                    if (
+                        is_image
+                        and _private_dirs(candidate, root)
+                        and not criu.check_private(candidate, root)
+                    ):
+                        found.append(FoundSnapshot(candidate, ns.name, name))
+    return found
+
+
+def _dirs(path: Path) -> list[os.DirEntry[str]]:
+    """The real directories in `path` (no symlinks), by name."""
+    try:
+        return sorted((e for e in os.scandir(path) if e.is_dir(follow_symlinks=False)), key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _remove(found: Found | FoundSnapshot) -> bool:
     """Removes one image or dump directory, unless a criu holds it (its flock)."""
     try:
         fd = os.open(found.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -183,4 +234,23 @@ class Sweeper:
                     found.path.parent.rmdir()  # the pod's directory, once it holds nothing
             if done:
                 fault_point("agent.sweep-after-remove")
+        for root in self.roots:
+            for snapshot in find_snapshots(root):
+                why = self.snapshot_verdict(snapshot.namespace, snapshot.model)
+                if why is not None and _remove(snapshot):
+                    removed.append(str(snapshot.path))
+                    log.info("image sweep: removed the snapshot %s: %s", snapshot.path, why)
+                    with contextlib.suppress(OSError):
+                        Path(f"{snapshot.path}.{criu.RESTORE_LOG}").unlink()
         return removed
+
+    def snapshot_verdict(self, namespace: str, model: str) -> str | None:
+        """Why the snapshot of ModelDeployment `model` goes, or None when it stays."""
+        try:
+            md = self.ownership.lookup(c.KIND, namespace, model)
+        except Exception as e:  # the API unreachable: nothing is known, nothing goes
+            log.warning(
+                "image sweep: cannot read ModelDeployment %s/%s (%s); its snapshot stays", namespace, model, e
+            )
+            return None
+        return "its ModelDeployment does not exist any more" if md is None else None

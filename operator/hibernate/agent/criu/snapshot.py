@@ -24,6 +24,7 @@ never restore here (another GPU model or driver, another spec, damaged), CriuErr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -38,7 +39,8 @@ from hibernate.agent.criu.images import RESTORE_LOG, RESTORE_OK, GpuInfo, ImageR
 from hibernate.agent.criu.restore import RestoreResult
 from hibernate.agent.podfs import UnsafePath
 
-SNAPSHOTS = ".snapshots"  # hidden: the image sweep (agent/sweep.py) looks only at pods' images
+# Hidden, so the sweep of pods' images passes over it; the sweep removes a snapshot with its model.
+SNAPSHOTS = ".snapshots"
 # criu's own pid in the new pod comes after the image's last one; threads an engine started while
 # the dump began (after the pid list was read) are likely within this margin.
 PID_MARGIN = 64
@@ -53,8 +55,11 @@ _PRELUDE = r"""
 import ctypes, json, os, sys
 cfg = json.loads(sys.argv[1])
 for procs in cfg["cgroup_procs"]:
-    with open(procs, "w") as f:
-        f.write("0")
+    try:
+        with open(procs, "w") as f:
+            f.write("0")
+    except OSError as e:
+        sys.exit(f"hibernate-snapshot: cannot join the container's cgroup {procs}: {e.strerror}")
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.setns(cfg["pid_ns_fd"], cfg["clone_newpid"]) != 0:
     sys.exit(f"hibernate-snapshot: setns pid: {os.strerror(ctypes.get_errno())}")
@@ -153,7 +158,13 @@ def restore_into(
     except OSError as e:
         raise CriuError(f"cannot prepare criu's work directory {pod.workdir} in the pod: {e}") from e
     args = ["-d", "-W", str(pod.workdir), "-o", RESTORE_LOG, "--tcp-close", "--manage-cgroups=ignore"]
-    fd = images.detached_dir(image)  # not locked: several new pods may restore one snapshot at once
+    fd = images.detached_dir(image)
+    try:
+        # Shared: several new pods may restore one snapshot at once; the sweep takes it exclusively.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CriuError(f"snapshot {image} is being removed") from None
     try:
         launched = nsexec.launch(pod, bundle, "restore", fd, args)
         _prelude(launched, cgroup_procs, max(meta.pids) + PID_MARGIN)
