@@ -66,6 +66,8 @@ skip_or_die() { if [ -n "$IF_POSSIBLE" ]; then echo "SKIP e2e-kind: $*"; exit 0;
 # --- can it run here? ---
 [ "$(id -u)" = 0 ] || skip_or_die "needs root (dockerd, kind's privileged node)"
 [ "$(uname -m)" = x86_64 ] || skip_or_die "needs x86_64"
+# Go: on PATH, else where the machine's Go lives (a non-interactive shell may not have it on PATH)
+command -v go >/dev/null || [ ! -x /usr/local/go/bin/go ] || export PATH=/usr/local/go/bin:$PATH
 command -v go >/dev/null || skip_or_die "needs Go >= 1.24 on PATH (kind, crictl and Kubernetes come from the Go module proxy)"
 command -v apt-get >/dev/null || skip_or_die "needs Debian's apt (docker.io, debootstrap)"
 if ! command -v dockerd >/dev/null; then
