@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# hack/e2e-kind.sh [--if-possible] [DIR]
+# hack/e2e-kind.sh [--if-possible] [DIR]      hack/e2e-kind.sh --stop DIR   (after KEEP=1)
 #
 # The end-to-end walk of hack/e2e-real-node.sh on a kind cluster (Kubernetes 1.34), built without any
 # container registry, in one command on Debian 12 as root (docs/e2e.md, "On kind"):
