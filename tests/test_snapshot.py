@@ -53,8 +53,14 @@ class WaitingPod(SimPod):
     starts nothing (ready as soon as it waits)."""
 
     @classmethod
-    def waiting(cls, seconds: float = 30) -> WaitingPod:
-        pod = cls.start(COMMAND, files=FILES, env={"HIBERNATE_RESTORE_WAIT": str(seconds)}, ready_path=None)
+    def waiting(cls, seconds: float = 30, cgroupns: bool = False) -> WaitingPod:
+        pod = cls.start(
+            COMMAND,
+            files=FILES,
+            env={"HIBERNATE_RESTORE_WAIT": str(seconds)},
+            ready_path=None,
+            cgroupns=cgroupns,
+        )
         assert isinstance(pod, WaitingPod)
         return pod
 
@@ -174,6 +180,30 @@ def test_a_new_pod_wakes_from_the_snapshot_with_the_same_engine(taken: dict[str,
         assert "engine restored from a snapshot by the agent" in eventually_logged(pod, "restored")
         # The snapshot stays for the next wake (another replica, the next Stop).
         assert criu.check_image(taken["image"]) == []
+
+
+@pytest.mark.criu
+def test_a_pod_with_a_cgroup_namespace_wakes_from_a_snapshot_taken_in_another(tmp_path: Path) -> None:
+    """containerd and CRI-O on cgroup v2 give each container a cgroup namespace of its own: the
+    restored engine shares the new one, rooted at its new container's cgroup."""
+    root = tmp_path / "checkpoints"
+    image = snapshot.snapshot_dir(root, "default", "llama")
+    with SimPod.start(COMMAND, files=FILES, cgroupns=True) as old:
+        digest = old.get_json("/state")["digest"]  # type: ignore[index]
+        snapshot.take(
+            image, old.engine_ns_pid(), criu.Pod(old.init_pid), spec_hash=SPEC, checkpoint_root=root
+        )
+    with WaitingPod.waiting(cgroupns=True) as pod:
+        outcome = agent_snapshot.wake_from_snapshot(
+            image, pod.agent_pod(), spec_hash=SPEC, checkpoint_root=root
+        )
+        assert outcome.restored, outcome.reason
+        assert pod.serving()["digest"] == digest
+        engine = pod.engine_host_pid()
+        assert (
+            os.stat(f"/proc/{engine}/ns/cgroup").st_ino == os.stat(f"/proc/{pod.init_pid}/ns/cgroup").st_ino
+        )
+        assert pod.container_id in Path(f"/proc/{engine}/cgroup").read_text()  # the host's view
 
 
 def eventually_logged(pod: SimPod, word: str, timeout: float = 5) -> str:
