@@ -11,7 +11,7 @@
 #      and stopped at the end), the images of hack/e2e-real-node.sh (tagged :kind: local/hibernate and the
 #      engine's), `kind create cluster` with that node image, `kind load docker-image`,
 #   3. `helm install` of ./helm/hibernate, then tests/e2e/walk.py (L1, L2, Checkpoint, Stop), a real
-#      Prometheus beside it (tests/e2e/prometheus_check.py) and tests/e2e/readiness.py,
+#      Prometheus beside it (tests/e2e/prometheus_check.py), tests/e2e/readiness.py and tests/e2e/hostile.py,
 #   4. cleanup: kind delete cluster, the host route, the sysctls the node's kubelet changed, the node's
 #      leftover cgroups, the dockerd if it was started here. Images stay in docker for the next run.
 #
@@ -27,8 +27,8 @@
 #   names; no local-path-provisioner (a StorageClass only).
 # The host reaches the pod IPs through one route (10.244.0.0/24 via the node's IP), so the walk,
 # Prometheus and the readiness step talk to pods as on the real node.
-# tests/e2e/hostile.py is skipped: it inspects the engine's container with the host's docker and
-# /proc and plants canaries on the host, and in kind both live inside the node container.
+# tests/e2e/hostile.py runs with --node-root /proc/<node pid>/root: the agent's "host" is the node
+# container, so the canaries, the checkpoint root and the recorders' log are the node's.
 # Root on the project's machines lacks CAP_SYS_RESOURCE: kind's privileged node then needs the runc
 # wrapper of hack/start-real-node.sh (dockerd runtime "clampoom"), and the node's containerd runs with
 # restrict_oom_score_adj. The engine runs as root (local/hibernate-engine:kind = the image + USER 0), as on
@@ -44,6 +44,8 @@ NODE=$CLUSTER-control-plane   # kind's name for the single node's container
 # tags of their own: hack/e2e-real-node.sh builds :dev from the same Dockerfile (the layers are shared)
 IMAGE=local/hibernate:kind
 ENGINE_IMAGE=${ENGINE_IMAGE:-local/hibernate-engine:kind}
+HOSTILE_IMAGE=local/hibernate-hostile-engine:kind
+CANARY=/var/lib/hibernate-e2e-canary   # in the node: the agent's "host" there
 BASE=local/python:3.11-bookworm
 RELEASE=hibernate
 RELEASE_NS=hibernate-system
@@ -217,6 +219,14 @@ if [ "$ENGINE_IMAGE" = local/hibernate-engine:kind ]; then
     { tail -20 "$DIR/logs/build-engine.log" >&2; exit 1; }
 fi
 rm -rf "$CTX"
+# The hostile engine of tests/e2e/hostile.py (as hack/e2e-real-node.sh builds it)
+mkdir -p "$DIR/hostile"
+gcc -O2 -static-pie -nostdlib -fno-stack-protector -o "$DIR/hostile/recorder" "$ROOT/tests/hostile/recorder.c"
+gcc -O2 -shared -fPIC -DRECORDER_LIBRARY -o "$DIR/hostile/librecorder.so" "$ROOT/tests/hostile/recorder.c"
+cp "$ROOT/tests/e2e/hostile_engine.py" "$DIR/hostile/"
+printf 'FROM %s\nCOPY recorder librecorder.so hostile_engine.py /hostile/\n' "$ENGINE_IMAGE" > "$DIR/hostile/Dockerfile"
+docker build -t "$HOSTILE_IMAGE" "$DIR/hostile" >"$DIR/logs/build-hostile.log" 2>&1 ||
+  { tail -20 "$DIR/logs/build-hostile.log" >&2; exit 1; }
 
 # --- the cluster ---
 step "kind create cluster --name $CLUSTER --image $NODE_IMAGE"
@@ -249,8 +259,8 @@ ROUTE="$POD_SUBNET via $NODE_IP"
 ip route replace $ROUTE
 K get nodes -o wide
 
-step "kind load docker-image $IMAGE $ENGINE_IMAGE"
-imgs=("$IMAGE"); [ "$ENGINE_IMAGE" = "$IMAGE" ] || imgs+=("$ENGINE_IMAGE")
+step "kind load docker-image $IMAGE $ENGINE_IMAGE $HOSTILE_IMAGE"
+imgs=("$IMAGE"); [ "$ENGINE_IMAGE" = "$IMAGE" ] || imgs+=("$ENGINE_IMAGE"); imgs+=("$HOSTILE_IMAGE")
 "$KIND" load docker-image --name "$CLUSTER" "${imgs[@]}"
 
 # --- the chart ---
@@ -288,8 +298,11 @@ else echo "prometheus did not start (above)"; rc=1; fi
 step "two replicas, one asleep: no request reaches it (tests/e2e/readiness.py)"
 "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/readiness.py" --kubectl "$K8S_ASSETS/kubectl --kubeconfig $KC" \
   --engine-image "$ENGINE_IMAGE" --pull-policy IfNotPresent --release-namespace "$RELEASE_NS" --release "$RELEASE" || rc=1
-echo "SKIP hostile engine (tests/e2e/hostile.py): it reads the engine's container through the host's docker and"
-echo "  /proc and keeps its canaries on the host; in kind the container is in the node's containerd (hack/e2e-real-node.sh runs it)"
+step "a hostile engine: a Checkpoint cycle and a deletion give it nothing (tests/e2e/hostile.py, canaries in the node)"
+NODE_PID=$(docker inspect -f '{{.State.Pid}}' "$NODE")
+"$ROOT/.venv/bin/python" "$ROOT/tests/e2e/hostile.py" --kubectl "$K8S_ASSETS/kubectl --kubeconfig $KC" \
+  --engine-image "$HOSTILE_IMAGE" --pull-policy IfNotPresent --release-namespace "$RELEASE_NS" \
+  --canary-dir "$CANARY" --node-root "/proc/$NODE_PID/root" || rc=1
 step "the agent's log (its DaemonSet pod)"
 K -n "$RELEASE_NS" logs ds/$RELEASE-agent --tail 400 2>&1 | grep -v 'GET /healthz\|GET /metrics' | tail -25 || true
 exit "$rc"

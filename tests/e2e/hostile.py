@@ -13,6 +13,10 @@ deletion of the ModelDeployment follow, through kubectl. Passes only when:
   same answer) or reported Failed with a reason; and after the deletion no image is left.
 
     python3 tests/e2e/hostile.py --kubectl "kubectl --kubeconfig …" --engine-image local/hibernate-hostile-engine:dev
+
+`--node-root` is where this script sees the node's root filesystem: `/` on a real node, and
+`/proc/<pid of kind's node container>/root` on kind (hack/e2e-kind.sh), whose agent's host is the node
+container: the canaries, the checkpoint root and the recorders' log on "the host" are the node's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,18 @@ import walk
 NAME = "hostile"
 RAN_LOG = "hibernate-hostile-ran.log"  # tests/hostile/recorder.c
 CHECKPOINTS = Path("/var/lib/hibernate/checkpoints")
+NODE_ROOT = Path("/")  # --node-root
+
+
+def on_node(path: Path) -> Path:
+    """`path` of the node's filesystem, as this script reaches it."""
+    return NODE_ROOT / path.relative_to("/")
+
+
+def ran_logs() -> list[Path]:
+    """Where a recorder that ran outside the container would write: the node's root (and this
+    machine's, where that is another)."""
+    return list(dict.fromkeys([on_node(Path("/") / RAN_LOG), Path("/") / RAN_LOG]))
 
 
 def canaries(directory: Path) -> dict[str, object]:
@@ -63,7 +79,7 @@ def cap_bound(pid: int) -> int:
 
 def recorded(pid: int | None) -> list[str]:
     lines = []
-    for log in [Path("/") / RAN_LOG, *([Path(f"/proc/{pid}/root") / RAN_LOG] if pid else [])]:
+    for log in [*ran_logs(), *([Path(f"/proc/{pid}/root") / RAN_LOG] if pid else [])]:
         if log.exists():
             lines += log.read_text().splitlines()
     return lines
@@ -92,7 +108,7 @@ class Hostile(walk.Walk):
         return op
 
     def run_hostile(self, canary_dir: Path) -> int:
-        before = canaries(canary_dir)
+        before = canaries(on_node(canary_dir))
         self.apply_hostile(canary_dir)
         pod = self.pod()
         ip, uid = pod["status"]["podIP"], pod["metadata"]["uid"]
@@ -111,7 +127,7 @@ class Hostile(walk.Walk):
         self.say(f"   phase {status.get('phase')}; agent's last-operation: {json.dumps(op)}")
         completed = status.get("phase") == "Asleep"
         if completed:
-            mode = stat.S_IMODE(CHECKPOINTS.stat().st_mode)
+            mode = stat.S_IMODE(on_node(CHECKPOINTS).stat().st_mode)
             self.check(mode == 0o700, f"the checkpoint root {CHECKPOINTS} is root-only: {mode:04o}")
         if not completed:
             self.check(bool(op.get("error")), f"the agent reported Failed with a reason: {op.get('error')!r}")
@@ -129,28 +145,35 @@ class Hostile(walk.Walk):
             self.check(
                 caps & ~bound == 0, f"a planted program ran with no more than the container's rights: {line}"
             )
-        self.check(not (Path("/") / RAN_LOG).exists(), "nothing planted ran on the host")
+        self.check(not any(log.exists() for log in ran_logs()), "nothing planted ran on the host")
 
         self.say("\n== kubectl delete md ==")
         self.say(self.kubectl("delete", "md", NAME, "-n", self.ns, "--wait=true", "--timeout=120s").rstrip())
         self.wait_for("no engine pod", lambda: not self.pods())
-        left = list((CHECKPOINTS / self.ns).glob(f"{NAME}-*")) if (CHECKPOINTS / self.ns).exists() else []
+        images = on_node(CHECKPOINTS) / self.ns
+        left = list(images.glob(f"{NAME}-*")) if images.exists() else []
         self.wait_for("no image left", lambda: not any(p.exists() for p in left), timeout=60)
-        self.check(canaries(canary_dir) == before, f"host canaries unchanged: {canaries(canary_dir)}")
+        after_canaries = canaries(on_node(canary_dir))
+        self.check(after_canaries == before, f"host canaries unchanged: {after_canaries}")
         self.say(f"\nhostile engine: cycle {'completed' if completed else 'refused with a reason'}")
         return self.verdict("hostile-engine checks")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = walk.common_parser(__doc__, "local/hibernate-hostile-engine:dev")
-    parser.add_argument("--canary-dir", default="/var/lib/hibernate-e2e-canary")
+    parser.add_argument("--canary-dir", default="/var/lib/hibernate-e2e-canary", help="a path on the node")
+    parser.add_argument("--node-root", default="/", help="the node's root filesystem as seen from here")
     args = parser.parse_args(argv)
+    global NODE_ROOT
+    NODE_ROOT = Path(args.node_root)
     walk.NAME = NAME  # the walk's helpers read the ModelDeployment's name from there
     canary_dir = Path(args.canary_dir)
-    (canary_dir / "dir").mkdir(parents=True, exist_ok=True)
-    (canary_dir / "canary").write_text("host canary: the hostile engine must not change this\n")
-    (canary_dir / "dir" / "inside").write_text("host canary directory\n")
-    (Path("/") / RAN_LOG).unlink(missing_ok=True)
+    seen = on_node(canary_dir)
+    (seen / "dir").mkdir(parents=True, exist_ok=True)
+    (seen / "canary").write_text("host canary: the hostile engine must not change this\n")
+    (seen / "dir" / "inside").write_text("host canary directory\n")
+    for log in ran_logs():
+        log.unlink(missing_ok=True)
     os.sync()
     try:
         return Hostile(args).run_hostile(canary_dir)
