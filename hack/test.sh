@@ -28,7 +28,7 @@ if [ "${CI:-}" = true ]; then
   hack/e2e-real-node.sh --if-possible || rc=1
   echo "== e2e on a real node, containerd (hack/e2e-real-node.sh --runtime containerd)"
   hack/e2e-real-node.sh --if-possible --runtime containerd || rc=1
-  # kind with Kubernetes 1.34 (docs/e2e.md, "On kind"): about 3 min warm; once, 3 more to build kind
+  # kind with Kubernetes 1.34 (docs/e2e.md, "On kind"): about 3 min warm; once, 3-5 more to build kind
   # and its node image (cached in ~/.cache/hibernate-kind)
   echo "== e2e on kind, Kubernetes 1.34, node image built without a registry (hack/e2e-kind.sh)"
   hack/e2e-kind.sh --if-possible || rc=1
