@@ -123,6 +123,8 @@ exec 9>"$LOCK"
 if ! flock -n 9; then
   echo "e2e-real-node: another real-node walk holds $LOCK; waiting for it"
   flock 9
+  echo "e2e-real-node: waited $(elapsed) s for $LOCK"
+  T0=${EPOCHREALTIME/./}   # the times below are this walk's own
 fi
 
 DIR=${DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hibernate-e2e.XXXXXX")}
