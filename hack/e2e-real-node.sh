@@ -282,6 +282,11 @@ else echo "prometheus did not start (above)"; rc=1; fi
 step "two replicas, one asleep: no request reaches it (tests/e2e/readiness.py)"
 "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/readiness.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
   --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" --release "$RELEASE" || rc=1
+if [ "$CRI" = docker ]; then   # once per CI run: two fake engines on one node (docs/gpu-sharing.md)
+  step "two models take turns on one GpuGroup through the gateway (tests/e2e/gpu_group.py)"
+  "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/gpu_group.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
+    --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" --release "$RELEASE" || rc=1
+fi
 step "a hostile engine: a Checkpoint cycle and a deletion give it nothing (tests/e2e/hostile.py)"
 "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/hostile.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
   --engine-image "$HOSTILE_IMAGE" --release-namespace "$RELEASE_NS" --canary-dir "$CANARY" || rc=1
