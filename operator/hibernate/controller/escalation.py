@@ -25,6 +25,7 @@ from hibernate.controller.status import PodView
 
 log = logging.getLogger(__name__)
 REASON = "EscalatedToStop"  # the Warning Event on the ModelDeployment
+ATTEMPTS = 5  # conditional writes of the automatic level before leaving it to the next event
 
 
 def asks_stop(pod: PodView) -> bool:
@@ -47,9 +48,10 @@ def stop_if_asked(md: dict[str, Any], pods: list[PodView]) -> str | None:
     Warning Event to post, or None when nothing was written.
 
     The write is conditional on the object's resourceVersion (decided on kopf's copy, which may be a
-    moment old); on a conflict the decision is made once more on a fresh read, so that one request
-    gives one Stop and one Event."""
-    for attempt in range(2):
+    moment old); on a conflict the decision is made again on a fresh read, so that one request gives
+    one Stop and one Event. The operator's own status writes change the resourceVersion too, so a
+    busy model can conflict more than once: a few attempts, each on a fresh read."""
+    for attempt in range(ATTEMPTS):
         found = request(md, pods)
         if found is None:
             return None
@@ -71,9 +73,9 @@ def stop_if_asked(md: dict[str, Any], pods: list[PodView]) -> str | None:
                 f"performs freed its GPU ({why}). The automatic level is Stop; spec.sleepLevel stays {spec}, "
                 "and a change of the spec starts the model again"
             )
-        if attempt == 0:
+        if attempt < ATTEMPTS - 1:
             fresh = kube.read_model_deployment(meta["namespace"], meta["name"])
             if fresh is None:
                 return None
             md = fresh
-    return None  # changed twice while deciding: the next pod event or resync decides again
+    return None  # changed at every attempt: the next pod event or resync decides again
