@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 ROOT = Path(__file__).resolve().parent.parent
 HACK = ROOT / "hack"
 CRD_FILE = ROOT / "crds" / "modeldeployments.hibernate.dev.yaml"
+GPU_GROUP_CRD_FILE = ROOT / "crds" / "gpugroups.hibernate.dev.yaml"
 
 
 # The Kubernetes minor the tests run on: 1.34 by default (a supported release, the newest one the
@@ -102,6 +103,12 @@ def install_crd(cluster: Cluster) -> None:
     cluster.kubectl(
         "wait", "--for=condition=Established", "crd/modeldeployments.hibernate.dev", "--timeout=30s"
     )
+
+
+def install_gpu_group_crd(cluster: Cluster) -> None:
+    """The GpuGroup CRD (docs/gpu-sharing.md), for the tests that need it (idempotent)."""
+    cluster.kubectl("apply", "-f", str(GPU_GROUP_CRD_FILE))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/gpugroups.hibernate.dev", "--timeout=30s")
 
 
 def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:

@@ -4,6 +4,7 @@ run 1.34 by default): what RBAC cannot narrow, they do.
 - the agent's pod writes: annotations under hibernate.dev/ and its one condition (hibernate.dev/awake);
   the agent's own write functions (hibernate.agent.kube) go through, anything else is refused;
 - the gateway's ModelDeployment writes: its activity mark and automatic level, never the spec;
+- the gateway's GpuGroup writes: the lease annotation (hibernate.gateway.gpu_switch), nothing else;
 - the pod fields of spec.engine that widen a pod's rights: refused at admission with the operator's
   own messages (the table of tests/test_pod_fields.py).
 
@@ -25,8 +26,11 @@ from kubernetes.client.exceptions import ApiException
 
 from hibernate.agent import kube as agent_kube
 from hibernate.api import constants as c
+from hibernate.api.gpu_group import Lease, LeaseEntry, read_lease
 from hibernate.api.pod_fields import PodFieldPolicy
-from tests.cluster import Cluster, eventually, new_namespace
+from hibernate.controller import kube
+from hibernate.gateway import gpu_switch
+from tests.cluster import Cluster, eventually, install_gpu_group_crd, new_namespace
 from tests.modeldeployments import manifest
 from tests.test_helm import VAP_API, helm_binary, render
 from tests.test_pod_fields import CASES
@@ -43,7 +47,7 @@ APPLIED_KINDS = {
 
 
 class Release:
-    """The chart's agent and gateway identities, their RBAC and the three policies, applied."""
+    """The chart's agent and gateway identities, their RBAC and the four policies, applied."""
 
     def __init__(self, cluster: Cluster, namespace: str, docs: list[dict[str, Any]]) -> None:
         self.cluster = cluster
@@ -96,7 +100,8 @@ def release(cluster: Cluster) -> Iterator[Release]:
         namespace=namespace,
     )
     docs = [d for d in docs if d["kind"] in APPLIED_KINDS]
-    assert sum(d["kind"] == "ValidatingAdmissionPolicy" for d in docs) == 3
+    assert sum(d["kind"] == "ValidatingAdmissionPolicy" for d in docs) == 4
+    install_gpu_group_crd(cluster)
     for d in docs:
         if d["kind"] == "ValidatingAdmissionPolicyBinding" and d["metadata"]["name"].endswith("-pod-fields"):
             # The pod-fields policy checks every ModelDeployment of the cluster: keep it to this
@@ -146,7 +151,7 @@ def _wait_until_enforced(rel: Release) -> None:
         return False
 
     eventually(refused, timeout=60, interval=0.5, what="the agent's pod-writes policy to be enforced")
-    # the other two were applied at the same time; the gateway's is checked the same way below
+    # the others were applied at the same time; the gateway's are checked the same way below
     rel.cluster.core.delete_namespaced_pod("probe", rel.namespace, grace_period_seconds=0)
 
 
@@ -221,6 +226,67 @@ def test_the_gateway_writes_its_annotations_never_the_spec(release: Release) -> 
     md = release.cluster.custom.get_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, "llama")
     assert md["spec"]["sleepLevel"] == "Awake"
     assert md["metadata"]["annotations"][c.ANN_AUTO_SOURCE] == "gateway"
+
+
+def test_the_gateway_writes_a_gpugroups_lease_and_nothing_else(
+    release: Release, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's own GpuGroup functions (hibernate.gateway.gpu_switch), as the gateway's
+    ServiceAccount: it reads the group and writes its lease; a change of the spec, a label or
+    another annotation is refused by the policy (RBAC's patch would allow them), and the status is
+    not the gateway's at all (RBAC)."""
+    ns = release.namespace
+    group = {
+        "apiVersion": c.API_VERSION,
+        "kind": c.GPU_GROUP_KIND,
+        "metadata": {"name": "shared", "annotations": {"team": "a"}},
+        "spec": {"maxAwake": 1},
+    }
+    release.cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(group))
+    custom = kubernetes.client.CustomObjectsApi(release.client_as("gateway"))
+    monkeypatch.setattr(kube, "custom", lambda: custom)
+    policy = release.policy("-gateway-gpugroup-writes")
+
+    def patch(body: dict[str, Any]) -> Any:
+        return custom.patch_namespaced_custom_object(
+            c.GROUP, c.VERSION, ns, c.GPU_GROUP_PLURAL, "shared", body
+        )
+
+    def spec_refused() -> str:
+        return _refusal(lambda: patch({"spec": {"maxAwake": 2}}))
+
+    body = eventually(spec_refused, timeout=30, what="the gateway's GpuGroup policy to be enforced")
+    assert policy in body and "the hibernate gateway may not change a GpuGroup's spec" in body, body
+
+    read = gpu_switch._read_group(ns, "shared")
+    assert read is not None and read_lease(read).holders == []
+    lease = Lease(holders=[LeaseEntry(name="llama", since=1.0, last_used=1.0)]).dump()
+    gpu_switch._annotate_group(ns, "shared", lease, read["metadata"]["resourceVersion"])
+    read = gpu_switch._read_group(ns, "shared")
+    assert read is not None and [e.name for e in read_lease(read).holders] == ["llama"]
+
+    lease_only = "the hibernate gateway may only write a GpuGroup's lease"
+    body = _refusal(lambda: patch({"metadata": {"annotations": {"team": "b"}}}))
+    assert policy in body and lease_only in body, body
+    body = _refusal(lambda: patch({"metadata": {"annotations": {c.ANN_GPU_LEASE: "{}", "team": None}}}))
+    assert lease_only in body, body
+    body = _refusal(lambda: patch({"metadata": {"labels": {"x": "y"}}}))
+    assert "the hibernate gateway may not change a GpuGroup's labels" in body, body
+    with pytest.raises(ApiException) as info:
+        custom.patch_namespaced_custom_object_status(
+            c.GROUP, c.VERSION, ns, c.GPU_GROUP_PLURAL, "shared", {"status": {"awake": 1}}
+        )
+    assert info.value.status == 403 and policy not in str(info.value.body), info.value
+
+    gg = release.cluster.custom.get_namespaced_custom_object(
+        c.GROUP, c.VERSION, ns, c.GPU_GROUP_PLURAL, "shared"
+    )
+    assert gg["spec"]["maxAwake"] == 1 and gg["metadata"]["annotations"]["team"] == "a"
+    assert "labels" not in gg["metadata"] and "status" not in gg
+    # The policy binds the gateway only: the person (here the admin) changes the spec as RBAC allows.
+    release.cluster.custom.patch_namespaced_custom_object(
+        c.GROUP, c.VERSION, ns, c.GPU_GROUP_PLURAL, "shared", {"spec": {"maxAwake": 2}}
+    )
 
 
 @pytest.mark.parametrize(

@@ -24,18 +24,15 @@ from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.controller import gpu_placement, workload
 from hibernate.controller.gpu_placement import GroupPlacement
 from tests.agent_standin import AgentStandin
-from tests.cluster import ROOT, Cluster, Process, eventually
+from tests.cluster import ROOT, Cluster, Process, eventually, install_gpu_group_crd
 from tests.engine_fixtures import free_port
 from tests.gateway_helpers import complete, model_manifest, settled, start_gateway
 from tests.modeldeployments import apply, get
 
-GROUP_CRD = ROOT / "crds" / "gpugroups.hibernate.dev.yaml"
-
 
 @pytest.fixture(scope="module", autouse=True)
 def gpu_group_crd(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "-f", str(GROUP_CRD))
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{c.GPU_GROUP_CRD_NAME}", "--timeout=30s")
+    install_gpu_group_crd(cluster)
 
 
 def apply_group(cluster: Cluster, ns: str, name: str, **spec: Any) -> None:

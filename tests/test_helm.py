@@ -27,7 +27,7 @@ from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.cli import build_parser
 from hibernate.controller import workload
 from hibernate.controller.main import engine_network
-from tests.cluster import CRD_FILE, ROOT, Cluster, eventually, new_namespace
+from tests.cluster import CRD_FILE, ROOT, Cluster, eventually, install_gpu_group_crd, new_namespace
 
 CHART = ROOT / "helm" / "hibernate"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -680,15 +680,14 @@ def _awake(status: str) -> dict[str, str]:
     return {"type": "hibernate.dev/awake", "status": status, "reason": "Awake", "message": "m"}
 
 
-def _agent_write_refusals(policy: dict[str, Any], change: Any) -> list[str]:
-    """The messages the agent's pod-writes policy gives a write by the agent that makes the pod `change`
-    of a Running pod (cel-python, as test_pod_fields does; tests/test_admission_policies.py runs the
-    policy on the real API server)."""
+def _policy_refusals(policy: dict[str, Any], old: dict[str, Any], change: Any) -> list[str]:
+    """The messages a policy gives an update that makes `old` into `change(copy of old)` (cel-python,
+    as test_pod_fields does; tests/test_admission_policies.py runs the policies on the real API
+    server)."""
     import copy
 
     import celpy
 
-    old = _running_pod()
     new = change(copy.deepcopy(old))
     env = celpy.Environment()
     activation = {k: celpy.json_to_cel(v) for k, v in {"object": new, "oldObject": old}.items()}
@@ -697,6 +696,12 @@ def _agent_write_refusals(policy: dict[str, Any], change: Any) -> list[str]:
         for v in policy["spec"]["validations"]
         if not env.program(env.compile(v["expression"])).evaluate(activation)
     ]
+
+
+def _agent_write_refusals(policy: dict[str, Any], change: Any) -> list[str]:
+    """The messages the agent's pod-writes policy gives a write by the agent that makes the pod `change`
+    of a Running pod."""
+    return _policy_refusals(policy, _running_pod(), change)
 
 
 def test_agent_admission_policy_allows_exactly_the_awake_condition(helm: Path) -> None:
@@ -757,10 +762,6 @@ def test_agent_admission_policy_allows_exactly_the_awake_condition(helm: Path) -
 def test_gateway_admission_policy_allows_only_its_annotations_never_the_spec(helm: Path) -> None:
     """RBAC's patch right on ModelDeployments covers the spec; the policy narrows the gateway's writes
     to its activity mark and its automatic level (on 1.30+; rendered where served, or when asked)."""
-    import copy
-
-    import celpy
-
     unserved = render(helm, "--set", "gateway.enabled=true")
     assert not [d for d in unserved if d["metadata"]["name"].endswith("-gateway-writes")]
     docs = render(helm, "--set", "gateway.enabled=true", "--api-versions", VAP_API, namespace="hs")
@@ -792,16 +793,9 @@ def test_gateway_admission_policy_allows_only_its_annotations_never_the_spec(hel
         },
         "spec": {"model": "m", "sleepLevel": "Awake", "replicas": 1},
     }
-    env = celpy.Environment()
 
     def refusals(change: Any) -> list[str]:
-        new = change(copy.deepcopy(old))
-        activation = {k: celpy.json_to_cel(v) for k, v in {"object": new, "oldObject": old}.items()}
-        return [
-            v["message"]
-            for v in policy["spec"]["validations"]
-            if not env.program(env.compile(v["expression"])).evaluate(activation)
-        ]
+        return _policy_refusals(policy, old, change)
 
     def activity(md: dict[str, Any]) -> dict[str, Any]:
         md["metadata"]["annotations"][c.ANN_LAST_ACTIVITY] = "2025-01-01T00:00:00.000Z"
@@ -858,6 +852,106 @@ def test_gateway_admission_policy_allows_only_its_annotations_never_the_spec(hel
     assert refusals(wake_on_request) == [annotations_only]
     assert refusals(labels) == ["the hibernate gateway may not change a ModelDeployment's labels"]
     assert refusals(finalizers) == ["the hibernate gateway may not change a ModelDeployment's finalizers"]
+
+
+def test_gateway_admission_policy_allows_only_the_lease_on_a_gpugroup(helm: Path) -> None:
+    """On a GpuGroup the gateway writes one annotation, the lease (hibernate.gateway.gpu_switch): its
+    RBAC is `get` and `patch` (by name, no list, no status), and the policy refuses any other write
+    (the spec, labels, finalizers, another annotation), rendered with the ModelDeployment one."""
+    suffix = "-gateway-gpugroup-writes"
+    unserved = render(helm, "--set", "gateway.enabled=true")
+    assert not [d for d in unserved if d["metadata"]["name"].endswith(suffix)]
+    off = render(
+        helm,
+        "--set",
+        "gateway.enabled=true",
+        "--api-versions",
+        VAP_API,
+        "--set",
+        "rbac.gatewayPatchPolicy.enabled=false",
+    )
+    assert not [d for d in off if d["metadata"]["name"].endswith(suffix)]
+    docs = render(helm, "--set", "gateway.enabled=true", "--api-versions", VAP_API, namespace="hs")
+    policy = find(docs, "ValidatingAdmissionPolicy", suffix)
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", suffix)
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    sa = find(docs, "ServiceAccount", "-gateway")["metadata"]["name"]
+    [match] = policy["spec"]["matchConditions"]
+    assert match["expression"] == f"request.userInfo.username == 'system:serviceaccount:hs:{sa}'"
+    [rule] = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == [c.GPU_GROUP_PLURAL] and rule["operations"] == ["UPDATE"]
+    rules = find(docs, "ClusterRole", "-gateway")["rules"]
+    assert [r["verbs"] for r in rules if set(r["resources"]) & {"gpugroups", "gpugroups/status"}] == [
+        ["get", "patch"]
+    ]
+
+    old = {
+        "metadata": {
+            "name": "shared",
+            "labels": {"team": "a"},
+            "annotations": {"team": "a", c.ANN_GPU_LEASE: '{"holders": []}'},
+        },
+        "spec": {"maxAwake": 1, "makeRoomLevel": "L1"},
+        "status": {"awake": 0},
+    }
+
+    def refusals(change: Any) -> list[str]:
+        return _policy_refusals(policy, old, change)
+
+    def annotate(key: str, value: str | None) -> Any:
+        def change(gg: dict[str, Any]) -> dict[str, Any]:
+            if value is None:
+                gg["metadata"]["annotations"].pop(key)
+            else:
+                gg["metadata"]["annotations"][key] = value
+            return gg
+
+        return change
+
+    def first_lease(gg: dict[str, Any]) -> dict[str, Any]:
+        gg["metadata"]["annotations"] = {c.ANN_GPU_LEASE: '{"holders": [{"name": "a"}]}'}
+        return gg
+
+    assert refusals(annotate(c.ANN_GPU_LEASE, '{"holders": [{"name": "b"}]}')) == []
+    assert refusals(annotate(c.ANN_GPU_LEASE, None)) == []
+    # a group without annotations (the gateway's first write) and without a spec (all defaults)
+    assert _policy_refusals(policy, {"metadata": {"name": "shared"}}, first_lease) == []
+
+    def spec(gg: dict[str, Any]) -> dict[str, Any]:
+        gg["spec"]["maxAwake"] = 2
+        return gg
+
+    def no_spec(gg: dict[str, Any]) -> dict[str, Any]:
+        del gg["spec"]
+        return gg
+
+    def labels(gg: dict[str, Any]) -> dict[str, Any]:
+        gg["metadata"]["labels"]["team"] = "b"
+        return gg
+
+    def finalizers(gg: dict[str, Any]) -> dict[str, Any]:
+        gg["metadata"]["finalizers"] = ["x/keep"]
+        return gg
+
+    def owner(gg: dict[str, Any]) -> dict[str, Any]:
+        gg["metadata"]["ownerReferences"] = [
+            {"kind": "ConfigMap", "name": "x", "uid": "u", "apiVersion": "v1"}
+        ]
+        return gg
+
+    lease_only = (
+        "the hibernate gateway may only write a GpuGroup's lease (the annotation hibernate.dev/gpu-lease)"
+    )
+    assert refusals(spec) == ["the hibernate gateway may not change a GpuGroup's spec (it is the person's)"]
+    assert refusals(no_spec) == [
+        "the hibernate gateway may not change a GpuGroup's spec (it is the person's)"
+    ]
+    assert refusals(labels) == ["the hibernate gateway may not change a GpuGroup's labels"]
+    assert refusals(finalizers) == ["the hibernate gateway may not change a GpuGroup's finalizers"]
+    assert refusals(owner) == ["the hibernate gateway may not change a GpuGroup's owner references"]
+    assert refusals(annotate("team", "b")) == [lease_only]
+    assert refusals(annotate("team", None)) == [lease_only]
+    assert refusals(annotate(c.ANN_AUTO_LEVEL, "Awake")) == [lease_only]
 
 
 # ---- the real API server -------------------------------------------------------------------------
@@ -1090,6 +1184,15 @@ GATEWAY_RIGHTS = [
     ("delete", "modeldeployments.hibernate.dev", "any", False),
     ("patch", "modeldeployments.hibernate.dev:status", "any", False),
     ("patch", "services", "any", False),
+    # GpuGroups: read by name, the lease annotation written by a patch (the policy narrows it)
+    ("get", "gpugroups.hibernate.dev", "any", True),
+    ("patch", "gpugroups.hibernate.dev", "any", True),
+    ("list", "gpugroups.hibernate.dev", None, False),
+    ("watch", "gpugroups.hibernate.dev", None, False),
+    ("update", "gpugroups.hibernate.dev", "any", False),
+    ("create", "gpugroups.hibernate.dev", "any", False),
+    ("delete", "gpugroups.hibernate.dev", "any", False),
+    ("patch", "gpugroups.hibernate.dev:status", "any", False),
 ]
 HOOK_RIGHTS = [
     ("patch", f"customresourcedefinitions.apiextensions.k8s.io/{CRD_NAME}", None, True),
@@ -1109,6 +1212,7 @@ def test_each_service_account_has_least_privilege(
 ) -> None:
     release = release_for(namespace)
     installed.append(release)
+    install_gpu_group_crd(cluster)  # kubectl auth can-i resolves gpugroups.hibernate.dev by discovery
     text = template_text(helm, release=release, namespace=namespace)
     cluster.kubectl("apply", "-f", "-", input=text)
     other = "default"  # any other namespace: the rights are cluster-wide when no namespaces are listed
