@@ -22,8 +22,16 @@ import pytest
 
 from hibernate.api import constants as c
 from hibernate.api.levels import SleepLevel, valid_values_text
-from hibernate.kubectl_plugin import PluginError, Target, last_operation_text, main, parse_ref, wait_for
-from tests.cluster import Cluster, assets_dir, eventually
+from hibernate.kubectl_plugin import (
+    PluginError,
+    Target,
+    last_operation_text,
+    main,
+    parse_group_ref,
+    parse_ref,
+    wait_for,
+)
+from tests.cluster import Cluster, assets_dir, eventually, install_gpu_group_crd
 from tests.modeldeployments import apply, get, manifest, report, set_level
 
 PLUGIN = Path(sys.executable).parent / "kubectl-hibernate"
@@ -543,6 +551,122 @@ def test_status_watch_redraws_in_place_on_a_terminal(cluster: Cluster, namespace
         assert lines[3].split()[:3] == ["llama-a", "gpu-node-1", "Awake"]
 
 
+# ---- groups --------------------------------------------------------------------------------------
+
+
+def create_group(
+    cluster: Cluster, ns: str, name: str, status: dict[str, Any] | None = None, **spec: Any
+) -> None:
+    body = {"apiVersion": c.API_VERSION, "kind": c.GPU_GROUP_KIND, "metadata": {"name": name}, "spec": spec}
+    apply(cluster, ns, body)
+    if status is not None:  # what the operator writes (controller/gpu_groups.py)
+        cluster.custom.patch_namespaced_custom_object_status(
+            c.GROUP, c.VERSION, ns, c.GPU_GROUP_PLURAL, name, {"status": status}
+        )
+
+
+def create_member(cluster: Cluster, ns: str, name: str, group: str, gpu: str, level: str, **ref: Any) -> None:
+    body = manifest(name, "Awake")
+    body["spec"]["gpuGroup"] = {"name": group, **ref}
+    apply(cluster, ns, body)
+    phase = "Awake" if level == "Awake" else "Asleep"
+    cluster.custom.patch_namespaced_custom_object_status(
+        c.GROUP, c.VERSION, ns, c.PLURAL, name, {"status": {"phase": phase, "sleepLevel": level, "gpu": gpu}}
+    )
+
+
+def test_groups_show_who_holds_the_gpu_the_budget_and_the_members(cluster: Cluster, namespace: str) -> None:
+    install_gpu_group_crd(cluster)
+    ns = namespace
+    since = "2026-01-01T10:00:00.000Z"
+    create_group(
+        cluster,
+        ns,
+        "shared",
+        status={
+            "members": ["llama", "qwen"],
+            "holders": [{"name": "llama", "since": since}],
+            "awake": 1,
+            "holding": "llama",
+            "lastSwitch": {"from": "qwen", "to": "llama", "at": since, "seconds": 0.64, "result": "ok"},
+        },
+        maxAwake=1,
+        gpuMemory="40Gi",
+        makeRoomLevel="L1",
+    )
+    create_member(cluster, ns, "llama", "shared", "Holding", "Awake", gpuMemory="16Gi")
+    create_member(cluster, ns, "qwen", "shared", "Released", "CudaSuspend", makeRoomLevel="CudaSuspend")
+    # A group no member names yet, without a budget, which the operator has not seen: a member of
+    # another group and a model of no group do not show in either.
+    create_group(cluster, ns, "spare", maxAwake=2)
+    create_md(cluster, ns, "alone")
+
+    result = hibernate(cluster, "groups", "-n", ns)
+    assert result.returncode == 0, result.stderr
+    assert rows(result.stdout) == [
+        ["GROUP", "HOLDING", "AWAKE", "GPU MEMORY", "MEMBERS", "LAST SWITCH"],
+        ["shared", "llama", "1/1", "16Gi/40Gi", "llama,qwen", "qwen -> llama 0.6s"],
+        ["spare", "-", "0/2", "-", "-", "-"],
+    ]
+
+    result = hibernate(cluster, "groups", "gg/shared", "-n", ns)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [
+        "gpugroups.hibernate.dev/shared: awake 1/1, gpuMemory 16Gi/40Gi, makeRoomLevel L1, "
+        "minAwakeSeconds 30, placement TimeSlicing",
+        "  holding: llama",
+        "  switch: qwen -> llama 0.6s",
+    ]
+    assert rows("\n".join(lines[3:])) == [
+        ["MEMBER", "GPU", "LEVEL", "PHASE", "GPU MEMORY", "MAKE ROOM AT", "HOLDS SINCE"],
+        ["llama", "Holding", "Awake", "Awake", "16Gi", "L1 (group)", since],
+        ["qwen", "Released", "CudaSuspend", "Asleep", "-", "CudaSuspend", "-"],
+    ]
+
+    # qwen wakes: a switch under way, then qwen holds the GPU without declaring its memory, which
+    # counts as the whole budget (as the gateway counts it); a stop shows in the last switch.
+    switching = {"switching": {"from": "llama", "to": "qwen", "at": since}}
+    create_group(cluster, ns, "shared", status=switching, maxAwake=1, gpuMemory="40Gi")
+    result = hibernate(cluster, "groups", "-n", ns)
+    assert rows(result.stdout)[1][-1] == "llama -> qwen running"
+    stopped = {
+        "switching": None,
+        "holders": [{"name": "qwen", "since": since}],
+        "holding": "qwen",
+        "lastSwitch": {"from": "llama", "to": "qwen", "at": since, "seconds": 120.2, "result": "stopped"},
+    }
+    create_group(cluster, ns, "shared", status=stopped, maxAwake=1, gpuMemory="40Gi")
+    result = hibernate(cluster, "groups", "-n", ns)
+    assert rows(result.stdout)[1] == [
+        "shared",
+        "qwen",
+        "1/1",
+        "40Gi/40Gi",
+        "llama,qwen",
+        "llama -> qwen 120.2s (stopped)",
+    ]
+
+    result = hibernate(cluster, "groups", "-A")
+    assert rows(result.stdout)[0][:2] == ["NAMESPACE", "GROUP"]
+    assert [ns, "spare", "-"] in [r[:3] for r in rows(result.stdout)]
+
+    result = hibernate(cluster, "groups", "gg/spare", "-n", ns)
+    assert result.stdout.splitlines()[-1] == "No ModelDeployments name this group in spec.gpuGroup."
+    result = hibernate(cluster, "groups", "gg/missing", "-n", ns)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f'error: gpugroups.hibernate.dev "missing" not found in namespace "{ns}"'
+    result = hibernate(cluster, "groups", "md/llama", "-n", ns)
+    assert result.returncode == 2 and "`groups` shows GpuGroups; write gg/NAME" in result.stderr
+
+
+def test_groups_in_a_namespace_without_any(cluster: Cluster, namespace: str) -> None:
+    install_gpu_group_crd(cluster)
+    result = hibernate(cluster, "groups", "-n", namespace)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"No GpuGroups found in namespace {namespace}.\n"
+
+
 # ---- without a cluster ---------------------------------------------------------------------------
 
 
@@ -556,6 +680,11 @@ def test_a_bad_level_is_refused_before_connecting(tmp_path: Path, capsys: pytest
 )
 def test_references_name_a_modeldeployment(ref: str) -> None:
     assert parse_ref(ref) == "llama"
+
+
+@pytest.mark.parametrize("ref", ["gg/shared", "gpugroup/shared", "gpugroups.hibernate.dev/shared", "shared"])
+def test_group_references_name_a_gpugroup(ref: str) -> None:
+    assert parse_group_ref(ref) == "shared"
 
 
 @pytest.mark.parametrize(

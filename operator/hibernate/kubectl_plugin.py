@@ -5,6 +5,7 @@
     kubectl hibernate sleep md/NAME --level CudaSuspend [--wait] [--timeout 300] [-n NS]
     kubectl hibernate wake md/NAME [--wait] [--timeout 300] [-n NS]
     kubectl hibernate status [md/NAME] [-n NS | -A] [--watch [--interval 1]] [--wait] [--timeout S]
+    kubectl hibernate groups [gg/NAME] [-n NS | -A]
 
 kubectl runs this as `kubectl-hibernate` from $PATH (the console script of the hibernate package).
 It talks to the cluster like kubectl: $KUBECONFIG (or ~/.kube/config), --kubeconfig, --context, and
@@ -23,6 +24,10 @@ ModelDeployment's transition has run and how long each pod's operation has run, 
 --timeout (exit 0). `status md/NAME --wait` watches until the ModelDeployment reaches the level in
 effect (its automatic level while one is set, else its spec's) (exit 0), fails anew (exit 1) or
 --timeout passes (exit 1; default 300 s).
+
+`groups` lists the GpuGroups (docs/gpu-sharing.md): who holds the GPU, how many may, the GPU memory
+the holders declare against the group's budget, the members and the last switch; `groups gg/NAME`
+one group and a row per member (its GPU, level, phase, declared memory and level to make room at).
 """
 
 from __future__ import annotations
@@ -39,15 +44,28 @@ from typing import Any, TextIO
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from hibernate.api import auto_level
 from hibernate.api import constants as c
+from hibernate.api.gpu_group import GpuGroupSpec, parse_bytes
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
 
 PROG = "kubectl hibernate"
 RESOURCE = f"{c.PLURAL}.{c.GROUP}"
 MD_KINDS = frozenset(
     {*c.SHORT_NAMES, c.SINGULAR, c.PLURAL, f"{c.SINGULAR}.{c.GROUP}", RESOURCE, c.KIND.lower()}
+)
+GG_RESOURCE = f"{c.GPU_GROUP_PLURAL}.{c.GROUP}"
+GG_KINDS = frozenset(
+    {
+        *c.GPU_GROUP_SHORT_NAMES,
+        c.GPU_GROUP_SINGULAR,
+        c.GPU_GROUP_PLURAL,
+        f"{c.GPU_GROUP_SINGULAR}.{c.GROUP}",
+        GG_RESOURCE,
+        c.GPU_GROUP_KIND.lower(),
+    }
 )
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 POLL_SECONDS = 0.5
@@ -145,13 +163,22 @@ def set_level(client: Client, namespace: str, name: str, level: SleepLevel) -> d
 
 def parse_ref(text: str) -> str:
     """`md/NAME`, `modeldeployment/NAME`, `modeldeployments.hibernate.dev/NAME` or a bare NAME."""
+    return _parse_name(text, "md", MD_KINDS, "only ModelDeployments can sleep")
+
+
+def parse_group_ref(text: str) -> str:
+    """`gg/NAME`, `gpugroup/NAME`, `gpugroups.hibernate.dev/NAME` or a bare NAME."""
+    return _parse_name(text, "gg", GG_KINDS, "`groups` shows GpuGroups")
+
+
+def _parse_name(text: str, short: str, kinds: frozenset[str], wrong_kind: str) -> str:
     kind, slash, name = text.partition("/")
     if not slash:
-        kind, name = "md", text
-    if kind.lower() not in MD_KINDS:
-        raise UsageError(f"{text!r}: only ModelDeployments can sleep; write md/NAME")
+        kind, name = short, text
+    if kind.lower() not in kinds:
+        raise UsageError(f"{text!r}: {wrong_kind}; write {short}/NAME")
     if not name or "/" in name:
-        raise UsageError(f"{text!r}: write md/NAME")
+        raise UsageError(f"{text!r}: write {short}/NAME")
     return name
 
 
@@ -503,6 +530,186 @@ def watch(
         return 130 if target is not None else 0
 
 
+# ---- GpuGroups -----------------------------------------------------------------------------------
+
+
+def _list(client: Client, plural: str, namespace: str | None) -> list[dict[str, Any]]:
+    """Every object of a hibernate.dev kind in `namespace` (None: every namespace)."""
+    try:
+        if namespace is None:
+            found = client.custom.list_cluster_custom_object(c.GROUP, c.VERSION, plural)
+        else:
+            found = client.custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, plural)
+    except ApiException as e:
+        raise PluginError(f"cannot list {plural}.{c.GROUP}: {_api_error(e)}") from e
+    items: list[dict[str, Any]] = found.get("items") or []
+    return items
+
+
+def _gib(size: int) -> str:
+    return f"{round(size / 2**30, 1):g}Gi"
+
+
+def _declared_memory(md: dict[str, Any]) -> int | None:
+    raw = ((md.get("spec") or {}).get("gpuGroup") or {}).get("gpuMemory")
+    try:
+        return None if raw is None else parse_bytes(raw)
+    except ValueError:
+        return None
+
+
+@dataclass
+class GroupView:
+    """A GpuGroup as `groups` shows it: its spec (defaults filled in), status and live members."""
+
+    group: dict[str, Any]
+    members: list[dict[str, Any]]  # the ModelDeployments whose spec.gpuGroup.name names it
+
+    @property
+    def name(self) -> str:
+        return str(self.group["metadata"]["name"])
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.group.get("status") or {}
+
+    @property
+    def spec(self) -> GpuGroupSpec | None:
+        try:
+            return GpuGroupSpec.model_validate(self.group.get("spec") or {})
+        except ValidationError:
+            return None
+
+    def holders(self) -> list[str]:
+        """Who holds the GPU, as the operator's status says (`kubectl get gg`'s HOLDERS)."""
+        return [str(h.get("name")) for h in self.status.get("holders") or []]
+
+    def awake_text(self) -> str:
+        spec = self.spec
+        return f"{len(self.holders())}/{spec.max_awake if spec else '?'}"
+
+    def memory_text(self) -> str:
+        """`32Gi/80Gi`: what the holders declare (one that declares nothing counts as the whole
+        budget, as the gateway counts it) against the budget; `-` without a budget."""
+        spec = self.spec
+        if spec is None or spec.gpu_memory is None:
+            return "-"
+        budget = parse_bytes(spec.gpu_memory)
+        declared = {md["metadata"]["name"]: _declared_memory(md) for md in self.members}
+        used = sum(budget if declared.get(h) is None else int(declared[h] or 0) for h in self.holders())
+        return f"{_gib(used)}/{_gib(budget)}"
+
+    def switch_text(self) -> str:
+        """The switch under way (`a -> b running`), else the last one (`a -> b 0.6s`, with its result
+        when not ok); `-` when none."""
+        if switching := self.status.get("switching"):
+            return f"{switching.get('from') or '-'} -> {switching.get('to')} running"
+        last = self.status.get("lastSwitch") or {}
+        if not last.get("to"):
+            return "-"
+        text = f"{last.get('from') or '-'} -> {last['to']}"
+        if isinstance(last.get("seconds"), int | float):
+            text += f" {last['seconds']:.1f}s"
+        if last.get("result") and last["result"] != "ok":
+            text += f" ({last['result']})"
+        return text
+
+    def row(self) -> dict[str, str]:
+        return {
+            "NAMESPACE": str(self.group["metadata"].get("namespace", "")),
+            "GROUP": self.name,
+            "HOLDING": ",".join(self.holders()) or "-",
+            "AWAKE": self.awake_text(),
+            "GPU MEMORY": self.memory_text(),
+            "MEMBERS": ",".join(md["metadata"]["name"] for md in self.members) or "-",
+            "LAST SWITCH": self.switch_text(),
+        }
+
+
+def _group_views(client: Client, namespace: str | None, name: str | None = None) -> list[GroupView]:
+    groups = _list(client, c.GPU_GROUP_PLURAL, namespace)
+    if name is not None:
+        groups = [g for g in groups if g["metadata"]["name"] == name]
+        if not groups:
+            raise PluginError(f'{GG_RESOURCE} "{name}" not found in namespace "{namespace}"')
+    models = _list(client, c.PLURAL, namespace)
+    views = []
+    for group in groups:
+        where = (group["metadata"].get("namespace"), group["metadata"]["name"])
+        members = [
+            md
+            for md in models
+            if (md["metadata"].get("namespace"), ((md.get("spec") or {}).get("gpuGroup") or {}).get("name"))
+            == where
+        ]
+        views.append(GroupView(group, sorted(members, key=lambda md: str(md["metadata"]["name"]))))
+    return sorted(views, key=lambda v: (str(v.group["metadata"].get("namespace")), v.name))
+
+
+def member_row(view: GroupView, md: dict[str, Any]) -> dict[str, str]:
+    status = md.get("status") or {}
+    ref = (md.get("spec") or {}).get("gpuGroup") or {}
+    spec = view.spec
+    if ref.get("makeRoomLevel") is not None:
+        make_room = _level_text(ref["makeRoomLevel"])
+    else:
+        make_room = f"{_level_text(spec.make_room_level) if spec else '-'} (group)"
+    memory = _declared_memory(md)
+    since = next(
+        (h.get("since") for h in view.status.get("holders") or [] if h.get("name") == md["metadata"]["name"]),
+        None,
+    )
+    return {
+        "MEMBER": str(md["metadata"]["name"]),
+        "GPU": str(status.get("gpu") or "-"),
+        "LEVEL": str(status.get("sleepLevel") or "-"),
+        "PHASE": str(status.get("phase") or "-"),
+        "GPU MEMORY": "-" if memory is None else _gib(memory),
+        "MAKE ROOM AT": make_room,
+        "HOLDS SINCE": str(since or "-"),
+    }
+
+
+def groups_text(client: Client, args: argparse.Namespace) -> str:
+    """What `groups` prints: a row per group, or (gg/NAME) the group's lines and a row per member."""
+    if args.ref:
+        namespace = args.namespace or client.namespace
+        [view] = _group_views(client, namespace, parse_group_ref(args.ref))
+        spec = view.spec
+        if spec is None:
+            head = f"{GG_RESOURCE}/{view.name}: invalid spec"
+        else:
+            budget = "" if spec.gpu_memory is None else f", gpuMemory {view.memory_text()}"
+            head = (
+                f"{GG_RESOURCE}/{view.name}: awake {view.awake_text()}{budget}, makeRoomLevel "
+                f"{_level_text(spec.make_room_level)}, minAwakeSeconds {spec.min_awake_seconds}, "
+                f"placement {spec.placement.mode}"
+            )
+        lines = [head, f"  holding: {', '.join(view.holders()) or '-'}", f"  switch: {view.switch_text()}"]
+        for cond in view.status.get("conditions") or []:
+            if cond.get("status") == "False":
+                lines.append(f"  {cond.get('type')} False: {cond.get('message') or cond.get('reason')}")
+        if not view.members:
+            return "\n".join([*lines, "No ModelDeployments name this group in spec.gpuGroup."])
+        columns = ["MEMBER", "GPU", "LEVEL", "PHASE", "GPU MEMORY", "MAKE ROOM AT", "HOLDS SINCE"]
+        return "\n".join([*lines, table([member_row(view, md) for md in view.members], columns)])
+    namespace = None if args.all_namespaces else (args.namespace or client.namespace)
+    views = _group_views(client, namespace)
+    if not views:
+        return f"No GpuGroups found in {'any namespace' if namespace is None else f'namespace {namespace}'}."
+    columns = ["GROUP", "HOLDING", "AWAKE", "GPU MEMORY", "MEMBERS", "LAST SWITCH"]
+    if namespace is None:
+        columns.insert(0, "NAMESPACE")
+    return table([v.row() for v in views], columns)
+
+
+def cmd_groups(client: Client, args: argparse.Namespace) -> int:
+    if args.ref and args.all_namespaces:
+        raise UsageError("-A lists every namespace; with gg/NAME use -n")
+    print(groups_text(client, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-n", "--namespace", help="namespace (default: the context's)")
@@ -538,6 +745,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, help="seconds to watch (default: until Ctrl-C; 300 with --wait)")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser(
+        "groups", parents=[common], help="GpuGroups: who holds the GPU, the budget, the members"
+    )
+    p.add_argument("ref", metavar="gg/NAME", nargs="?")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="groups of every namespace")
+    p.set_defaults(func=cmd_groups)
     return parser
 
 
@@ -554,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sleep":
             parse_level(args.level)  # refuse a bad level before connecting
         if args.ref is not None:
-            parse_ref(args.ref)
+            (parse_group_ref if args.command == "groups" else parse_ref)(args.ref)
         client = connect(args.kubeconfig, args.context)
         return func(client, args)
     except UsageError as e:
