@@ -31,20 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 from tests.agent_standin import AgentStandin  # noqa: E402
-from tests.cluster import (  # noqa: E402
-    Cluster,
-    eventually,
-    hibernate_process,
-    install_crd,
-    new_namespace,
-    start_cluster,
-    stop_cluster,
-)
+from tests.cluster import Cluster, eventually, new_namespace  # noqa: E402
 from tests.engine_fixtures import free_port  # noqa: E402
 from tests.gateway_helpers import apply_model, start_gateway  # noqa: E402
 from tests.gateway_helpers import settled as model_settled  # noqa: E402
 from tests.modeldeployments import get, set_level  # noqa: E402
 
+from harness import operator_on_control_plane  # noqa: E402
 from reporting import machine, percentile, write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -100,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     print(f"starting a control plane in {work} …", file=sys.stderr)
-    cluster = start_cluster(work / "k8s")
-    operator = None
-    try:
-        install_crd(cluster)
+    with operator_on_control_plane(work) as cluster:
         ns = new_namespace(cluster)
-        operator = hibernate_process(cluster, work / "operator.log", "operator").start()
         port = free_port()
         with (
             AgentStandin(cluster, ns, work) as standin,
@@ -119,10 +108,6 @@ def main(argv: list[str] | None = None) -> int:
             lat = latency(client, standin.engine_url("m"), gw.url, args.requests)
             print(f"hold times: {args.wakes} wakes per level …", file=sys.stderr)
             holds = hold_times(cluster, ns, client, gw.url, args.wakes)
-    finally:
-        if operator is not None:
-            operator.stop()
-        stop_cluster(cluster)
 
     info = machine()
     direct, through = lat["direct"], lat["gateway"]

@@ -34,22 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 from tests.agent_standin import AgentStandin  # noqa: E402
-from tests.cluster import (  # noqa: E402
-    Cluster,
-    eventually,
-    hibernate_process,
-    install_crd,
-    new_namespace,
-    start_cluster,
-    stop_cluster,
-)
+from tests.cluster import Cluster, eventually, new_namespace  # noqa: E402
 from tests.engine_fixtures import free_port  # noqa: E402
 from tests.gateway_helpers import GatewayProcess, model_manifest, settled, start_gateway  # noqa: E402
 from tests.modeldeployments import apply, get  # noqa: E402
 
+from harness import operator_on_control_plane  # noqa: E402
 from reporting import machine, percentile, write_section  # noqa: E402
 
-GROUP_CRD = ROOT / "crds" / "gpugroups.hibernate.dev.yaml"
 MEMBERS = ("sw-a", "sw-b")
 LEVELS = ("L1", "L2", "CudaSuspend")
 
@@ -168,23 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [x.strip() for x in args.levels.split(",") if x.strip()]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        cluster = start_cluster(Path(tmp) / "k8s")
-        operator = hibernate_process(cluster, Path(tmp) / "operator.log", "operator").start()
-        try:
-            install_crd(cluster)
-            cluster.kubectl("apply", "-f", str(GROUP_CRD))
-            cluster.kubectl("wait", "--for=condition=Established", "crd/gpugroups.hibernate.dev")
-            for level in levels:
-                row = one_level(cluster, Path(tmp), level, args.rounds, args.device, args.size)
-                rows.append(row)
-                print(
-                    f"{level:<12} {row['switches']} switches  p50 {row['p50']:.3f} s  p90 {row['p90']:.3f} s",
-                    flush=True,
-                )
-        finally:
-            operator.stop()
-            stop_cluster(cluster)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        operator_on_control_plane(Path(tmp), gpu_groups=True) as cluster,
+    ):
+        for level in levels:
+            row = one_level(cluster, Path(tmp), level, args.rounds, args.device, args.size)
+            rows.append(row)
+            print(
+                f"{level:<12} {row['switches']} switches  p50 {row['p50']:.3f} s  p90 {row['p90']:.3f} s",
+                flush=True,
+            )
     text = table(rows, args.device, args.size)
     print("\n" + text)
     if args.json:
