@@ -759,20 +759,12 @@ def test_agent_admission_policy_allows_exactly_the_awake_condition(helm: Path) -
         assert _agent_write_refusals(policy, change) == [status], change.__name__
 
 
-def test_gateway_admission_policy_allows_only_its_annotations_never_the_spec(helm: Path) -> None:
-    """RBAC's patch right on ModelDeployments covers the spec; the policy narrows the gateway's writes
-    to its activity mark and its automatic level (on 1.30+; rendered where served, or when asked)."""
+def _gateway_policy(helm: Path, suffix: str, resource: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The gateway's policy `suffix` as rendered where the cluster serves the API (with its binding,
+    for the gateway's ServiceAccount alone, on updates of `resource`), and the rendered chart; not
+    rendered where the API is not served, nor with rbac.gatewayPatchPolicy.enabled=false."""
     unserved = render(helm, "--set", "gateway.enabled=true")
-    assert not [d for d in unserved if d["metadata"]["name"].endswith("-gateway-writes")]
-    docs = render(helm, "--set", "gateway.enabled=true", "--api-versions", VAP_API, namespace="hs")
-    policy = find(docs, "ValidatingAdmissionPolicy", "-gateway-writes")
-    binding = find(docs, "ValidatingAdmissionPolicyBinding", "-gateway-writes")
-    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
-    sa = find(docs, "ServiceAccount", "-gateway")["metadata"]["name"]
-    [match] = policy["spec"]["matchConditions"]
-    assert match["expression"] == f"request.userInfo.username == 'system:serviceaccount:hs:{sa}'"
-    [rule] = policy["spec"]["matchConstraints"]["resourceRules"]
-    assert rule["resources"] == ["modeldeployments"] and rule["operations"] == ["UPDATE"]
+    assert not [d for d in unserved if d["metadata"]["name"].endswith(suffix)]
     off = render(
         helm,
         "--set",
@@ -782,7 +774,23 @@ def test_gateway_admission_policy_allows_only_its_annotations_never_the_spec(hel
         "--set",
         "rbac.gatewayPatchPolicy.enabled=false",
     )
-    assert not [d for d in off if d["metadata"]["name"].endswith("-gateway-writes")]
+    assert not [d for d in off if d["metadata"]["name"].endswith(suffix)]
+    docs = render(helm, "--set", "gateway.enabled=true", "--api-versions", VAP_API, namespace="hs")
+    policy = find(docs, "ValidatingAdmissionPolicy", suffix)
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", suffix)
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    sa = find(docs, "ServiceAccount", "-gateway")["metadata"]["name"]
+    [match] = policy["spec"]["matchConditions"]
+    assert match["expression"] == f"request.userInfo.username == 'system:serviceaccount:hs:{sa}'"
+    [rule] = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == [resource] and rule["operations"] == ["UPDATE"]
+    return policy, docs
+
+
+def test_gateway_admission_policy_allows_only_its_annotations_never_the_spec(helm: Path) -> None:
+    """RBAC's patch right on ModelDeployments covers the spec; the policy narrows the gateway's writes
+    to its activity mark and its automatic level (on 1.30+; rendered where served, or when asked)."""
+    policy, _ = _gateway_policy(helm, "-gateway-writes", "modeldeployments")
 
     old = {
         "metadata": {
@@ -858,28 +866,7 @@ def test_gateway_admission_policy_allows_only_the_lease_on_a_gpugroup(helm: Path
     """On a GpuGroup the gateway writes one annotation, the lease (hibernate.gateway.gpu_switch): its
     RBAC is `get` and `patch` (by name, no list, no status), and the policy refuses any other write
     (the spec, labels, finalizers, another annotation), rendered with the ModelDeployment one."""
-    suffix = "-gateway-gpugroup-writes"
-    unserved = render(helm, "--set", "gateway.enabled=true")
-    assert not [d for d in unserved if d["metadata"]["name"].endswith(suffix)]
-    off = render(
-        helm,
-        "--set",
-        "gateway.enabled=true",
-        "--api-versions",
-        VAP_API,
-        "--set",
-        "rbac.gatewayPatchPolicy.enabled=false",
-    )
-    assert not [d for d in off if d["metadata"]["name"].endswith(suffix)]
-    docs = render(helm, "--set", "gateway.enabled=true", "--api-versions", VAP_API, namespace="hs")
-    policy = find(docs, "ValidatingAdmissionPolicy", suffix)
-    binding = find(docs, "ValidatingAdmissionPolicyBinding", suffix)
-    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
-    sa = find(docs, "ServiceAccount", "-gateway")["metadata"]["name"]
-    [match] = policy["spec"]["matchConditions"]
-    assert match["expression"] == f"request.userInfo.username == 'system:serviceaccount:hs:{sa}'"
-    [rule] = policy["spec"]["matchConstraints"]["resourceRules"]
-    assert rule["resources"] == [c.GPU_GROUP_PLURAL] and rule["operations"] == ["UPDATE"]
+    policy, docs = _gateway_policy(helm, "-gateway-gpugroup-writes", c.GPU_GROUP_PLURAL)
     rules = find(docs, "ClusterRole", "-gateway")["rules"]
     assert [r["verbs"] for r in rules if set(r["resources"]) & {"gpugroups", "gpugroups/status"}] == [
         ["get", "patch"]
