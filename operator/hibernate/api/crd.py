@@ -93,21 +93,32 @@ def _status_schema() -> dict[str, Any]:
     return schema
 
 
-def crd() -> dict[str, Any]:
+def _definition(
+    name: str,
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: tuple[str, ...],
+    categories: list[str],
+    columns: list[dict[str, Any]],
+    schema: dict[str, Any],
+) -> dict[str, Any]:
+    """A CustomResourceDefinition of hibernate.dev: one version, served and stored, with the status
+    subresource, its printer columns and its schema (the ModelDeployment's and the GpuGroup's)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": c.CRD_NAME, "labels": {"app.kubernetes.io/part-of": "hibernate"}},
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "hibernate"}},
         "spec": {
             "group": c.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": c.KIND,
-                "plural": c.PLURAL,
-                "singular": c.SINGULAR,
-                "shortNames": list(c.SHORT_NAMES),
-                "listKind": f"{c.KIND}List",
-                "categories": ["all", "hibernate"],
+                "kind": kind,
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
+                "listKind": f"{kind}List",
+                "categories": categories,
             },
             "versions": [
                 {
@@ -115,46 +126,57 @@ def crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
-                        {"name": "Desired", "type": "string", "jsonPath": ".spec.sleepLevel"},
-                        # The automatic level in effect (idle ladder, wake on request), beside the spec.
-                        {"name": "Auto", "type": "string", "jsonPath": ".status.automaticLevel.level"},
-                        {"name": "Level", "type": "string", "jsonPath": ".status.sleepLevel"},
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        # In a GpuGroup: whether it holds the group's GPU now (blank outside groups).
-                        {"name": "GPU", "type": "string", "jsonPath": ".status.gpu"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "A model served by an engine that hibernate can put to sleep.",
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                # The name becomes a Service name (a DNS-1035 label) and the value of
-                                # the model label (63 characters at most): refuse what neither can carry.
-                                "metadata": {
-                                    "type": "object",
-                                    "properties": {
-                                        "name": {
-                                            "type": "string",
-                                            "maxLength": 63,
-                                            "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$",
-                                        }
-                                    },
-                                },
-                                "spec": _spec_schema(),
-                                "status": _status_schema(),
-                            },
-                        }
-                    },
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
+
+
+def crd() -> dict[str, Any]:
+    return _definition(
+        c.CRD_NAME,
+        c.KIND,
+        c.PLURAL,
+        c.SINGULAR,
+        c.SHORT_NAMES,
+        ["all", "hibernate"],
+        columns=[
+            {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
+            {"name": "Desired", "type": "string", "jsonPath": ".spec.sleepLevel"},
+            # The automatic level in effect (idle ladder, wake on request), beside the spec.
+            {"name": "Auto", "type": "string", "jsonPath": ".status.automaticLevel.level"},
+            {"name": "Level", "type": "string", "jsonPath": ".status.sleepLevel"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            # In a GpuGroup: whether it holds the group's GPU now (blank outside groups).
+            {"name": "GPU", "type": "string", "jsonPath": ".status.gpu"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        schema={
+            "type": "object",
+            "description": "A model served by an engine that hibernate can put to sleep.",
+            "required": ["spec"],
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                # The name becomes a Service name (a DNS-1035 label) and the value of
+                # the model label (63 characters at most): refuse what neither can carry.
+                "metadata": {
+                    "type": "object",
+                    "properties": {
+                        "name": {
+                            "type": "string",
+                            "maxLength": 63,
+                            "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                        }
+                    },
+                },
+                "spec": _spec_schema(),
+                "status": _status_schema(),
+            },
+        },
+    )
 
 
 def gpu_group_crd() -> dict[str, Any]:
@@ -165,55 +187,36 @@ def gpu_group_crd() -> dict[str, Any]:
     status: dict[str, Any] = _without_defaults(openapi_schema(GpuGroupStatus))
     status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": c.GPU_GROUP_CRD_NAME, "labels": {"app.kubernetes.io/part-of": "hibernate"}},
-        "spec": {
-            "group": c.GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": c.GPU_GROUP_KIND,
-                "plural": c.GPU_GROUP_PLURAL,
-                "singular": c.GPU_GROUP_SINGULAR,
-                "shortNames": list(c.GPU_GROUP_SHORT_NAMES),
-                "listKind": f"{c.GPU_GROUP_KIND}List",
-                "categories": ["hibernate"],
+    return _definition(
+        c.GPU_GROUP_CRD_NAME,
+        c.GPU_GROUP_KIND,
+        c.GPU_GROUP_PLURAL,
+        c.GPU_GROUP_SINGULAR,
+        c.GPU_GROUP_SHORT_NAMES,
+        ["hibernate"],
+        columns=[
+            {"name": "Max Awake", "type": "integer", "jsonPath": ".spec.maxAwake"},
+            {"name": "Awake", "type": "integer", "jsonPath": ".status.awake"},
+            {"name": "Holders", "type": "string", "jsonPath": ".status.holding"},
+            {
+                "name": "Placeable",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="Placeable")].status',
             },
-            "versions": [
-                {
-                    "name": c.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Max Awake", "type": "integer", "jsonPath": ".spec.maxAwake"},
-                        {"name": "Awake", "type": "integer", "jsonPath": ".status.awake"},
-                        {"name": "Holders", "type": "string", "jsonPath": ".status.holding"},
-                        {
-                            "name": "Placeable",
-                            "type": "string",
-                            "jsonPath": '.status.conditions[?(@.type=="Placeable")].status',
-                        },
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "ModelDeployments that take turns on one GPU.",
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                                "status": status,
-                            },
-                        }
-                    },
-                }
-            ],
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        schema={
+            "type": "object",
+            "description": "ModelDeployments that take turns on one GPU.",
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": {"type": "object"},
+                "spec": spec,
+                "status": status,
+            },
         },
-    }
+    )
 
 
 RESOURCES = {c.PLURAL: crd, c.GPU_GROUP_PLURAL: gpu_group_crd}
