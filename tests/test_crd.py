@@ -82,7 +82,7 @@ def test_get_md_shows_model_desired_auto_level_phase_age(cluster: Cluster, names
         return {n: row[bounds[i] : bounds[i + 1]].strip() for i, n in enumerate(names)}
 
     columns = table()
-    assert list(columns) == ["NAME", "MODEL", "DESIRED", "AUTO", "LEVEL", "PHASE", "GPU", "AGE"]
+    assert list(columns) == ["NAME", "MODEL", "DESIRED", "AUTO", "LEVEL", "PHASE", "GPU", "SNAPSHOT", "AGE"]
     # DESIRED is the person's spec; AUTO the automatic level in effect (none here), from the status.
     assert (columns["DESIRED"], columns["AUTO"]) == ("L1", "")
     cluster.custom.patch_namespaced_custom_object_status(

@@ -52,6 +52,20 @@ ANN_WAKE_CHECK: Final = f"{GROUP}/wake-check"
 # (spec.checkpoint.directory). The agent only accepts directories under its own allowed roots.
 ANN_CHECKPOINT_DIR: Final = f"{GROUP}/checkpoint-dir"
 
+# Stop with a snapshot (docs/snapshots.md). Before a Stop scales the Deployment to zero, the operator asks
+# the agent of one replica for a snapshot on that pod (JSON: id, specHash, requested) and waits, bounded
+# (spec.stop.timeoutSeconds), for the agent's answer on the same pod (JSON: id, then node, specHash,
+# bytes, taken, seconds; or error). The new pods of a wake from Stop carry ANN_RESTORE_FROM in their
+# template (JSON: node, specHash, taken) and the init's restore wait (ENV_RESTORE_WAIT); the agent
+# restores them and reports on ANN_RESTORE (JSON: restored, seconds, reason).
+ANN_SNAPSHOT_REQUEST: Final = f"{GROUP}/snapshot-request"
+ANN_SNAPSHOT: Final = f"{GROUP}/snapshot"
+ANN_RESTORE_FROM: Final = f"{GROUP}/restore-from"
+ANN_RESTORE: Final = f"{GROUP}/restore"
+ENV_RESTORE_WAIT: Final = "HIBERNATE_RESTORE_WAIT"  # read by hibernate.podinit
+CONDITION_SNAPSHOT_READY: Final = "SnapshotReady"
+HOSTNAME_LABEL: Final = "kubernetes.io/hostname"
+
 # Operator bookkeeping on the Deployment: the replica count before Stop scaled it to zero.
 ANN_REPLICAS_BEFORE_STOP: Final = f"{GROUP}/replicas-before-stop"
 

@@ -72,7 +72,7 @@ def _spec_schema() -> dict[str, Any]:
     schema = openapi_schema(ModelDeploymentSpec)
     schema["properties"]["gpuGroup"]["properties"]["makeRoomLevel"].update(minimum=1, pattern=SLEEP_PATTERN)
     # Defaults of nested objects would be written into every stored object; keep only leaf defaults.
-    for key in ("engine", "checkpoint", "network"):
+    for key in ("engine", "checkpoint", "stop", "network"):
         schema["properties"][key].pop("default", None)
     return schema
 
@@ -151,6 +151,12 @@ def crd() -> dict[str, Any]:
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             # In a GpuGroup: whether it holds the group's GPU now (blank outside groups).
             {"name": "GPU", "type": "string", "jsonPath": ".status.gpu"},
+            # Whether a wake from Stop restores a snapshot: Ready, NotTaken, Outdated, Disabled.
+            {
+                "name": "Snapshot",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="SnapshotReady")].reason',
+            },
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         schema={

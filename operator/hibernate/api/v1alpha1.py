@@ -5,7 +5,9 @@ Field names are the API's camelCase; Python attributes are snake_case through al
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal, Self
@@ -98,6 +100,37 @@ class EngineSpec(_Model):
 class CheckpointSpec(_Model):
     directory: str = Field(
         default=c.DEFAULT_CHECKPOINT_DIR, description="Where level-4 images go on the node."
+    )
+
+
+class StopSpec(_Model):
+    """What a Stop does besides scaling to zero (docs/snapshots.md)."""
+
+    snapshot: bool | None = Field(
+        default=None,
+        description=(
+            "true: before the pods go, the agent of one replica takes a snapshot of its engine, and "
+            "the new pods of the next wake restore it instead of starting cold. Needs what Checkpoint "
+            "needs: the hibernate pod init (the operator's --tools-image, as the chart sets it)."
+        ),
+    )
+    timeout_seconds: int = Field(
+        default=120,
+        ge=1,
+        le=3600,
+        description=(
+            "How long a Stop waits for the snapshot before it scales to zero without a new one "
+            "(a Warning event says why): a Stop never fails because of its snapshot."
+        ),
+    )
+    restore_wait_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description=(
+            "How long a new pod's init waits for the agent to restore the snapshot before it starts "
+            "the engine cold."
+        ),
     )
 
 
@@ -272,6 +305,7 @@ class ModelDeploymentSpec(_Model):
     )
     engine: EngineSpec = Field(default_factory=EngineSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    stop: StopSpec = Field(default_factory=StopSpec)
     idle: IdleSpec | None = None
     drain_seconds: int = Field(
         default=c.DEFAULT_DRAIN_SECONDS,
@@ -306,9 +340,16 @@ class ModelDeploymentSpec(_Model):
     def level(self) -> SleepLevel:
         return SleepLevel.parse(self.sleep_level)
 
+    def engine_hash(self) -> str:
+        """The spec hash of a snapshot: the engine's image, command, args, port and model. A snapshot
+        restores only into a pod of the same hash; any change of these makes it outdated."""
+        engine = self.engine
+        body = [engine.image, engine.command, engine.args, engine.port, self.model]
+        return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()[:16]
+
 
 Phase = Literal["Pending", "Awake", "Sleeping", "Asleep", "Waking", "Stopped", "Failed"]
-ConditionType = Literal["Ready", "Asleep", "Progressing", "Degraded"]
+ConditionType = Literal["Ready", "Asleep", "Progressing", "Degraded", "SnapshotReady"]
 
 
 class Condition(_Model):
@@ -345,6 +386,17 @@ class AutomaticLevelStatus(_Model):
     since: str | None = None
 
 
+class SnapshotStatus(_Model):
+    """The snapshot a wake from Stop restores (docs/snapshots.md), as the agent reported it."""
+
+    node: str = Field(description="The node whose disk holds it; new pods prefer that node.")
+    pod: str | None = Field(default=None, description="The replica it was taken from.")
+    spec_hash: str = Field(description="The engine spec it was taken from (image, command, args, model).")
+    bytes: int | None = None
+    taken: str = Field(description="When it was taken (RFC 3339 UTC).")
+    seconds: float | None = Field(default=None, description="How long taking it took.")
+
+
 class ModelDeploymentStatus(_Model):
     phase: Phase | None = None
     sleep_level: str | None = Field(default=None, description="The level every replica has reached.")
@@ -362,6 +414,10 @@ class ModelDeploymentStatus(_Model):
     last_transition: Transition | None = None
     observed_generation: int | None = None
     idle: IdleStatus | None = None
+    snapshot: SnapshotStatus | None = Field(
+        default=None,
+        description="The last snapshot taken at a Stop; the SnapshotReady condition says if it is usable.",
+    )
     gpu: str | None = Field(
         default=None,
         description=(

@@ -6,6 +6,7 @@ plain `def` kopf handlers, which kopf runs in threads)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -139,6 +140,37 @@ def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     custom().patch_namespaced_custom_object_status(
         c.GROUP, c.VERSION, namespace, c.PLURAL, name, {"status": status}
     )
+
+
+def post_event(md: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    """An Event on a ModelDeployment, from outside a kopf handler (kopf.event needs the handler's
+    context). Never fails the caller: an Event is for humans."""
+    meta = md["metadata"]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body = {
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": c.API_VERSION,
+            "kind": c.KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:1000],
+        "source": {"component": FIELD_MANAGER},
+        "reportingComponent": "hibernate.dev/operator",
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+    try:
+        core().create_namespaced_event(meta["namespace"], kubernetes.client.CoreV1Event.model_validate(body))
+    except ApiException as e:
+        logging.getLogger(__name__).warning(
+            "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason
+        )
 
 
 def read_gpu_group(namespace: str, name: str) -> dict[str, Any] | None:

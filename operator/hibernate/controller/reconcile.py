@@ -13,10 +13,10 @@ from hibernate.api.gpu_group import GpuGroupSpec
 from hibernate.api.levels import SleepLevel
 from hibernate.api.pod_fields import PodFieldPolicy, refusals
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
-from hibernate.controller import kube, workload
+from hibernate.controller import kube, snapshots, workload
 from hibernate.controller.gpu_placement import DRA_API, GroupPlacement
 from hibernate.controller.gpu_placement import problems as placement_problems
-from hibernate.controller.status import Fold, PodView, fold
+from hibernate.controller.status import Fold, PodView, condition, fold, now_iso
 from hibernate.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ class OperatorContext:
     guard: threading.Lock = field(default_factory=threading.Lock)
     # Why a GpuGroup member's pods cannot be placed (hibernate.controller.gpu_placement), per model.
     gpu_refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Stop with a snapshot (hibernate.controller.snapshots): the waits under way, and the models whose
+    # current Stop has had its snapshot (taken, failed or not possible) and may scale to zero.
+    snapshot_jobs: dict[tuple[str, str], snapshots.Job] = field(default_factory=dict)
+    snapshot_done: set[tuple[str, str]] = field(default_factory=set)
 
     def lock_for(self, key: tuple[str, str]) -> threading.Lock:
         with self.guard:
@@ -49,6 +53,10 @@ class OperatorContext:
             self.last_status.pop(key, None)
             self.applied.pop(key, None)
             self.gpu_refused.pop(key, None)
+            self.snapshot_done.discard(key)
+            job = self.snapshot_jobs.pop(key, None)
+            if job is not None:
+                job.cancel.set()
 
 
 def target_level(md: dict[str, Any], spec: ModelDeploymentSpec) -> SleepLevel:
@@ -75,7 +83,15 @@ def apply_workload(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: OperatorC
     if refused:
         return refused
     level = target_level(md, spec)
-    dep = workload.deployment(md, spec, awake_replicas(spec, level), ctx.tools_image, placement)
+    meta = md["metadata"]
+    if level != SleepLevel.STOP:
+        snapshots.not_stopping((meta["namespace"], meta["name"]), ctx)
+    elif snapshots.hold_stop(md, spec, ctx):
+        # A snapshot is being taken of one replica: the pods stay until it is (or its wait ends).
+        kube.server_side_apply(workload.service(md, spec))
+        return []
+    restore = snapshots.usable(md, spec, ctx.tools_image)
+    dep = workload.deployment(md, spec, awake_replicas(spec, level), ctx.tools_image, placement, restore)
     if level == SleepLevel.STOP:
         dep["metadata"]["annotations"] = {c.ANN_REPLICAS_BEFORE_STOP: str(spec.replicas)}
     kube.server_side_apply(dep)
@@ -204,6 +220,21 @@ def compute_status(
     auto = auto_level.automatic_level(md)
     result.status["automaticLevel"] = auto.to_status() if auto is not None else None  # None: removed
     result.status["gpu"] = gpu_column(spec, level, result.status.get("phase"), key in ctx.gpu_refused)
+    # The snapshot a wake from Stop restores: recorded by the Stop that took it (snapshots.py).
+    result.status["snapshot"] = previous.get("snapshot")
+    ok, reason, message = snapshots.condition_of({"status": previous}, spec, ctx.tools_image)
+    earlier = {x["type"]: x for x in previous.get("conditions", []) if "type" in x}
+    result.status["conditions"].append(
+        condition(
+            earlier,
+            c.CONDITION_SNAPSHOT_READY,
+            ok,
+            reason,
+            message,
+            int(meta.get("generation") or 0),
+            now_iso(),
+        )
+    )
     return result
 
 

@@ -132,7 +132,7 @@ class Fold:
     events: list[tuple[str, str, str]]  # (type, reason, message)
 
 
-def _condition(
+def condition(
     prev: dict[str, dict[str, Any]], ctype: str, ok: bool, reason: str, message: str, gen: int, now: str
 ) -> dict[str, Any]:
     status = "True" if ok else "False"
@@ -242,7 +242,7 @@ def fold(
     conditions = [
         # Ready: requests are served now, by at least one replica (whatever the phase says of the
         # others: a failed sleep undone, a replica kept awake by a person, one woken before the rest).
-        _condition(
+        condition(
             prev_conditions,
             "Ready",
             ready > 0,
@@ -253,7 +253,7 @@ def fold(
             gen,
             stamp,
         ),
-        _condition(
+        condition(
             prev_conditions,
             "Asleep",
             phase in ("Asleep", "Stopped"),
@@ -262,7 +262,7 @@ def fold(
             gen,
             stamp,
         ),
-        _condition(
+        condition(
             prev_conditions,
             "Progressing",
             phase in ("Pending", "Sleeping", "Waking"),
@@ -271,7 +271,7 @@ def fold(
             gen,
             stamp,
         ),
-        _condition(
+        condition(
             prev_conditions,
             "Degraded",
             bool(problems),

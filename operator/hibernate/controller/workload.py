@@ -8,6 +8,7 @@ from typing import Any
 from hibernate.api import constants as c
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
 from hibernate.controller.gpu_placement import GroupPlacement, place
+from hibernate.controller.snapshots import pod_template_restore
 
 VLLM_COMMAND = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 TOOLS_VOLUME = "hibernate-tools"
@@ -41,8 +42,15 @@ def engine_command(spec: ModelDeploymentSpec, tools_image: str) -> tuple[list[st
 
 
 def pod_template(
-    name: str, spec: ModelDeploymentSpec, tools_image: str, group: GroupPlacement | None = None
+    name: str,
+    spec: ModelDeploymentSpec,
+    tools_image: str,
+    group: GroupPlacement | None = None,
+    restore: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The engine pods' template. `restore`: the recorded snapshot (status.snapshot) that new pods
+    restore (hibernate.controller.snapshots); only while one is usable, so that a model without one
+    keeps the template it always had."""
     engine = spec.engine
     command, args = engine_command(spec, tools_image)
     env = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}]
@@ -109,6 +117,8 @@ def pod_template(
     if not spec.verify_wake:  # only then: the default template stays as it was (no rollout on upgrade)
         annotations[c.ANN_VERIFY_WAKE] = "false"
     template = {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+    if restore is not None and tools_image:
+        pod_template_restore(template, restore, spec.stop.restore_wait_seconds)
     if group is not None:
         place(template, group)
     return template
@@ -120,6 +130,7 @@ def deployment(
     replicas: int,
     tools_image: str,
     group: GroupPlacement | None = None,
+    restore: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     name = md["metadata"]["name"]
     return {
@@ -136,7 +147,7 @@ def deployment(
             "selector": {"matchLabels": selector_labels(name)},
             # A GPU node rarely has room for a surge pod; replace in place.
             "strategy": {"type": "Recreate"},
-            "template": pod_template(name, spec, tools_image, group),
+            "template": pod_template(name, spec, tools_image, group, restore),
         },
     }
 
