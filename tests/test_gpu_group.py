@@ -130,51 +130,69 @@ def test_a_request_for_a_sleeping_member_puts_the_least_recently_used_to_sleep_a
     assert "Switched" in reasons
 
 
+def first_awake(cluster: Cluster, ns: str, three: AgentStandin, members: str = "abc", **spec: Any) -> None:
+    """GpuGroup g of `spec`, with the first of `members` awake and the others at L1."""
+    apply_group(cluster, ns, "g", **spec)
+    for name in members:
+        apply_member(
+            cluster, ns, name, three.models[name].port, "g", level="L1" if name != members[0] else "Awake"
+        )
+
+
+def wait_first_awake(cluster: Cluster, ns: str, members: str = "abc") -> None:
+    wait_settled(cluster, ns, members[0], "Awake", "Awake")
+    for name in members[1:]:
+        wait_settled(cluster, ns, name, "L1", "Asleep")
+
+
+def burst(three: AgentStandin, targets: list[tuple[str, str]]) -> tuple[list[httpx.Response], int]:
+    """A completion for each (gateway URL, member) at once, the engines' own levels sampled all along:
+    the responses, and the most engines that were awake at one time."""
+    most_awake = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal most_awake
+        while not stop.is_set():
+            awake = sum(1 for slot in three.models.values() if 0 in slot.levels.values())
+            most_awake = max(most_awake, awake)
+            time.sleep(0.01)
+
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=90) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{url}/v1/completions",
+                        json={"model": f"hib/{name}", "prompt": f"{name} {i}", "max_tokens": 4},
+                    )
+                    for i, (url, name) in enumerate(targets)
+                )
+            )
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        responses = asyncio.run(send())
+    finally:
+        stop.set()
+        sampler.join()
+    return responses, most_awake
+
+
 def test_concurrent_requests_for_every_member_are_all_answered_and_never_exceed_the_budget(
     cluster: Cluster, namespace: str, three: AgentStandin, tmp_path: Path
 ) -> None:
     ns = namespace
-    apply_group(cluster, ns, "g", maxAwake=1, minAwakeSeconds=0)
-    for name in ("a", "b", "c"):
-        apply_member(cluster, ns, name, three.models[name].port, "g", level="Awake" if name == "a" else "L1")
+    first_awake(cluster, ns, three, maxAwake=1, minAwakeSeconds=0)
     with start_gateway(cluster, ns, tmp_path, hold_timeout=60) as gw:
-        wait_settled(cluster, ns, "a", "Awake", "Awake")
-        wait_settled(cluster, ns, "b", "L1", "Asleep")
-        wait_settled(cluster, ns, "c", "L1", "Asleep")
-
-        # The engines' own levels, sampled all along: never two awake at once.
-        most_awake = [0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                awake = sum(1 for slot in three.models.values() if 0 in slot.levels.values())
-                most_awake[0] = max(most_awake[0], awake)
-                time.sleep(0.01)
-
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=90) as client:
-                return await asyncio.gather(
-                    *(
-                        client.post(
-                            f"{gw.url}/v1/completions",
-                            json={"model": f"hib/{name}", "prompt": f"{name} {i}", "max_tokens": 4},
-                        )
-                        for i in range(4)
-                        for name in ("b", "c", "a")
-                    )
-                )
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        wait_first_awake(cluster, ns)
         started = time.monotonic()
-        responses = asyncio.run(burst())
+        responses, most_awake = burst(three, [(gw.url, name) for _ in range(4) for name in ("b", "c", "a")])
         elapsed = time.monotonic() - started
-        stop.set()
-        sampler.join()
         bad = [(r.status_code, r.text[:200]) for r in responses if r.status_code != 200]
         assert not bad, bad
-        assert most_awake[0] == 1, f"{most_awake[0]} engines were awake at once"
+        assert most_awake == 1, f"{most_awake} engines were awake at once"
         switches = metric(gw, 'hibernate_gateway_gpu_switch_total{result="ok"}')
         assert 2 <= switches <= 3, switches
         print(
@@ -186,12 +204,9 @@ def test_a_member_that_fails_to_make_room_is_stopped_and_the_group_goes_on(
     cluster: Cluster, namespace: str, three: AgentStandin, tmp_path: Path
 ) -> None:
     ns = namespace
-    apply_group(cluster, ns, "g", maxAwake=1, minAwakeSeconds=0, switchTimeoutSeconds=2)
-    apply_member(cluster, ns, "a", three.models["a"].port, "g")
-    apply_member(cluster, ns, "b", three.models["b"].port, "g", level="L1")
+    first_awake(cluster, ns, three, "ab", maxAwake=1, minAwakeSeconds=0, switchTimeoutSeconds=2)
     with start_gateway(cluster, ns, tmp_path) as gw, httpx.Client(timeout=40) as client:
-        wait_settled(cluster, ns, "a", "Awake", "Awake")
-        wait_settled(cluster, ns, "b", "L1", "Asleep")
+        wait_first_awake(cluster, ns, "ab")
         three.paused("a")  # a's agent never answers: a cannot reach L1
         answer = complete(client, gw, "hib/b", "wake b")
         assert answer.status_code == 200, answer.text
@@ -215,18 +230,13 @@ def test_a_member_deleted_mid_switch_frees_its_place_and_one_asked_for_is_refuse
     cluster: Cluster, namespace: str, three: AgentStandin, tmp_path: Path
 ) -> None:
     ns = namespace
-    apply_group(cluster, ns, "g", maxAwake=1, minAwakeSeconds=0, switchTimeoutSeconds=30)
-    apply_member(cluster, ns, "a", three.models["a"].port, "g")
-    apply_member(cluster, ns, "b", three.models["b"].port, "g", level="L1")
-    apply_member(cluster, ns, "c", three.models["c"].port, "g", level="L1")
+    first_awake(cluster, ns, three, maxAwake=1, minAwakeSeconds=0, switchTimeoutSeconds=30)
 
     def delete(name: str) -> None:
         cluster.custom.delete_namespaced_custom_object(c.GROUP, c.VERSION, ns, c.PLURAL, name)
 
     with start_gateway(cluster, ns, tmp_path) as gw, httpx.Client(timeout=40) as client:
-        wait_settled(cluster, ns, "a", "Awake", "Awake")
-        wait_settled(cluster, ns, "b", "L1", "Asleep")
-        wait_settled(cluster, ns, "c", "L1", "Asleep")
+        wait_first_awake(cluster, ns)
         three.paused("a")
         # The member making room (a, stuck) is deleted: its place is free, b wakes.
         result: dict[str, httpx.Response] = {}
@@ -335,46 +345,16 @@ def test_two_gateway_replicas_share_the_lease_and_never_wake_more_than_the_budge
     cluster: Cluster, namespace: str, three: AgentStandin, tmp_path: Path
 ) -> None:
     ns = namespace
-    apply_group(cluster, ns, "g", maxAwake=1, minAwakeSeconds=2)
-    for name in ("a", "b", "c"):
-        apply_member(cluster, ns, name, three.models[name].port, "g", level="Awake" if name == "a" else "L1")
+    first_awake(cluster, ns, three, maxAwake=1, minAwakeSeconds=2)
     first, second = tmp_path / "gw1", tmp_path / "gw2"
     first.mkdir()
     second.mkdir()
     with start_gateway(cluster, ns, first, hold_timeout=60) as gw1, start_gateway(cluster, ns, second) as gw2:
-        wait_settled(cluster, ns, "a", "Awake", "Awake")
-        wait_settled(cluster, ns, "b", "L1", "Asleep")
-        wait_settled(cluster, ns, "c", "L1", "Asleep")
-        most_awake = [0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                awake = sum(1 for slot in three.models.values() if 0 in slot.levels.values())
-                most_awake[0] = max(most_awake[0], awake)
-                time.sleep(0.01)
-
-        async def burst() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=90) as client:
-                return await asyncio.gather(
-                    *(
-                        client.post(
-                            f"{url}/v1/completions",
-                            json={"model": f"hib/{name}", "prompt": f"{name} {i}", "max_tokens": 4},
-                        )
-                        for i in range(3)
-                        for url, name in ((gw1.url, "b"), (gw2.url, "c"))
-                    )
-                )
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        responses = asyncio.run(burst())
-        stop.set()
-        sampler.join()
+        wait_first_awake(cluster, ns)
+        responses, most_awake = burst(three, [(gw1.url, "b"), (gw2.url, "c")] * 3)
         bad = [(r.status_code, r.text[:200]) for r in responses if r.status_code != 200]
         assert not bad, bad
-        assert most_awake[0] == 1, f"{most_awake[0]} engines were awake at once"
+        assert most_awake == 1, f"{most_awake} engines were awake at once"
         ok = 'hibernate_gateway_gpu_switch_total{result="ok"}'
         assert metric(gw1, ok) == metric(gw2, ok) == 1, "each replica made one switch"
     lease = read_lease(get_group(cluster, ns, "g"))
