@@ -388,3 +388,125 @@ def test_level_4_checkpoints_the_engine_in_its_pod_and_restores_it_in_place(
         eventually(
             lambda: not (checkpoints / namespace / name).exists(), what="images of a deleted pod removed"
         )
+
+
+@pytest.mark.criu
+def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
+    cluster: Cluster, namespace: str, agent: Process, tmp_path: Path, criu_bundle: object
+) -> None:
+    """Stop with a snapshot, the agent's side (docs/snapshots.md): the operator's request on one pod
+    is answered with the snapshot taken (engine at level 2 first, then dumped and ended), and a NEW pod
+    of the model whose init waits for a restore gets the same engine back, woken, answering the same."""
+    import sys
+    import uuid
+
+    from hibernate.localnode.simpod import SimPod
+    from tests.pods import create_chain
+    from tests.test_snapshot import WaitingPod
+
+    port, checkpoints = free_port(), tmp_path / "checkpoints"
+    owner = create_chain(cluster, namespace, "llama")
+    cmd = [sys.executable, "-m", "hibernate.engine.fake", "--model", "fake-model", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--weights-mib", "64", "--kv-mib", "16", "--enable-sleep-mode"]
+    url = f"http://127.0.0.1:{port}"
+
+    def pod_of_the_model(name: str) -> dict[str, Any]:
+        return create_engine_pod(
+            cluster, namespace, NODE, port, name=name, level="Awake", checkpoint_dir=str(checkpoints),
+            owner=owner, model="llama",
+        )  # fmt: skip
+
+    old = pod_of_the_model("llama-old")
+    old_cid = uuid.uuid4().hex * 2
+    with SimPod.start(
+        cmd, uid=old["uid"], container_id=old_cid, host_network=True, port=port, ready_path="/health"
+    ) as pod:
+        start_pod(cluster, namespace, old["name"], container_id=old_cid)
+        before, engine_pid = complete(url), pod.engine_ns_pid()
+        reached(cluster, namespace, old["name"], 0, "Awake")
+
+        request = {"id": "r-1", "specHash": "spec-h1", "requested": "2026-01-01T00:00:00.000Z"}
+        cluster.core.patch_namespaced_pod(
+            old["name"],
+            namespace,
+            {"metadata": {"annotations": {c.ANN_SNAPSHOT_REQUEST: json.dumps(request)}}},
+        )
+        raw = eventually(
+            lambda: annotations(cluster, namespace, old["name"]).get(c.ANN_SNAPSHOT),
+            timeout=60,
+            what="answer",
+        )
+        answer = json.loads(raw)
+        assert "error" not in answer, answer
+        assert (answer["id"], answer["node"], answer["specHash"]) == ("r-1", NODE, "spec-h1")
+        assert answer["bytes"] > 0 and answer["seconds"] > 0 and answer["taken"]
+        image = checkpoints / ".snapshots" / namespace / "llama"
+        meta = json.loads((image / "metadata.json").read_text())
+        assert meta["spec_hash"] == "spec-h1" and engine_pid in meta["pids"]
+        assert answer["bytes"] < 64 * 2**20, "the engine slept at level 2 first: no weights in the image"
+        assert pod.engine_host_pid() is None, "the dump ends the engine: the Stop takes its pod next"
+        reasons = [e.reason for e in pod_events(cluster, namespace, old["name"])]
+        assert "SnapshotTaken" in reasons
+    cluster.core.delete_namespaced_pod(old["name"], namespace, grace_period_seconds=0)
+
+    new = pod_of_the_model("llama-new")
+    source = {"node": NODE, "specHash": "spec-h1", "taken": answer["taken"]}
+    cluster.core.patch_namespaced_pod(
+        new["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
+    )
+    new_cid = uuid.uuid4().hex * 2
+    with WaitingPod.start(  # ready once its init waits for the restore
+        cmd,
+        uid=new["uid"],
+        container_id=new_cid,
+        host_network=True,
+        port=port,
+        ready_path=None,
+        env={c.ENV_RESTORE_WAIT: "60"},
+    ) as pod:
+        start_pod(cluster, namespace, new["name"], container_id=new_cid)
+        raw = eventually(
+            lambda: annotations(cluster, namespace, new["name"]).get(c.ANN_RESTORE),
+            timeout=60,
+            what="restore",
+        )
+        restore = json.loads(raw)
+        assert restore["restored"] is True, restore
+        print(f"\n[snapshot] restored into a new pod in {restore['seconds']:.2f} s")
+        assert pod.engine_ns_pid() == engine_pid, "the dumped engine, with its pid, in the new pod"
+        reached(cluster, namespace, new["name"], 0, "Awake", timeout=30)
+        assert complete(url) == before, "woken (weights reloaded), it answers as before the snapshot"
+        assert "Restored" in [e.reason for e in pod_events(cluster, namespace, new["name"])]
+
+    # The engine changed since (another image, args or model: another spec hash): the snapshot is
+    # refused, and the pod's init starts the engine cold, with the reason in a Warning on the pod.
+    cluster.core.delete_namespaced_pod(new["name"], namespace, grace_period_seconds=0)
+    changed = pod_of_the_model("llama-changed")
+    source = {"node": NODE, "specHash": "spec-h2", "taken": answer["taken"]}
+    cluster.core.patch_namespaced_pod(
+        changed["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
+    )
+    changed_cid = uuid.uuid4().hex * 2
+    with WaitingPod.start(
+        cmd,
+        uid=changed["uid"],
+        container_id=changed_cid,
+        host_network=True,
+        port=port,
+        ready_path=None,
+        env={c.ENV_RESTORE_WAIT: "60"},
+    ):
+        start_pod(cluster, namespace, changed["name"], container_id=changed_cid)
+        raw = eventually(
+            lambda: annotations(cluster, namespace, changed["name"]).get(c.ANN_RESTORE),
+            timeout=60,
+            what="verdict",
+        )
+        restore = json.loads(raw)
+        assert restore["restored"] is False and "taken from another engine spec" in restore["reason"]
+        reached(cluster, namespace, changed["name"], 0, "Awake", timeout=60)
+        assert complete(url) == before, "started cold by its init, it serves"
+        (warning,) = [
+            e for e in pod_events(cluster, namespace, changed["name"]) if e.reason == "SnapshotNotUsed"
+        ]
+        assert warning.type == "Warning" and "taken from another engine spec" in warning.message

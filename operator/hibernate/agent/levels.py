@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hibernate.agent import criu, cuda, discovery, layout, shm
+from hibernate.agent import snapshot as pod_snapshot
+from hibernate.agent.criu import snapshot as criu_snapshot
 from hibernate.agent.engine_client import EngineClient, EngineError
 from hibernate.agent.podref import PodRef
 from hibernate.api import constants as c
@@ -297,10 +300,80 @@ class Levels:
             )
         return root
 
-    async def _checkpoint(self, pod: PodRef) -> dict[str, Any]:
+    async def snapshot(self, pod: PodRef, model: str, spec_hash: str) -> dict[str, Any]:
+        """Stop with a snapshot (docs/snapshots.md): level 4's steps (engine at level 2 with the
+        checkpoint hint, CUDA suspended, CRIU dump), into the ModelDeployment's snapshot directory
+        with `spec_hash`, TCP connections closed. The engine ends once the dump is verified; a failure
+        rolls back as a failed Checkpoint does (LevelError)."""
+        try:
+            image = self.snapshot_image(pod, model)
+        except (PermissionError, ValueError) as e:
+            raise LevelError(str(e), rolled_back=True) from e
+        return await self._checkpoint(pod, snapshot=(image, spec_hash))
+
+    def snapshot_image(self, pod: PodRef, model: str) -> Path:
+        """`<checkpoint dir>/.snapshots/<namespace>/<model>` of the pod's checkpoint directory, which
+        must lie in the agent's allowed roots (PermissionError otherwise)."""
+        pod.checkpoint_root(self.host.checkpoint_roots)
+        return criu_snapshot.snapshot_dir(Path(pod.checkpoint_dir).resolve(), pod.namespace, model)
+
+    def restore_snapshot(
+        self,
+        pod: PodRef,
+        model: str,
+        spec_hash: str,
+        check: Callable[[criu.RestoreResult], None] = lambda _: None,
+    ) -> pod_snapshot.Outcome:
+        """A new pod whose init waits for a restore: restores the model's snapshot into it, runs
+        `check` on the restored engine and tells the init (agent/snapshot.py). Never raises for the
+        snapshot's sake: a cold start, with the reason, otherwise. Blocking: run it in a thread."""
+        started = time.monotonic()
+        try:
+            procs = self.host.processes(pod)
+            if not procs:
+                raise LookupError(layout.explain_missing(pod.uid, pod.container_id, self.host.proc_root))
+            target = criu.Pod(discovery.engine_root(procs).init.pid)
+        except (LookupError, PermissionError, ValueError) as e:
+            return pod_snapshot.Outcome(False, time.monotonic() - started, f"cannot restore: {e}")
+        try:
+            image = self.snapshot_image(pod, model)
+            ckpt_root = pod.checkpoint_root(self.host.checkpoint_roots)
+        except (PermissionError, ValueError) as e:
+            reason = f"cannot restore: {e}"
+            with contextlib.suppress(OSError):
+                if pod_snapshot.claim(target):
+                    pod_snapshot.tell(target, {"cold": reason})  # the init starts cold now
+            return pod_snapshot.Outcome(False, time.monotonic() - started, reason)
+        return pod_snapshot.wake_from_snapshot(
+            image,
+            target,
+            spec_hash=spec_hash,
+            check=check,
+            timeout=self.host.criu_timeout_s,
+            checkpoint_root=ckpt_root,
+        )
+
+    def waiting_for_restore(self, pod: PodRef) -> bool | None:
+        """Whether the pod's init waits for a restore; None while its container has no process yet."""
+        procs = self.host.processes(pod)
+        if not procs:
+            return None
+        return pod_snapshot.waiting(criu.Pod(discovery.engine_root(procs).init.pid))
+
+    async def wake_restored(self, pod: PodRef) -> None:
+        """The engine restored from a snapshot comes back as it was dumped: CUDA checkpointed and the
+        engine asleep at level 2. Its CUDA state is restored, then the engine woken (weights reloaded)."""
+        pids = await asyncio.to_thread(self.host.cuda_pids, pod)
+        if pids:
+            await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
+        async with self.host.engine(pod) as engine:
+            if await _has_sleep_api(engine) and await engine.is_sleeping():
+                await engine.wake(2)
+
+    async def _checkpoint(self, pod: PodRef, snapshot: tuple[Path, str] | None = None) -> dict[str, Any]:
         try:
             await asyncio.to_thread(criu.version)  # a clear error before anything changes
-            image = pod.image_dir(self.host.checkpoint_roots)
+            image = pod.image_dir(self.host.checkpoint_roots) if snapshot is None else snapshot[0]
             ckpt_root = pod.checkpoint_root(self.host.checkpoint_roots)
             root = await asyncio.to_thread(self._engine_root, pod)
             engine_pid = root.root.ns_pid
@@ -325,14 +398,27 @@ class Levels:
                     )
                     suspended = True
                 fault_point("agent.after-cuda-suspend")
-                result = await asyncio.to_thread(
-                    criu.dump,
-                    image,
-                    engine_pid,
-                    criu.Pod(root.init.pid),
-                    timeout=self.host.criu_timeout_s,
-                    checkpoint_root=ckpt_root,
-                )
+                if snapshot is None:
+                    result = await asyncio.to_thread(
+                        criu.dump,
+                        image,
+                        engine_pid,
+                        criu.Pod(root.init.pid),
+                        timeout=self.host.criu_timeout_s,
+                        checkpoint_root=ckpt_root,
+                    )
+                else:
+                    result = await asyncio.to_thread(
+                        functools.partial(
+                            criu_snapshot.take,
+                            image,
+                            engine_pid,
+                            criu.Pod(root.init.pid),
+                            spec_hash=snapshot[1],
+                            timeout=self.host.criu_timeout_s,
+                            checkpoint_root=ckpt_root,
+                        )
+                    )
             except (cuda.CudaError, criu.CriuError, OSError) as e:
                 # criu leaves the tree running when a dump fails: undo the CUDA and engine steps.
                 try:

@@ -28,6 +28,34 @@ class AgentMetrics:
             "Bytes of level-4 images written by CRIU.",
             registry=self.registry,
         )
+        # Stop with a snapshot (docs/snapshots.md): what this agent took and restored. The age of a
+        # snapshot is `time() - hibernate_agent_snapshot_taken_timestamp_seconds`.
+        self.snapshot_bytes = Gauge(
+            "hibernate_agent_snapshot_bytes",
+            "Bytes of the last snapshot this agent took, by ModelDeployment.",
+            ["namespace", "model"],
+            registry=self.registry,
+        )
+        self.snapshot_taken = Gauge(
+            "hibernate_agent_snapshot_taken_timestamp_seconds",
+            "When this agent took the last snapshot of a ModelDeployment (Unix time).",
+            ["namespace", "model"],
+            registry=self.registry,
+        )
+        self.snapshots = Counter(
+            "hibernate_agent_snapshots_total",
+            "Snapshots asked of this agent before a Stop, by result (ok, failed).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.restore_seconds = Histogram(
+            "hibernate_agent_snapshot_restore_seconds",
+            "Seconds from claiming a new pod's restore to its engine woken and checked, by result "
+            "(restored, or cold: the pod's init started the engine cold).",
+            ["result"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
         self.pods = Gauge(
             "hibernate_agent_pods",
             "Managed pods on this node, by state.",

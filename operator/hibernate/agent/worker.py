@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -109,6 +110,12 @@ class Agent:
     failed_sleep: dict[Key, dict[str, Any]] = field(default_factory=dict)  # last-operation of the last one
     last_error: dict[Key, str] = field(default_factory=dict)  # the message of a pod's last failed step
     own_reports: dict[Key, dict[str, str]] = field(default_factory=dict)  # what it wrote last, by key
+    # Stop with a snapshot (docs/snapshots.md): the requests this process answered, by pod (a late watch
+    # event without the answer must not start a second dump), and the new pods whose restore it decided.
+    snapshot_answered: dict[Key, str] = field(default_factory=dict)
+    restore_decided: set[str] = field(default_factory=set)  # pod uids
+    restore_seen: dict[str, float] = field(default_factory=dict)  # pod uid -> first look at its restore
+    restore_not_waiting_s: float = 10.0  # an init not waiting this long after its start never will
 
     # -- events from the watch -------------------------------------------------------------------
 
@@ -130,6 +137,9 @@ class Agent:
             self.gates.pop(key, None)
             self._forget_failures(key)
             self.own_reports.pop(key, None)
+            self.snapshot_answered.pop(key, None)
+            self.restore_decided.discard(ref.uid)
+            self.restore_seen.pop(ref.uid, None)
             if ref.uid in self.served:  # a pod never served has no images of this agent's to remove
                 self.served.discard(ref.uid)
                 asyncio.get_running_loop().create_task(self._forget_images(ref))
@@ -299,6 +309,22 @@ class Agent:
             ref = PodRef.from_pod(pod)
         if self.cold_starts is not None and self.cold_starts.wanted(pod, ref):
             return await self._cold_start(pod, ref)  # asked for (discard-checkpoint), or under way
+        request = snapshot_request(ref)
+        if request is not None:
+            answer = snapshot_answer(ref, request)
+            if answer is None and self.snapshot_answered.get(ref.key) != request["id"]:
+                await self._take_snapshot(pod, ref, request)
+                return None
+            if answer is None or "error" not in answer:
+                return None  # its engine is in the snapshot: the pod is the Stop's now
+        if (
+            ref.annotations.get(c.ANN_RESTORE_FROM)
+            and c.ANN_RESTORE not in ref.annotations
+            and ref.uid not in self.restore_decided
+        ):
+            # A new pod of a wake from Stop: restored once its container runs and it has its IP (the
+            # restored engine is woken over HTTP); the init waits meanwhile.
+            return await self._restore_from_snapshot(pod, ref) if ref.ip else None
         try:
             desired = ref.desired()
         except InvalidSleepLevel as e:
@@ -387,6 +413,100 @@ class Agent:
             await self._step(pod, ref, "sleep", desired, attempt=attempt)
             return self._backoff_left(ref)
         return None
+
+    # -- Stop with a snapshot (docs/snapshots.md) -----------------------------------------------
+
+    async def _take_snapshot(self, pod: dict[str, Any], ref: PodRef, request: dict[str, Any]) -> None:
+        """The operator asks for a snapshot before a Stop: level 4's steps into the ModelDeployment's
+        snapshot directory, then the answer on the pod (taken, with node, size and time; or the error).
+        The engine ends with a dump that succeeds; a failed one is rolled back as for Checkpoint."""
+        model = ((pod.get("metadata") or {}).get("labels") or {}).get(c.LABEL_MODEL, "")
+        spec_hash = str(request.get("specHash") or "")
+        node = self.reporter.node
+        t0 = time.monotonic()
+        await self.reporter.event(
+            pod, "Normal", "TakingSnapshot", "Taking a snapshot of the engine before Stop"
+        )
+        answer: dict[str, Any] = {"id": request["id"], "node": node}
+        try:
+            if not model or not spec_hash:
+                raise LevelError(
+                    f"the request names no spec hash, or the pod no {c.LABEL_MODEL} label", rolled_back=True
+                )
+            await self._leave_service(pod, SleepLevel.CHECKPOINT)
+            details = await self.levels.snapshot(ref, model, spec_hash)
+        except LevelError as e:
+            answer["error"] = str(e)
+            self.metrics.snapshots.labels("failed").inc()
+            await self.reporter.event(pod, "Warning", "SnapshotFailed", f"No snapshot: {e}")
+            log.warning("%s/%s: snapshot failed: %s", *ref.key, e)
+        else:
+            seconds = round(time.monotonic() - t0, 3)
+            size = int(details.get("image_bytes") or 0)
+            answer.update(specHash=spec_hash, bytes=size, taken=_stamp(), seconds=seconds)
+            self.metrics.snapshots.labels("ok").inc()
+            self.metrics.snapshot_bytes.labels(ref.namespace, model).set(size)
+            self.metrics.snapshot_taken.labels(ref.namespace, model).set(time.time())
+            await self.reporter.event(
+                pod,
+                "Normal",
+                "SnapshotTaken",
+                f"Snapshot taken in {seconds:.2f} s ({size} bytes) on node {node}",
+            )
+            log.info("%s/%s: snapshot taken in %.3f s, %d bytes", *ref.key, seconds, size)
+        self.snapshot_answered[ref.key] = str(request["id"])
+        await self.reporter.write(pod, {c.ANN_SNAPSHOT: json.dumps(answer, sort_keys=True)})
+
+    async def _restore_from_snapshot(self, pod: dict[str, Any], ref: PodRef) -> float | None:
+        """A new pod of a wake from Stop, whose init waits for a restore: restore the snapshot into it,
+        wake the restored engine, and tell the init; any failure is a cold start with the reason."""
+        try:
+            source = json.loads(ref.annotations[c.ANN_RESTORE_FROM])
+            spec_hash = str(source["specHash"])
+        except (ValueError, KeyError, TypeError):
+            source, spec_hash = {}, ""
+        model = ((pod.get("metadata") or {}).get("labels") or {}).get(c.LABEL_MODEL, "")
+        waiting = await asyncio.to_thread(self.levels.waiting_for_restore, ref)
+        if waiting is None:
+            return 0.5  # its container has not started yet
+        if not waiting:
+            first = self.restore_seen.setdefault(ref.uid, time.monotonic())
+            if time.monotonic() - first < self.restore_not_waiting_s:
+                return 0.5  # its init may not have written its wait yet
+        loop = asyncio.get_running_loop()
+
+        def check(_: Any) -> None:
+            asyncio.run_coroutine_threadsafe(self.levels.wake_restored(ref), loop).result(
+                self.levels.host.engine_timeout_s + 60
+            )
+
+        if not waiting:
+            outcome_restored, seconds, reason = False, 0.0, "the pod's init was not waiting for a restore"
+        elif not spec_hash or not model:
+            outcome_restored, seconds, reason = False, 0.0, f"{c.ANN_RESTORE_FROM} names no spec hash"
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.levels.restore_snapshot, ref, model or "-", "-", check)
+        else:
+            outcome = await asyncio.to_thread(self.levels.restore_snapshot, ref, model, spec_hash, check)
+            outcome_restored, seconds, reason = outcome.restored, outcome.seconds, outcome.reason
+        self.restore_decided.add(ref.uid)
+        self.restore_seen.pop(ref.uid, None)
+        result = "restored" if outcome_restored else "cold"
+        if waiting:
+            self.metrics.restore_seconds.labels(result).observe(seconds)
+        report: dict[str, Any] = {"restored": outcome_restored, "seconds": round(seconds, 3)}
+        if outcome_restored:
+            message = f"Restored from the snapshot taken on node {source.get('node')} in {seconds:.2f} s"
+            await self.reporter.event(pod, "Normal", "Restored", message)
+        else:
+            report["reason"] = reason
+            await self.reporter.event(
+                pod, "Warning", "SnapshotNotUsed", f"Starting the engine cold: {reason}"
+            )
+        log.info("%s/%s: snapshot %s (%.3f s) %s", *ref.key, result, seconds, reason)
+        await self.reporter.write(pod, {c.ANN_RESTORE: json.dumps(report, sort_keys=True)})
+        self.verified.discard(ref.key)  # probed afresh: restored and awake, or starting cold
+        return 0.0
 
     # -- failures: attempts, backoff, escalation -------------------------------------------------
 
@@ -847,6 +967,24 @@ class Agent:
                 c.ANN_ESCALATE_TO: c.ESCALATE_TO_STOP,
             },
         )
+
+
+def snapshot_request(ref: PodRef) -> dict[str, Any] | None:
+    """The operator's request for a snapshot on this pod (hibernate.dev/snapshot-request), or None."""
+    try:
+        request = json.loads(ref.annotations.get(c.ANN_SNAPSHOT_REQUEST) or "null")
+    except ValueError:
+        return None
+    return request if isinstance(request, dict) and request.get("id") else None
+
+
+def snapshot_answer(ref: PodRef, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The agent's answer on this pod to `request`, or None."""
+    try:
+        answer = json.loads(ref.annotations.get(c.ANN_SNAPSHOT) or "null")
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) and answer.get("id") == request["id"] else None
 
 
 _ASKED_STOP = "asked the operator to stop the ModelDeployment (the last level of the escalation)"
