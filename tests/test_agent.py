@@ -450,7 +450,9 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
     cluster.core.delete_namespaced_pod(old["name"], namespace, grace_period_seconds=0)
 
     new = pod_of_the_model("llama-new")
-    source = {"node": NODE, "specHash": "spec-h1", "taken": answer["taken"]}
+    # The operator's template names the snapshot and its canary: the engine's answer before it.
+    assert answer["check"]["model"] == "fake-model" and answer["check"]["text"]
+    source = {"node": NODE, "specHash": "spec-h1", "taken": answer["taken"], "check": answer["check"]}
     cluster.core.patch_namespaced_pod(
         new["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
     )
@@ -478,9 +480,38 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
         assert complete(url) == before, "woken (weights reloaded), it answers as before the snapshot"
         assert "Restored" in [e.reason for e in pod_events(cluster, namespace, new["name"])]
 
+    # A restored engine that does not give the canary's answer again does not serve: it is ended and
+    # the pod's init starts the engine cold (here the canary is forged: the engine is right).
+    cluster.core.delete_namespaced_pod(new["name"], namespace, grace_period_seconds=0)
+    forged = pod_of_the_model("llama-forged")
+    source = {**source, "check": {**answer["check"], "text": " not what it said"}}
+    cluster.core.patch_namespaced_pod(
+        forged["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
+    )
+    forged_cid = uuid.uuid4().hex * 2
+    with WaitingPod.start(
+        cmd,
+        uid=forged["uid"],
+        container_id=forged_cid,
+        host_network=True,
+        port=port,
+        ready_path=None,
+        env={c.ENV_RESTORE_WAIT: "60"},
+    ):
+        start_pod(cluster, namespace, forged["name"], container_id=forged_cid)
+        raw = eventually(
+            lambda: annotations(cluster, namespace, forged["name"]).get(c.ANN_RESTORE),
+            timeout=60,
+            what="verdict",
+        )
+        restore = json.loads(raw)
+        assert restore["restored"] is False and "to the wake check, where it answered" in restore["reason"]
+        reached(cluster, namespace, forged["name"], 0, "Awake", timeout=60)
+        assert complete(url) == before, "started cold by its init, it serves"
+
     # The engine changed since (another image, args or model: another spec hash): the snapshot is
     # refused, and the pod's init starts the engine cold, with the reason in a Warning on the pod.
-    cluster.core.delete_namespaced_pod(new["name"], namespace, grace_period_seconds=0)
+    cluster.core.delete_namespaced_pod(forged["name"], namespace, grace_period_seconds=0)
     changed = pod_of_the_model("llama-changed")
     source = {"node": NODE, "specHash": "spec-h2", "taken": answer["taken"]}
     cluster.core.patch_namespaced_pod(

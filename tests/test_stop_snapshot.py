@@ -3,7 +3,7 @@
 No kubelet and no node agent run here: the tests bind the pods to nodes, play the kubelet
 (readiness) and play the agent (its reports, and its answer to a snapshot request on the pod).
 The operator runs with --tools-image, as the chart runs it: its pods have the init that waits for
-a restore.
+a restore, so snapshots are on by default.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from tests.modeldeployments import (
 )
 
 TOOLS_IMAGE = "ghcr.io/example/hibernate-tools:test"
+# The engine's answer before the snapshot, as the agent reports it with the snapshot (agent/wakecheck.py).
+CANARY = {"model": "m", "prompt": "Count on: one, two,", "max_tokens": 8, "text": " three, four"}
 
 
 @pytest.fixture
@@ -44,8 +46,11 @@ def operator_with_tools(cluster: Cluster, tmp_path: Path) -> Iterator[Process]:
 
 
 def model(name: str, replicas: int = 2, **stop: Any) -> dict[str, Any]:
+    """A ModelDeployment with `spec.stop` as given: snapshots are on by default (the operator runs with
+    the pod init)."""
     body = manifest(name, replicas=replicas)
-    body["spec"]["stop"] = {"snapshot": True, **stop}
+    if stop:
+        body["spec"]["stop"] = stop
     return body
 
 
@@ -140,6 +145,7 @@ def test_stop_asks_one_replica_for_a_snapshot_and_scales_to_zero_only_once_it_is
             "bytes": 3 << 30,
             "taken": taken,
             "seconds": 4.25,
+            "check": CANARY,
         },
     )
     eventually(lambda: replicas_of(cluster, namespace, "m") == 0, what="scaled to zero after the snapshot")
@@ -153,6 +159,7 @@ def test_stop_asks_one_replica_for_a_snapshot_and_scales_to_zero_only_once_it_is
         "bytes": 3 << 30,
         "taken": taken,
         "seconds": 4.25,
+        "check": {"model": "m", "prompt": "Count on: one, two,", "maxTokens": 8, "text": " three, four"},
     }
     ready = eventually(
         lambda: (x := condition(get(cluster, namespace, "m"), "SnapshotReady"))["status"] == "True" and x
@@ -179,7 +186,13 @@ def test_a_wake_from_stop_marks_the_new_pods_for_restore_on_the_snapshots_node(
         cluster,
         namespace,
         pod,
-        {"id": request["id"], "node": node, "specHash": request["specHash"], "bytes": 1 << 20},
+        {
+            "id": request["id"],
+            "node": node,
+            "specHash": request["specHash"],
+            "bytes": 1 << 20,
+            "check": CANARY,
+        },
     )
     kubelet_ends_pods(cluster, namespace, "m")
     eventually(lambda: get(cluster, namespace, "m")["status"].get("phase") == "Stopped", what="Stopped")
@@ -190,6 +203,8 @@ def test_a_wake_from_stop_marks_the_new_pods_for_restore_on_the_snapshots_node(
         assert new.metadata.name != pod
         restore_from = json.loads(new.metadata.annotations[c.ANN_RESTORE_FROM])
         assert (restore_from["node"], restore_from["specHash"]) == (node, engine_hash(body))
+        # The canary the restored engine must answer, as the agent wrote it.
+        assert {k: restore_from["check"][k] for k in CANARY} == CANARY
         (engine,) = [x for x in new.spec.containers if x.name == c.ENGINE_CONTAINER]
         assert {e.name: e.value for e in engine.env}[c.ENV_RESTORE_WAIT] == "45"
         (preferred,) = new.spec.affinity.node_affinity.preferred_during_scheduling_ignored_during_execution
@@ -257,7 +272,7 @@ def test_a_failed_snapshot_still_stops_with_the_agents_reason(
     assert "snapshot" not in get(cluster, namespace, "m")["status"]
 
 
-def test_snapshot_off_stops_at_once_without_asking(
+def test_snapshot_false_stops_at_once_without_asking(
     cluster: Cluster, namespace: str, operator_with_tools: Process
 ) -> None:
     apply(cluster, namespace, model("m", replicas=1, snapshot=False))
@@ -272,7 +287,7 @@ def test_snapshot_off_stops_at_once_without_asking(
 def test_without_the_pod_init_snapshots_are_off_and_say_why(
     cluster: Cluster, namespace: str, operator: Process
 ) -> None:
-    apply(cluster, namespace, model("m", replicas=1))
+    apply(cluster, namespace, model("m", replicas=1, snapshot=True))
     conditions = lambda: get(cluster, namespace, "m").get("status", {}).get("conditions", [])  # noqa: E731
     off = eventually(lambda: [x for x in conditions() if x["type"] == "SnapshotReady"])[0]
     assert (off["status"], off["reason"]) == ("False", "Disabled") and "--tools-image" in off["message"]

@@ -60,6 +60,14 @@ class Reference:
             return None
         try:
             data = json.loads(raw)
+        except ValueError:
+            return None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Reference | None:
+        """A record as JSON decoded (the pod's, or a snapshot's), or None where it is not one."""
+        try:
             found = cls(**{k: data[k] for k in cls.__dataclass_fields__})
         except (ValueError, TypeError, KeyError):
             return None
@@ -124,6 +132,39 @@ class WakeCheck:
         fault_point("agent.after-wake-reference")
         return {"wake_check": "recorded"}
 
+    async def answer(self, ref: PodRef) -> Reference | None:
+        """The engine's answer now, not recorded on the pod: what a snapshot carries, so that the engine
+        restored from it into a new pod must give it again (docs/snapshots.md). None where the pod is
+        not checked or the engine does not answer (the snapshot is then taken unchecked)."""
+        if not enabled(ref):
+            return None
+        try:
+            model, text = await self._ask(ref, None, PROMPT, MAX_TOKENS)
+        except (EngineError, LookupError) as e:
+            log.warning("%s/%s: no wake check for this snapshot: %s", *ref.key, e)
+            return None
+        stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return Reference(model, PROMPT, MAX_TOKENS, text, stamp)
+
+    async def compare(self, ref: PodRef, reference: Reference) -> str | None:
+        """None when the engine gives `reference`'s answer again, else why not, with both answers."""
+        problem: str | None = None
+        for attempt in range(2):
+            try:
+                _, text = await self._ask(ref, reference.model, reference.prompt, reference.max_tokens)
+            except (EngineError, LookupError) as e:
+                return f"the woken engine does not answer the wake check: {e}"
+            if text == reference.text:
+                return None
+            problem = (
+                f"the woken engine answers {_shown(text)} to the wake check, where it answered "
+                f"{_shown(reference.text)} before the sleep ({reference.model}, {reference.max_tokens} "
+                "greedy tokens)"
+            )
+            if attempt == 0:
+                await asyncio.sleep(0.5)  # once more: a batch with other requests can tip a logit
+        return problem
+
     async def verify(self, ref: PodRef) -> str | None:
         """After a wake: None when the engine gives the recorded answer again (or nothing is to be
         checked), else why not, with both answers. The record goes either way."""
@@ -134,23 +175,7 @@ class WakeCheck:
             await self._forget(ref)
             return None
         fault_point("agent.before-wake-check")
-        problem: str | None = None
-        for attempt in range(2):
-            try:
-                _, text = await self._ask(ref, reference.model, reference.prompt, reference.max_tokens)
-            except (EngineError, LookupError) as e:
-                problem = f"the woken engine does not answer the wake check: {e}"
-                break
-            if text == reference.text:
-                problem = None
-                break
-            problem = (
-                f"the woken engine answers {_shown(text)} to the wake check, where it answered "
-                f"{_shown(reference.text)} before the sleep ({reference.model}, {reference.max_tokens} "
-                "greedy tokens)"
-            )
-            if attempt == 0:
-                await asyncio.sleep(0.5)  # once more: a batch with other requests can tip a logit
+        problem = await self.compare(ref, reference)
         await self._forget(ref)
         if problem is None:
             log.info("%s/%s: the woken engine answers as before the sleep", *ref.key)

@@ -15,17 +15,17 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from hibernate.agent import coldstart, criu, kube, ownership
+from hibernate.agent import coldstart, criu, kube, ownership, wakecheck
 from hibernate.agent.coldstart import ColdStarts
 from hibernate.agent.levels import LevelError, Levels
 from hibernate.agent.metrics import AgentMetrics
 from hibernate.agent.ownership import Ownership, Verdict
 from hibernate.agent.podref import PodRef
-from hibernate.agent.wakecheck import WakeCheck
+from hibernate.agent.wakecheck import Reference, WakeCheck
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
 from hibernate.faults import fault_point
@@ -433,9 +433,15 @@ class Agent:
                 raise LevelError(
                     f"the request names no spec hash, or the pod no {c.LABEL_MODEL} label", rolled_back=True
                 )
+            if self.wake_check is not None and ref.observed() == SleepLevel.AWAKE:
+                # The canary: the engine restored from this snapshot must give this answer again.
+                reference = await self.wake_check.answer(ref)
+                if reference is not None:
+                    answer["check"] = asdict(reference)
             await self._leave_service(pod, SleepLevel.CHECKPOINT)
             details = await self.levels.snapshot(ref, model, spec_hash)
         except LevelError as e:
+            answer.pop("check", None)
             answer["error"] = str(e)
             self.metrics.snapshots.labels("failed").inc()
             await self.reporter.event(pod, "Warning", "SnapshotFailed", f"No snapshot: {e}")
@@ -474,9 +480,18 @@ class Agent:
             if time.monotonic() - first < self.restore_not_waiting_s:
                 return 0.5  # its init may not have written its wait yet
         loop = asyncio.get_running_loop()
+        reference = Reference.from_dict(source.get("check")) if isinstance(source, dict) else None
+
+        async def wake_and_compare() -> None:
+            await self.levels.wake_restored(ref)
+            if reference is not None and self.wake_check is not None and wakecheck.enabled(ref):
+                problem = await self.wake_check.compare(ref, reference)
+                if problem is not None:
+                    raise LevelError(problem, rolled_back=False)
 
         def check(_: Any) -> None:
-            asyncio.run_coroutine_threadsafe(self.levels.wake_restored(ref), loop).result(
+            # The restored engine serves only once woken and giving the snapshot's answer again.
+            asyncio.run_coroutine_threadsafe(wake_and_compare(), loop).result(
                 self.levels.host.engine_timeout_s + 60
             )
 

@@ -109,9 +109,10 @@ class StopSpec(_Model):
     snapshot: bool | None = Field(
         default=None,
         description=(
-            "true: before the pods go, the agent of one replica takes a snapshot of its engine, and "
-            "the new pods of the next wake restore it instead of starting cold. Needs what Checkpoint "
-            "needs: the hibernate pod init (the operator's --tools-image, as the chart sets it)."
+            "Before the pods go, the agent of one replica takes a snapshot of its engine, and the new "
+            "pods of the next wake restore it instead of starting cold. Default (unset): on wherever "
+            "Checkpoint is possible, i.e. the operator gives the pods the hibernate pod init "
+            "(--tools-image, as the chart does); false: off."
         ),
     )
     timeout_seconds: int = Field(
@@ -386,6 +387,15 @@ class AutomaticLevelStatus(_Model):
     since: str | None = None
 
 
+class SnapshotCheck(_Model):
+    """The canary of a snapshot: the engine's answer before it, which the restored engine must give again."""
+
+    model: str
+    prompt: str
+    max_tokens: int
+    text: str
+
+
 class SnapshotStatus(_Model):
     """The snapshot a wake from Stop restores (docs/snapshots.md), as the agent reported it."""
 
@@ -395,6 +405,10 @@ class SnapshotStatus(_Model):
     bytes: int | None = None
     taken: str = Field(description="When it was taken (RFC 3339 UTC).")
     seconds: float | None = Field(default=None, description="How long taking it took.")
+    check: SnapshotCheck | None = Field(
+        default=None,
+        description="The engine's answer before the snapshot; a restored engine must give it again.",
+    )
 
 
 class ModelDeploymentStatus(_Model):

@@ -49,9 +49,9 @@ class Job:
 
 
 def enabled(spec: ModelDeploymentSpec, tools_image: str) -> bool:
-    """Snapshots at Stop: only where Checkpoint is possible (the pods have the hibernate pod init,
-    which waits for a restore), and asked for with `spec.stop.snapshot: true`."""
-    return bool(tools_image) and spec.stop.snapshot is True
+    """Snapshots at Stop: on by default wherever Checkpoint is possible (the pods have the hibernate
+    pod init, which waits for a restore); `spec.stop.snapshot: false` turns them off."""
+    return bool(tools_image) and spec.stop.snapshot is not False
 
 
 def usable(md: dict[str, Any], spec: ModelDeploymentSpec, tools_image: str) -> dict[str, Any] | None:
@@ -66,8 +66,19 @@ def usable(md: dict[str, Any], spec: ModelDeploymentSpec, tools_image: str) -> d
 
 
 def restore_source(snap: dict[str, Any]) -> str:
-    """The value of `hibernate.dev/restore-from` on the pod template: what the agent restores from."""
-    return json.dumps({"node": snap["node"], "specHash": snap["specHash"], "taken": snap.get("taken")})
+    """The value of `hibernate.dev/restore-from` on the pod template: what the agent restores from,
+    and the canary the restored engine must answer (as the agent wrote it: max_tokens)."""
+    source: dict[str, Any] = {"node": snap["node"], "specHash": snap["specHash"], "taken": snap.get("taken")}
+    check = snap.get("check")
+    if isinstance(check, dict):
+        source["check"] = {
+            "model": check.get("model"),
+            "prompt": check.get("prompt"),
+            "max_tokens": check.get("maxTokens"),
+            "text": check.get("text"),
+            "taken": snap.get("taken"),
+        }
+    return json.dumps(source, sort_keys=True)
 
 
 def pod_template_restore(template: dict[str, Any], snap: dict[str, Any], wait_seconds: int) -> None:
@@ -95,8 +106,8 @@ def pod_template_restore(template: dict[str, Any], snap: dict[str, Any], wait_se
 def condition_of(md: dict[str, Any], spec: ModelDeploymentSpec, tools_image: str) -> tuple[bool, str, str]:
     """(status, reason, message) of the SnapshotReady condition."""
     snap = (md.get("status") or {}).get("snapshot")
-    if spec.stop.snapshot is not True:
-        return False, "Disabled", "spec.stop.snapshot is not true: a wake from Stop starts cold"
+    if spec.stop.snapshot is False:
+        return False, "Disabled", "spec.stop.snapshot is false: a wake from Stop starts cold"
     if not tools_image:
         return False, "Disabled", f"{TOOLS_NEEDED}: a wake from Stop starts cold"
     if not isinstance(snap, dict):
@@ -338,6 +349,18 @@ def _outcome(
         snap["bytes"] = answer["bytes"]
     if isinstance(answer.get("seconds"), int | float):
         snap["seconds"] = round(float(answer["seconds"]), 3)
+    check = answer.get("check")
+    if (
+        isinstance(check, dict)
+        and all(isinstance(check.get(k), str) for k in ("model", "prompt", "text"))
+        and isinstance(check.get("max_tokens"), int)
+    ):
+        snap["check"] = {
+            "model": check["model"],
+            "prompt": check["prompt"],
+            "maxTokens": check["max_tokens"],
+            "text": check["text"],
+        }
     message = (
         f"Snapshot of pod {pod} taken on node {node} ({_size(snap.get('bytes'))}"
         + (f", {snap['seconds']:.1f} s" if "seconds" in snap else "")
