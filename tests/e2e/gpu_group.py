@@ -38,17 +38,6 @@ MEMBERS = ("gg-a", "gg-b")
 SOURCE = "gpu-group"
 
 
-def post(url: str, body: dict[str, Any], timeout: float) -> tuple[int, str]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
 class GroupWalk(walk.Walk):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -82,25 +71,6 @@ class GroupWalk(walk.Walk):
     def sleeping(self, name: str) -> bool:
         ip = self.member_pod(name)["status"]["podIP"]
         return bool(json.loads(self.http(ip, "/is_sleeping", timeout=5))["is_sleeping"])
-
-    def gateway(self) -> str:
-        out = self.kubectl(
-            "get", "pods", "-n", self.release_ns, "-l", "app.kubernetes.io/component=gateway", "-o", "json"
-        )
-        pods = [
-            p
-            for p in json.loads(out)["items"]
-            if any(
-                x["type"] == "Ready" and x["status"] == "True"
-                for x in (p.get("status") or {}).get("conditions", [])
-            )
-        ]
-        if not pods:
-            raise walk.WalkError("no ready gateway pod")
-        port = next(
-            p["containerPort"] for p in pods[0]["spec"]["containers"][0]["ports"] if p.get("name") == "http"
-        )
-        return f"http://{pods[0]['status']['podIP']}:{port}"
 
     def metrics(self, gateway: str) -> dict[str, float]:
         with urllib.request.urlopen(gateway + "/metrics", timeout=10) as response:
@@ -157,7 +127,7 @@ class GroupWalk(walk.Walk):
         self.say(f"\n== a request through the gateway for {asked} (asleep): {other} makes room ==")
         body = {"model": f"e2e/{asked}", "prompt": walk.PROMPT, "max_tokens": 8, "temperature": 0}
         started = time.monotonic()
-        status, text = post(gateway + "/v1/completions", body, 120)
+        status, text = walk.post(gateway + "/v1/completions", body, 120)
         seconds = time.monotonic() - started
         self.rows.append((f"{other} -> {asked}", seconds))
         answered = status == 200 and bool(json.loads(text)["choices"][0]["text"])
@@ -249,14 +219,7 @@ class GroupWalk(walk.Walk):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = walk.common_parser(__doc__, "local/hibernate:dev")
-    parser.add_argument("--release", default="hibernate")
-    args = parser.parse_args(argv)
-    try:
-        return GroupWalk(args).run_group()
-    except walk.WalkError as e:
-        print(f"FAILED: {e}", flush=True)
-        return 1
+    return walk.gateway_walk_main(__doc__, lambda args: GroupWalk(args).run_group(), argv)
 
 
 if __name__ == "__main__":

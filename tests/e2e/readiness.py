@@ -25,8 +25,6 @@ import json
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,17 +35,6 @@ import walk
 NAME = "ready2"
 AWAKE = "hibernate.dev/awake"
 REQUESTS = 100
-
-
-def post(url: str, body: dict[str, Any], timeout: float) -> tuple[int, str]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
 
 
 class Readiness(walk.Walk):
@@ -94,18 +81,6 @@ class Readiness(walk.Walk):
             and ann.get("hibernate.dev/observed-sleep-level") == str(level)
         )
 
-    def gateway(self) -> str:
-        out = self.kubectl(
-            "get", "pods", "-n", self.release_ns, "-l", "app.kubernetes.io/component=gateway", "-o", "json"
-        )
-        pods = [p for p in json.loads(out)["items"] if self.condition(p, "Ready") == "True"]
-        if not pods:
-            raise walk.WalkError("no ready gateway pod")
-        port = next(
-            p["containerPort"] for p in pods[0]["spec"]["containers"][0]["ports"] if p.get("name") == "http"
-        )
-        return f"http://{pods[0]['status']['podIP']}:{port}"
-
     def condition_of(self, ctype: str) -> dict[str, Any]:
         status = self.md().get("status") or {}
         return next((x for x in status.get("conditions") or [] if x["type"] == ctype), {})
@@ -117,7 +92,7 @@ class Readiness(walk.Walk):
         def one(i: int) -> tuple[str, float]:
             started = time.monotonic()
             try:
-                status, text = post(urls[i % len(urls)] + "/v1/completions", body, timeout)
+                status, text = walk.post(urls[i % len(urls)] + "/v1/completions", body, timeout)
             except TimeoutError:
                 return "hung", time.monotonic() - started
             except OSError as e:
@@ -212,7 +187,9 @@ class Readiness(walk.Walk):
         )
         answer: list[tuple[int, str]] = []
         body = {"model": walk.MODEL, "prompt": walk.PROMPT, "max_tokens": 8, "temperature": 0}
-        held = threading.Thread(target=lambda: answer.append(post(gateway + "/v1/completions", body, 120)))
+        held = threading.Thread(
+            target=lambda: answer.append(walk.post(gateway + "/v1/completions", body, 120))
+        )
         started = time.monotonic()
         held.start()
         time.sleep(3)
@@ -275,15 +252,8 @@ class Readiness(walk.Walk):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = walk.common_parser(__doc__, "local/hibernate:dev")
-    parser.add_argument("--release", default="hibernate")
-    args = parser.parse_args(argv)
     walk.NAME = NAME  # the walk's helpers read the ModelDeployment's name from there
-    try:
-        return Readiness(args).run_readiness()
-    except walk.WalkError as e:
-        print(f"FAILED: {e}", flush=True)
-        return 1
+    return walk.gateway_walk_main(__doc__, lambda args: Readiness(args).run_readiness(), argv)
 
 
 if __name__ == "__main__":

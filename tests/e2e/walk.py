@@ -46,6 +46,19 @@ class WalkError(Exception):
     pass
 
 
+def post(url: str, body: dict[str, Any], timeout: float) -> tuple[int, str]:
+    """POST JSON from here (the gateway's pod IP is reachable on the real node): (status, text), an
+    HTTP error status included."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
 class Walk:
     def __init__(self, args: argparse.Namespace) -> None:
         self.kubectl_cmd = shlex.split(args.kubectl)
@@ -110,6 +123,26 @@ class Walk:
             return []
         subsets = json.loads(out).get("subsets") or []
         return [a["ip"] for s in subsets for a in s.get("addresses") or []]
+
+    def gateway(self) -> str:
+        """The URL of a ready pod of the chart's gateway (readiness.py, gpu_group.py)."""
+        out = self.kubectl(
+            "get", "pods", "-n", self.release_ns, "-l", "app.kubernetes.io/component=gateway", "-o", "json"
+        )
+        pods = [
+            p
+            for p in json.loads(out)["items"]
+            if any(
+                x["type"] == "Ready" and x["status"] == "True"
+                for x in (p.get("status") or {}).get("conditions", [])
+            )
+        ]
+        if not pods:
+            raise WalkError("no ready gateway pod")
+        port = next(
+            p["containerPort"] for p in pods[0]["spec"]["containers"][0]["ports"] if p.get("name") == "http"
+        )
+        return f"http://{pods[0]['status']['podIP']}:{port}"
 
     def wait_for(self, what: str, test: Callable[[], bool], timeout: float | None = None) -> float:
         started = time.monotonic()
@@ -382,6 +415,21 @@ def common_parser(doc: str | None, engine_image: str) -> argparse.ArgumentParser
     )
     parser.set_defaults(http_via="", summary_json="")
     return parser
+
+
+def gateway_walk_main(
+    doc: str | None, run: Callable[[argparse.Namespace], int], argv: list[str] | None
+) -> int:
+    """main() of a walk through the chart's gateway (readiness.py, gpu_group.py): the common
+    arguments and --release (the chart's release name); a WalkError fails it with its reason."""
+    parser = common_parser(doc, "local/hibernate:dev")
+    parser.add_argument("--release", default="hibernate")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except WalkError as e:
+        print(f"FAILED: {e}", flush=True)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
