@@ -455,6 +455,37 @@ def test_gpu_level1_frees_weights_and_kv(gpu_engine: Engine) -> None:
 
 
 @pytest.mark.gpu
+def test_gpu_a_cuda_suspend_hint_unpins_the_host_copy_and_the_wake_pins_it_again(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With `--host-alloc register`, the level-1 sleep before a CUDA suspend leaves its host copy
+    unpinned (so the driver's restore has no pinned memory to register again); the wake pins it
+    slab by slab while copying, and answers the same tokens."""
+    reason = _gpu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    engine = Engine(
+        tmp_path_factory.mktemp("reference-gpu-unpin"), "cuda:0", 1.0, 0.5, "--host-alloc", "register"
+    )
+    try:
+        before, checksum = engine.complete(), engine.checksum()
+        engine.call("POST", "/sleep?level=1&hibernate=cuda-suspend")
+        asleep = engine.memory()
+        assert asleep["host_copy_valid"] and asleep["host_copy_bytes"] >= GIB
+        assert asleep["pinned_bytes"] < asleep["host_copy_bytes"], "the host copy is unpinned"
+        assert "prepare_cuda_suspend" in engine.call("GET", "/debug/timings")
+        engine.call("POST", "/wake_up")
+        assert engine.complete() == before
+        assert engine.checksum() == checksum
+        engine.call("POST", "/sleep?level=1")  # a plain level-1 sleep keeps the copy pinned
+        assert engine.memory()["pinned_bytes"] >= engine.memory()["host_copy_bytes"]
+        engine.call("POST", "/wake_up")
+        assert engine.complete() == before
+    finally:
+        engine.stop()
+
+
+@pytest.mark.gpu
 def test_gpu_level2_reload_same_tokens(gpu_engine: Engine) -> None:
     before, checksum = gpu_engine.complete(), gpu_engine.checksum()
     gpu_engine.call("POST", "/sleep?level=2")

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="torch",
         help="level-1 host copy: torch's pinned allocator, or mmap + huge pages + cudaHostRegister",
     )
+    p.add_argument(
+        "--register-threads",
+        type=int,
+        default=8,
+        help="--host-alloc register: threads that pin (and, before a CUDA suspend, unpin) the host slabs",
+    )
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=int, default=None, help="override the hidden size")
@@ -432,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_staging=not args.release_staging,
         pinned_prealloc=args.pinned_prealloc,
         host_alloc=args.host_alloc,
+        pin_threads=args.register_threads,
     )
     engine = Engine(
         cfg,

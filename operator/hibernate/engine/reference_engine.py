@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import torch  # type: ignore[import-not-found,unused-ignore]
 
-from hibernate.api.constants import PREPARE_CHECKPOINT
+from hibernate.api.constants import PREPARE_CHECKPOINT, PREPARE_CUDA_SUSPEND
 from hibernate.engine.reference_model import ModelConfig, generate
 from hibernate.engine.reference_weights import WeightStore, trim_heap
 
@@ -170,6 +170,15 @@ class Engine:
             if level == 1:
                 self.store.offload()
                 self.timings.record("offload", started)
+                if prepare == PREPARE_CUDA_SUSPEND and self.options.follow_hints:
+                    # The driver's checkpoint follows: pinned host memory would be re-registered by
+                    # its restore (~0.7 s for 16 GiB); unpinned here, it is pinned again slab by
+                    # slab while the wake copies it back.
+                    t = time.monotonic()
+                    if self.store.unpin_slabs():
+                        self.timings.record("prepare_cuda_suspend", t)
+                    else:
+                        log.info("cuda-suspend hint: the host copy cannot be unpinned (--host-alloc torch)")
             else:
                 self.store.release()
                 # Level 2 keeps nothing: the pinned level-1 slabs go too (even preallocated ones),

@@ -27,8 +27,8 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -147,12 +147,14 @@ class RegisteredHost:
     """Host memory from an anonymous mmap (transparent huge pages asked for), page-locked with
     cudaHostRegister: `--host-alloc register`, an alternative to torch's cudaHostAlloc pinning.
 
-    Huge pages may make pinning, and the driver's re-registration when a checkpointed context is
-    restored, cheaper than with 4 KiB pages (an experiment; shared/notes/checkpointing.md saw
-    ~0.9 s of re-registration for 16 GiB of pinned memory).
+    Unlike cudaHostAlloc memory it can be unpinned and pinned again with its bytes kept: before a
+    CUDA suspend the engine unpins its level-1 copy, so the driver's checkpoint holds no page-locked
+    host memory and its restore skips re-registering it (shared/notes/checkpointing.md: 16 GiB of
+    pinned memory add ~0.7 s to a restore); the wake pins the slabs again while copying them back.
     """
 
     def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
         self.map = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
         if advice is not None:
@@ -160,16 +162,31 @@ class RegisteredHost:
                 self.map.madvise(advice)
         self.tensor: torch.Tensor | None = torch.frombuffer(self.map, dtype=torch.uint8)
         self.ptr = self.tensor.data_ptr()
-        rc = torch.cuda.cudart().cudaHostRegister(self.ptr, nbytes, 0)  # type: ignore[no-untyped-call,unused-ignore]
-        if int(rc) != 0:
+        self.pinned = False
+        try:
+            self.pin()
+        except RuntimeError:
             self.tensor = None
             self.map.close()
-            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {rc}")
+            raise
+
+    def pin(self) -> None:
+        if self.pinned:
+            return
+        rc = torch.cuda.cudart().cudaHostRegister(self.ptr, self.nbytes, 0)  # type: ignore[no-untyped-call,unused-ignore]
+        if int(rc) != 0:
+            raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes failed: {rc}")
+        self.pinned = True
+
+    def unpin(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.ptr)  # type: ignore[no-untyped-call,unused-ignore]
+            self.pinned = False
 
     def close(self) -> None:
         if self.tensor is None:
             return
-        torch.cuda.cudart().cudaHostUnregister(self.ptr)  # type: ignore[no-untyped-call,unused-ignore]
+        self.unpin()
         self.tensor = None
         with contextlib.suppress(BufferError):
             self.map.close()  # else freed with the last view
@@ -187,6 +204,7 @@ class WeightStore:
         keep_staging: bool = True,
         pinned_prealloc: bool = False,
         host_alloc: str = "torch",
+        pin_threads: int = 8,
     ) -> None:
         if host_alloc not in ("torch", "register"):
             raise ValueError(f"host_alloc must be torch or register, not {host_alloc!r}")
@@ -201,6 +219,7 @@ class WeightStore:
         self.keep_staging = keep_staging
         self.pinned_prealloc = pinned_prealloc
         self.host_alloc = host_alloc
+        self.pin_threads = max(1, pin_threads)
         self._registered: list[RegisteredHost] = []
         self.buffers: list[torch.Tensor] | None = None
         self.slab_bytes = min(MAX_SLAB, 1 << max(0, (self.total_bytes - 1).bit_length()))
@@ -238,7 +257,10 @@ class WeightStore:
     def pinned_bytes(self) -> int:
         if not self.cuda:
             return 0
-        slabs = len(self.slabs) * self.slab_bytes if self.slabs is not None else 0
+        if self._registered:
+            slabs = sum(r.nbytes for r in self._registered if r.pinned)
+        else:
+            slabs = len(self.slabs) * self.slab_bytes if self.slabs is not None else 0
         return slabs + sum(len(pair) * self.staging_bytes for pair in self._staging.values())
 
     def host_copy_bytes(self) -> int:
@@ -419,7 +441,7 @@ class WeightStore:
         if self.slabs is None:
             count = -(-self.total_bytes // self.slab_bytes)
             if self.cuda and self.host_alloc == "register":
-                with ThreadPoolExecutor(max_workers=8, thread_name_prefix="pin") as pool:
+                with ThreadPoolExecutor(max_workers=self.pin_threads, thread_name_prefix="pin") as pool:
                     self._registered = list(pool.map(lambda _: RegisteredHost(self.slab_bytes), range(count)))
                 self.slabs = [r.tensor for r in self._registered if r.tensor is not None]
             else:
@@ -464,18 +486,42 @@ class WeightStore:
         self.buffers = None
         self.host_valid = True
 
+    def unpin_slabs(self) -> bool:
+        """Unpin the level-1 copy, bytes kept (before a CUDA suspend: see RegisteredHost); False where
+        the slabs cannot be unpinned (torch's cudaHostAlloc memory, or none on the host)."""
+        if not self._registered or not self.host_valid:
+            return False
+        with ThreadPoolExecutor(max_workers=self.pin_threads, thread_name_prefix="unpin") as pool:
+            list(pool.map(RegisteredHost.unpin, self._registered))
+        return True
+
     def restore(self) -> None:
-        """Copy the host slabs back into new buffers; without prealloc the slabs are freed."""
+        """Copy the host slabs back into new buffers; without prealloc the slabs are freed. Unpinned
+        slabs are pinned again on `pin_threads` threads, each slab's copy issued as soon as it is."""
         if self.slabs is None or not self.host_valid:
             raise RuntimeError("no host copy of the weights to restore")
         self.allocate()
         buffers = self._require()
-        self._copy(buffers, self.slabs, to_host=False)
+        unpinned = [r for r in self._registered if not r.pinned]
+        if unpinned:
+            with ThreadPoolExecutor(max_workers=self.pin_threads, thread_name_prefix="pin") as pool:
+                ready = {i: pool.submit(r.pin) for i, r in enumerate(self._registered) if not r.pinned}
+                self._copy(buffers, self.slabs, to_host=False, ready=ready)
+        else:
+            self._copy(buffers, self.slabs, to_host=False)
         self.host_valid = False
         if not self.pinned_prealloc:
             self._free_slabs()
 
-    def _copy(self, buffers: Sequence[torch.Tensor], slabs: Sequence[torch.Tensor], to_host: bool) -> None:
+    def _copy(
+        self,
+        buffers: Sequence[torch.Tensor],
+        slabs: Sequence[torch.Tensor],
+        to_host: bool,
+        ready: Mapping[int, Future[None]] | None = None,
+    ) -> None:
+        """Copy every segment between device buffers and host slabs on the copy streams; a slab in
+        `ready` is copied only once its future (its pinning) is done."""
         segments = self._segments()
         if not self.cuda:
             for seg in segments:
@@ -492,6 +538,8 @@ class WeightStore:
         for stream in self._copy_streams:
             stream.wait_stream(default)
         for i, seg in enumerate(segments):
+            if ready is not None and seg.slab in ready:
+                ready[seg.slab].result()
             stream = self._copy_streams[i % len(self._copy_streams)]
             with torch.cuda.stream(stream):
                 device = buffers[seg.shard][seg.buffer_offset : seg.buffer_offset + seg.length]
