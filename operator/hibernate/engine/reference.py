@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host-alloc",
         choices=("torch", "register"),
-        default="torch",
-        help="level-1 host copy: torch's pinned allocator, or mmap + huge pages + cudaHostRegister",
+        default="register",
+        help="level-1 host copy: mmap + huge pages + cudaHostRegister (can be unpinned before a CUDA "
+        "suspend: docs/levels.md, Hints), or torch's pinned allocator",
     )
     p.add_argument(
         "--register-threads",
