@@ -346,8 +346,10 @@ class Walk:
         if level == "Stop":
             self.check(
                 after["metadata"]["uid"] != uid,
-                f"Stop: a new pod {after['metadata']['name']} ({new_ip}), a cold start",
+                f"Stop: a new pod {after['metadata']['name']} (uid {after['metadata']['uid'][:8]}, {new_ip}; "
+                f"before: {name}, uid {uid[:8]}, {ip})",
             )
+            self.snapshot_restore(after, woke)
         else:
             self.check(
                 same_pod,
@@ -358,6 +360,30 @@ class Walk:
             self.check(restarts == 0, f"no container restarts (restartCount {restarts})")
         self.check(endpoints == [new_ip], f"Service endpoints {endpoints} == [{new_ip}]")
         return {"level": level, "sleep": slept, "wake": woke, "same": same_answer, "pod": same_pod}
+
+    def snapshot_restore(self, pod: dict[str, Any], woke: float) -> None:
+        """Stop took a snapshot of the engine (docs/snapshots.md, on by default with the chart), and the
+        agent decided the new pod's wake: restored, or a cold start with the reason (a wake never fails
+        because of its snapshot); the restore and cold-start times printed. Where the agent cannot reach
+        the new container's cgroups (docker on cgroup v1: its cgroup mounts are its own container's),
+        the restore falls back to a cold start: printed, not failed (docs/snapshots.md, Limits)."""
+        snap = (self.md().get("status") or {}).get("snapshot") or {}
+        self.check(
+            bool(snap.get("node")),
+            f"Stop took a snapshot first: {snap.get('bytes', 0) / 2**20:.1f} MiB on node {snap.get('node')} "
+            f"in {snap.get('seconds')} s",
+        )
+        ann = pod["metadata"].get("annotations", {})
+        restore = json.loads(ann.get("hibernate.dev/restore") or "{}")
+        how = "restored" if restore.get("restored") else f"a cold start ({restore.get('reason')})"
+        self.say(
+            f"   wake from Stop: {how}, decided by the agent in {restore.get('seconds')} s; the new pod Awake "
+            f"after {woke:.2f} s; the first cold start took {self.apply_seconds:.2f} s"
+        )
+        self.check(
+            restore.get("restored") is True or bool(restore.get("reason")),
+            f"the agent restored the new pod, or said why not (hibernate.dev/restore: {json.dumps(restore)})",
+        )
 
     def restored_layout(self, pod: dict[str, Any], slept: dict[str, Any]) -> None:
         """The agent's restore said which cgroup layout it put the engine back into, the dump's."""
