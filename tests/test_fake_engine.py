@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -116,6 +117,22 @@ def test_level2_cycle_with_the_full_wake_sequence_restores_the_same_answer(engin
     assert not is_sleeping(engine)
     assert memory(engine)["weights_loaded"] is True
     assert complete(engine) == before
+
+
+def test_a_reload_in_a_new_pod_without_the_weights_file_fetches_the_weights_again(tmp_path: Path) -> None:
+    """An engine restored from a snapshot into a new pod (docs/snapshots.md) finds a fresh temporary
+    directory: its reload makes the weights again from the model, as vLLM fetches them again."""
+    with start_fake_engine(env={"TMPDIR": str(tmp_path)}) as engine:
+        before = complete(engine)
+        call(engine, "POST", "/sleep?level=2")
+        (weights,) = (tmp_path / "hibernate-fake-engine").iterdir()
+        weights.unlink()
+        call(engine, "POST", "/wake_up?tags=weights")
+        call(engine, "POST", "/collective_rpc", json={"method": "reload_weights"})
+        call(engine, "POST", "/wake_up?tags=kv_cache")
+        call(engine, "POST", "/reset_prefix_cache")
+        assert weights.is_file() and memory(engine)["weights_loaded"] is True
+        assert complete(engine) == before
 
 
 def test_level2_wake_without_reload_weights_answers_wrongly(engine: FakeEngine) -> None:

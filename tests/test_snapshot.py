@@ -459,3 +459,49 @@ def test_podinit_gives_up_on_a_claimed_restore_without_a_result(tmp_path: Path) 
     os.rename(tmp_path / podinit.RESTORE_WAIT, tmp_path / podinit.RESTORE_CLAIMED)  # an agent that then died
     assert started_cold(tmp_path)
     assert "a restore claimed 0.5 s ago gave no result: starting the engine cold" in stop(init)
+
+
+@pytest.mark.criu
+def test_a_cgroup_hierarchy_the_agent_sees_only_in_part_is_mounted_afresh_at_its_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent in a docker container on cgroup v1 has its hierarchies mounted at its own container's
+    cgroup, where a new pod's cgroup is out of sight: the restore mounts the whole hierarchy afresh (as
+    criu does for itself), where the new container's cgroup.procs is reached by its full path."""
+    import ctypes
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a cgroup hierarchy needs root")
+    monkeypatch.setattr(snapshot, "_fresh", {})
+    mounts = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        tail = line.partition(" - ")[2].split()
+        if tail and tail[0] in ("cgroup", "cgroup2"):
+            mounts[tail[0]] = mounts.get(tail[0]) or set(tail[2].split(","))
+    memory_v1 = next(
+        (set(t.partition(" - ")[2].split()[2].split(",")) for t in Path("/proc/self/mountinfo").read_text().splitlines()
+         if t.partition(" - ")[2].startswith("cgroup ") and "memory" in t.partition(" - ")[2].split()[2].split(",")),
+        None,
+    )  # fmt: skip
+    if memory_v1 is not None:
+        options, v2, mine = memory_v1, False, _own_cgroup(lambda ctl: "memory" in ctl.split(","))
+    elif "cgroup2" in mounts:
+        options, v2, mine = mounts["cgroup2"], True, _own_cgroup(lambda ctl: ctl == "")
+    else:
+        pytest.skip("no cgroup hierarchy mounted here")
+    fresh = snapshot.fresh_hierarchy(options, v2, base=tmp_path)
+    try:
+        assert snapshot.fresh_hierarchy(options, v2, base=tmp_path) == fresh, "mounted once"
+        procs = fresh.joinpath(*Path(mine).parts[1:]) / "cgroup.procs"
+        assert str(os.getpid()) in procs.read_text().split(), "this process, found by its full cgroup path"
+    finally:
+        ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(fresh), 2)  # MNT_DETACH
+
+
+def _own_cgroup(hierarchy: Any) -> str:
+    """This process's cgroup path in the hierarchy whose controller list `hierarchy` accepts."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if hierarchy(controllers):
+            return path
+    raise AssertionError("not in that hierarchy")

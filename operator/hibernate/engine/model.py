@@ -116,6 +116,13 @@ class FakeModel:
         """`collective_rpc reload_weights`: read the weights file back into device memory."""
         if TAG_WEIGHTS in self.asleep:
             raise EngineFault("reload_weights: weights are not resident; wake_up?tags=weights first")
+        if path is None and not self.weights_file.exists():
+            # Its storage is gone: a new pod (restored from a snapshot, docs/snapshots.md) has a fresh
+            # temporary directory. The weights come from the model again, as vLLM fetches them again
+            # into an empty cache; an explicit path that is missing stays an error.
+            fill_model_weights(self.weights, self.name)
+            ensure_weights_file(self.weights_file, self.weights)
+            log.info("weights file %s was missing: made again from the model", self.weights_file)
         try:
             load_weights_file(path or self.weights_file, self.weights)
         except (OSError, ValueError) as exc:

@@ -24,11 +24,13 @@ never restore here (another GPU model or driver, another spec, damaged), CriuErr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -215,6 +217,40 @@ def _prelude(launched: nsexec.Launch, cgroup_procs: list[Path], last_pid: int) -
     launched.env = {"PATH": launched.env.get("PATH", "")}
 
 
+# In the agent's own mount namespace, under its temporary directory (the chart's agent has a read-only
+# root file system and an emptyDir at /tmp); a mount there does not reach the host.
+FRESH_MOUNTS = Path(tempfile.gettempdir()) / "hibernate-cgroups"
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
+_V1_OPTIONS = {"rw", "ro", "nosuid", "nodev", "noexec", "relatime", "noatime", "clone_children", "xattr"}
+_fresh: dict[tuple[str, ...], Path] = {}
+
+
+def fresh_hierarchy(options: set[str], v2: bool, base: Path = FRESH_MOUNTS) -> Path:
+    """The whole cgroup hierarchy of these mount `options` (v1: its controllers or name=), mounted
+    once at its root under `base`; CriuError where the kernel refuses (no CAP_SYS_ADMIN, another
+    cgroup namespace's view)."""
+    wanted = tuple(sorted(o for o in options if o not in _V1_OPTIONS and not o.startswith("release_agent")))
+    key = ("cgroup2",) if v2 else wanted
+    if key in _fresh:
+        return _fresh[key]
+    target = base / ("unified" if v2 else "-".join(wanted).replace("=", "_"))
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == str(target) for line in f)
+    if not mounted:
+        libc = ctypes.CDLL(None, use_errno=True)
+        data = b"" if v2 else ",".join(wanted).encode()
+        kind = b"cgroup2" if v2 else b"cgroup"
+        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        if libc.mount(b"cgroup", os.fsencode(target), kind, flags, data or None) != 0:
+            err = ctypes.get_errno()
+            raise CriuError(
+                f"cannot mount the cgroup hierarchy {','.join(key)} at {target}: {os.strerror(err)}"
+            )
+    _fresh[key] = target
+    return target
+
+
 def container_cgroups(init_pid: int, proc: Path = Path("/proc")) -> list[Path]:
     """The cgroup.procs file, in every cgroup hierarchy the agent mounts, of the cgroup that holds
     `init_pid` (the new container's), each checked to list it; CriuError where one cannot be found.
@@ -242,6 +278,12 @@ def container_cgroups(init_pid: int, proc: Path = Path("/proc")) -> list[Path]:
         if mount is None:
             continue  # a hierarchy the agent does not mount: nothing to join there
         point, root = mount
+        if root != "/" and not path.startswith("/.."):
+            # The agent's own mount of this hierarchy is rooted at its own container's cgroup (docker on
+            # cgroup v1 mounts a container's hierarchies so): mount the whole hierarchy afresh, as criu
+            # does for itself, private to the agent's mount namespace.
+            options, v2 = next((o, v) for o, v, pt, _ in mounts if pt == point)
+            point, root = fresh_hierarchy(options, v2), "/"
         if root != "/" or not path.startswith("/") or "/.." in path:
             raise CriuError(
                 f"the cgroup {path} of pod init {init_pid} is not visible through the agent's mount "
