@@ -129,12 +129,15 @@ def create_engine_pod(
     bare: bool = False,
     model: str | None = None,
     gated: bool = False,
+    drain_seconds: float | None = None,
 ) -> dict[str, Any]:
     """A managed engine pod bound to `node`, owned by a ModelDeployment's chain made for it
     (create_chain, the model named after the pod); `owner`: the ReplicaSet (or anything) to name as
     its controller instead; `bare`: no owner at all. `model`: its hibernate.dev/model label (what the
     owners' selectors match; default: the pod's name). `gated`: the readiness gate the operator puts
-    on engine pods (hibernate.dev/awake), so Ready needs the agent's condition too."""
+    on engine pods (hibernate.dev/awake), so Ready needs the agent's condition too. `drain_seconds`:
+    the pod's drain deadline (what the operator writes from spec.drainSeconds; absent, the agent's
+    default of 30 s)."""
     name = name or f"engine-{uuid.uuid4().hex[:6]}"
     model = model or name
     if owner is None and not bare:
@@ -144,6 +147,8 @@ def create_engine_pod(
         annotations[c.ANN_SLEEP_LEVEL] = level
     if checkpoint_dir is not None:
         annotations[c.ANN_CHECKPOINT_DIR] = checkpoint_dir
+    if drain_seconds is not None:
+        annotations[c.ANN_DRAIN_SECONDS] = f"{drain_seconds:g}"
     meta: dict[str, Any] = {
         "name": name,
         "labels": {c.LABEL_MANAGED: "true", c.LABEL_MODEL: model, "pod-template-hash": TEMPLATE_HASH},

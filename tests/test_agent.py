@@ -157,7 +157,9 @@ def test_an_engine_that_hangs_gives_a_clear_failure_not_a_hung_agent(
     cluster: Cluster, namespace: str, agent: Process
 ) -> None:
     with start_fake_engine("--hang-sleep") as engine:
-        pod = engine_pod(cluster, namespace, engine, level="L1")
+        # A 2 s drain, not the default 30 s: the hung `mode=wait` sleep is cut there, then the
+        # `mode=abort` one times out (the agent's --engine-timeout 5).
+        pod = engine_pod(cluster, namespace, engine, level="L1", drain_seconds=2)
         op = reached(cluster, namespace, pod, 0, "Failed", timeout=60)
         assert "timed out" in op["error"] or "timeout" in op["error"].lower()
 

@@ -498,8 +498,15 @@ def test_engines_that_answer_garbage_hang_or_hang_up_give_a_clear_failure_not_a_
         cases: dict[str, tuple[str, str]] = {}
         for e in engines:
             for action in ("sleep", "wake"):
+                # A 3 s drain, not the default 30 s: a hung `mode=wait` sleep is cut at the drain, then
+                # the `mode=abort` one hangs too and times out (2 s), as with any drain deadline.
                 created = create_engine_pod(
-                    cluster, namespace, NODE, e.port, level="L1" if action == "sleep" else "Awake"
+                    cluster,
+                    namespace,
+                    NODE,
+                    e.port,
+                    level="L1" if action == "sleep" else "Awake",
+                    drain_seconds=3,
                 )
                 name = created["name"]
                 if action == "wake":  # reported asleep at L1 by an earlier agent; now asked to wake
