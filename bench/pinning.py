@@ -1,0 +1,201 @@
+"""The floors under a CudaSuspend wake (issue 17): how fast host memory is pinned, unpinned and
+copied to the GPU on this machine, each way the reference engine could do it.
+
+A CudaSuspend wake is the driver's restore of the context plus the copy of the level-1 host copy
+back to the GPU. Pinned host memory in a checkpointed context is registered again by the driver's
+restore, serially; the reference engine therefore unpins its copy before the suspend and pins it
+again while copying it back. This script measures the pieces, for SIZE GiB of host memory:
+
+- `h2d pinned`: the copy alone, all of it already pinned (the floor of any wake);
+- `register` / `unregister`: cudaHostRegister of the whole buffer in 256 MiB pieces on N threads,
+  with and without transparent huge pages;
+- `pipelined`: pieces registered on N threads, each copied as soon as it is pinned (the engine's wake);
+- `ring`: the buffer left pageable, N threads each copy through two pinned 64 MiB buffers of their own.
+
+    python3 bench/pinning.py [--size-gib 16] [--threads 1 2 4 8 16] [--results RESULTS.md --section S]
+
+It needs torch and a GPU; the table goes to stdout, and with --results into that markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mmap
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch  # type: ignore[import-not-found,unused-ignore]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reporting import write_section
+
+MIB = 2**20
+GIB = 2**30
+PIECE = 256 * MIB
+RING = 64 * MIB
+
+
+class HostBuffer:
+    """SIZE bytes of anonymous memory, huge pages asked for or not, filled so every page exists."""
+
+    def __init__(self, nbytes: int, huge: bool) -> None:
+        self.map = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+            with contextlib.suppress(OSError):
+                self.map.madvise(mmap.MADV_HUGEPAGE)
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.tensor.fill_(7)
+        self.ptr = self.tensor.data_ptr()
+        self.pieces = [(off, min(PIECE, nbytes - off)) for off in range(0, nbytes, PIECE)]
+
+    def register(self, piece: tuple[int, int]) -> None:
+        rc = torch.cuda.cudart().cudaHostRegister(self.ptr + piece[0], piece[1], 0)
+        if int(rc) != 0:
+            raise RuntimeError(f"cudaHostRegister failed: {rc}")
+
+    def unregister(self, piece: tuple[int, int]) -> None:
+        torch.cuda.cudart().cudaHostUnregister(self.ptr + piece[0])
+
+    def view(self, piece: tuple[int, int]) -> torch.Tensor:
+        return self.tensor[piece[0] : piece[0] + piece[1]]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def on_threads(threads: int, fn: Callable[[tuple[int, int]], None], pieces: list[tuple[int, int]]) -> None:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(fn, pieces))
+
+
+def copy_pinned(buf: HostBuffer, device: torch.Tensor, streams: list[torch.cuda.Stream]) -> None:
+    for i, piece in enumerate(buf.pieces):
+        with torch.cuda.stream(streams[i % len(streams)]):
+            device[piece[0] : piece[0] + piece[1]].copy_(buf.view(piece), non_blocking=True)
+
+
+def pipelined(buf: HostBuffer, device: torch.Tensor, streams: list[torch.cuda.Stream], threads: int) -> None:
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        ready: list[Future[None]] = [pool.submit(buf.register, piece) for piece in buf.pieces]
+        for i, piece in enumerate(buf.pieces):
+            ready[i].result()
+            with torch.cuda.stream(streams[i % len(streams)]):
+                device[piece[0] : piece[0] + piece[1]].copy_(buf.view(piece), non_blocking=True)
+
+
+def ring(buf: HostBuffer, device: torch.Tensor, threads: int) -> None:
+    nbytes = buf.tensor.numel()
+    chunks = [(off, min(RING, nbytes - off)) for off in range(0, nbytes, RING)]
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            stream = torch.cuda.Stream()
+            pair = [torch.empty(RING, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            done = [torch.cuda.Event(), torch.cuda.Event()]
+            for n, (off, length) in enumerate(chunks[index::threads]):
+                slot = n % 2
+                done[slot].synchronize()
+                pair[slot][:length].copy_(buf.tensor[off : off + length])
+                with torch.cuda.stream(stream):
+                    device[off : off + length].copy_(pair[slot][:length], non_blocking=True)
+                    done[slot].record(stream)
+            stream.synchronize()
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+
+
+@contextlib.contextmanager
+def registered(buf: HostBuffer, threads: int) -> Iterator[None]:
+    on_threads(threads, buf.register, buf.pieces)
+    try:
+        yield
+    finally:
+        on_threads(threads, buf.unregister, buf.pieces)
+
+
+def measure_buffer(
+    buf: HostBuffer, device: torch.Tensor, thread_counts: list[int], pages: str
+) -> list[tuple[str, str, float]]:
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    rows: list[tuple[str, str, float]] = []
+    with registered(buf, 8):
+        timed(lambda: copy_pinned(buf, device, streams))  # warm
+        rows.append(("h2d pinned, 4 streams", pages, timed(lambda: copy_pinned(buf, device, streams))))
+    for n in thread_counts:
+        rows.append(
+            (f"register, {n} threads", pages, timed(lambda n=n: on_threads(n, buf.register, buf.pieces)))
+        )
+        rows.append(
+            (f"unregister, {n} threads", pages, timed(lambda n=n: on_threads(n, buf.unregister, buf.pieces)))
+        )
+    for n in thread_counts:
+        seconds = timed(lambda n=n: pipelined(buf, device, streams, n))
+        rows.append((f"pipelined register+h2d, {n} threads", pages, seconds))
+        on_threads(8, buf.unregister, buf.pieces)
+    for n in thread_counts:
+        rows.append(
+            (f"ring 2x64 MiB per thread, {n} threads", pages, timed(lambda n=n: ring(buf, device, n)))
+        )
+    return rows
+
+
+def measure(size_gib: float, thread_counts: list[int]) -> list[tuple[str, str, float]]:
+    nbytes = int(size_gib * GIB) // PIECE * PIECE
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    rows: list[tuple[str, str, float]] = []
+    for huge in (True, False):
+        buf = HostBuffer(nbytes, huge)
+        rows += measure_buffer(buf, device, thread_counts, "THP" if huge else "4 KiB")
+    return rows
+
+
+def table(rows: list[tuple[str, str, float]], size_gib: float) -> str:
+    lines = [
+        f"{size_gib:g} GiB of host memory to the GPU; 256 MiB pieces; each row one run after a warm-up copy.",
+        "",
+        "| what | pages | seconds | GB/s |",
+        "|---|---|---|---|",
+    ]
+    for what, pages, seconds in rows:
+        lines.append(f"| {what} | {pages} | {seconds:.3f} | {size_gib * GIB / seconds / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gib", type=float, default=16.0)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--results", default="")
+    p.add_argument("--section", default="gpu-pinning")
+    args = p.parse_args(argv)
+    rows = measure(args.size_gib, args.threads)
+    text = table(rows, args.size_gib)
+    print(text)
+    if args.results:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        title = f"## GPU pinning floors: {torch.cuda.get_device_name()} ({when}, bench/pinning.py)"
+        write_section(Path(args.results), args.section, f"{title}\n\n{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
