@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--register-threads",
         type=int,
-        default=8,
-        help="--host-alloc register: threads that pin (and, before a CUDA suspend, unpin) the host slabs",
+        default=1,
+        help="--host-alloc register: threads that pin (and, before a CUDA suspend, unpin) the host slabs; "
+        "the driver serializes cudaHostRegister, so more threads only contend (bench/RESULTS.md)",
     )
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--seed", type=int, default=0)

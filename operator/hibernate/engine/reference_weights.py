@@ -204,7 +204,7 @@ class WeightStore:
         keep_staging: bool = True,
         pinned_prealloc: bool = False,
         host_alloc: str = "torch",
-        pin_threads: int = 8,
+        pin_threads: int = 1,
     ) -> None:
         if host_alloc not in ("torch", "register"):
             raise ValueError(f"host_alloc must be torch or register, not {host_alloc!r}")
