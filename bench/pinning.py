@@ -8,11 +8,14 @@ again while copying it back. This script measures the pieces, for SIZE GiB of ho
 
 - `h2d pinned`: the copy alone, all of it already pinned (the floor of any wake);
 - `register` / `unregister`: cudaHostRegister of the whole buffer in 256 MiB pieces on N threads,
-  with and without transparent huge pages;
+  for each kind of page asked for (`--pages`): transparent huge pages (`thp`), 4 KiB pages (`4k`), or
+  hugetlbfs pages of 2 MiB or 1 GiB (`hugetlb-2m`, `hugetlb-1g`: fewer pages to pin, if the kernel's
+  pool can give them; the script grows the pool for the run and puts it back after);
 - `pipelined`: pieces registered on N threads, each copied as soon as it is pinned (the engine's wake);
 - `ring`: the buffer left pageable, N threads each copy through two pinned 64 MiB buffers of their own.
 
-    python3 bench/pinning.py [--size-gib 16] [--threads 1 2 4 8 16] [--results RESULTS.md --section S]
+    python3 bench/pinning.py [--size-gib 16] [--threads 1 2 4 8 16] [--pages thp 4k hugetlb-2m hugetlb-1g]
+                             [--results RESULTS.md --section S]
 
 It needs torch and a GPU; the table goes to stdout, and with --results into that markdown file.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import mmap
 import sys
 import threading
@@ -40,12 +44,23 @@ PIECE = 256 * MIB
 RING = 64 * MIB
 
 
-class HostBuffer:
-    """SIZE bytes of anonymous memory, huge pages asked for or not, filled so every page exists."""
+# mmap flags Python's module does not name (linux/mman.h): a hugetlbfs mapping, and its page size
+# as log2 in the bits from MAP_HUGE_SHIFT.
+MAP_HUGETLB = 0x40000
+MAP_HUGE_SHIFT = 26
+HUGETLB_KIB = {"hugetlb-2m": 2048, "hugetlb-1g": 1048576}
+PAGE_KINDS = ("thp", "4k", *HUGETLB_KIB)
 
-    def __init__(self, nbytes: int, huge: bool) -> None:
-        self.map = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+
+class HostBuffer:
+    """SIZE bytes of anonymous memory of one kind of page (PAGE_KINDS), filled so every page exists."""
+
+    def __init__(self, nbytes: int, pages: str) -> None:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if pages in HUGETLB_KIB:
+            flags |= MAP_HUGETLB | ((HUGETLB_KIB[pages] * 1024).bit_length() - 1) << MAP_HUGE_SHIFT
+        self.map = mmap.mmap(-1, nbytes, flags)
+        if pages == "thp" and hasattr(mmap, "MADV_HUGEPAGE"):
             with contextlib.suppress(OSError):
                 self.map.madvise(mmap.MADV_HUGEPAGE)
         self.tensor = torch.frombuffer(self.map, dtype=torch.uint8)
@@ -158,13 +173,43 @@ def measure_buffer(
     return rows
 
 
-def measure(size_gib: float, thread_counts: list[int]) -> list[tuple[str, str, float]]:
+@contextlib.contextmanager
+def hugetlb_pool(pages: str, nbytes: int) -> Iterator[str]:
+    """The kernel's pool of `pages` grown to hold `nbytes` for the block, then put back as it was.
+    Yields "" when it holds enough, else why not (a fragmented machine may not find 1 GiB pages)."""
+    if pages not in HUGETLB_KIB:
+        yield ""
+        return
+    knob = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGETLB_KIB[pages]}kB/nr_hugepages")
+    if not knob.exists():
+        yield f"{knob} does not exist"
+        return
+    before = int(knob.read_text())
+    needed = before + -(-nbytes // (HUGETLB_KIB[pages] * 1024))
+    try:
+        knob.write_text(str(needed))
+        got = int(knob.read_text())
+        yield "" if got >= needed else f"the kernel gave {got - before} of {needed - before} pages"
+    except OSError as exc:
+        yield f"growing {knob}: {exc}"
+    finally:
+        with contextlib.suppress(OSError):
+            knob.write_text(str(before))
+
+
+def measure(size_gib: float, thread_counts: list[int], kinds: list[str]) -> list[tuple[str, str, float]]:
     nbytes = int(size_gib * GIB) // PIECE * PIECE
     device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     rows: list[tuple[str, str, float]] = []
-    for huge in (True, False):
-        buf = HostBuffer(nbytes, huge)
-        rows += measure_buffer(buf, device, thread_counts, "THP" if huge else "4 KiB")
+    for pages in kinds:
+        with hugetlb_pool(pages, nbytes) as missing:
+            if missing:
+                print(f"{pages}: skipped, {missing}", file=sys.stderr)
+                continue
+            buf = HostBuffer(nbytes, pages)
+            rows += measure_buffer(buf, device, thread_counts, pages)
+            del buf
+            gc.collect()  # unmapped before the pool shrinks back
     return rows
 
 
@@ -184,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=16.0)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--pages", nargs="+", choices=PAGE_KINDS, default=list(PAGE_KINDS))
     p.add_argument("--results", default="")
     p.add_argument("--section", default="gpu-pinning")
     args = p.parse_args(argv)
-    rows = measure(args.size_gib, args.threads)
+    rows = measure(args.size_gib, args.threads, args.pages)
     text = table(rows, args.size_gib)
     print(text)
     if args.results:
