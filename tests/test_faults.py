@@ -32,6 +32,7 @@ import pytest
 from hibernate.agent import criu
 from hibernate.api import constants as c
 from hibernate.faults import FAULT_POINTS
+from tests import test_snapshot
 from tests.cluster import Cluster, Process, eventually, hibernate_process
 from tests.faultkit import (
     AgentRunner,
@@ -140,6 +141,7 @@ def test_every_fault_point_is_registered_used_and_armed_here() -> None:
     armed |= {p for _, _, p, _ in CHANGE_OF_MIND}
     armed |= set(CHECK_DISCARD_SWEEP)
     armed |= set(ESCALATION_CASES)
+    armed |= set(test_snapshot.AGENT_RESTART_POINTS)  # the agent killed mid-restore into a new pod
     assert armed == set(FAULT_POINTS), f"registered but never armed: {set(FAULT_POINTS) - armed}"
     assert len(FAULT_POINTS) == len(set(FAULT_POINTS))
 

@@ -31,7 +31,7 @@ import pytest
 from hibernate import podinit
 from hibernate.agent import criu, kube
 from hibernate.agent import snapshot as agent_snapshot
-from hibernate.agent.criu import snapshot
+from hibernate.agent.criu import nsexec, snapshot
 from hibernate.agent.criu.images import make_private_dirs, write_private
 from hibernate.agent.ownership import Ownership
 from hibernate.agent.sweep import Sweeper
@@ -316,6 +316,121 @@ def test_a_pod_that_runs_its_engine_is_neither_restored_into_nor_touched(taken: 
         )
         assert pod.engine_host_pid() == engine
         assert pod.get_json("/state")["count"] == count + 1  # type: ignore[index]
+
+
+# -- the agent dies mid-restore: the next one takes the claim over --------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    return list(nsexec.descendants(pid))
+
+
+# Where the agent is SIGKILLed (hibernate.faults): the claim made, nothing restored; criu restoring
+# (it goes on without the agent); the engine restored, the init not told. tests/test_faults.py counts
+# these as armed.
+AGENT_RESTART_POINTS = (
+    "agent.snapshot-after-claim",
+    "agent.criu-restore-running",
+    "agent.snapshot-before-tell",
+)
+
+# The agent that dies: wake_from_snapshot in a process of its own, with one fault point armed.
+_DYING_AGENT = """
+import sys
+from pathlib import Path
+from hibernate.agent import criu, snapshot
+image, init_pid, spec, root = sys.argv[1:]
+snapshot.wake_from_snapshot(Path(image), criu.Pod(int(init_pid), marker=None), spec_hash=spec,
+                            checkpoint_root=Path(root))
+print("the fault point did not fire")
+"""
+
+
+def agent_killed_at(point: str, taken: dict[str, Any], pod: WaitingPod) -> subprocess.CompletedProcess[str]:
+    args = [str(taken["image"]), str(pod.init_pid), SPEC, str(taken["root"])]
+    return subprocess.run(
+        [sys.executable, "-c", _DYING_AGENT, *args],
+        env={**os.environ, "HIBERNATE_FAULTS": point},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("point", AGENT_RESTART_POINTS)
+def test_a_restore_whose_agent_died_is_taken_over_and_ends_restored_with_one_engine(
+    taken: dict[str, Any], point: str
+) -> None:
+    """The agent is SIGKILLed mid-restore. Its claim names it, so the next agent knows nobody will
+    tell the init (which would otherwise wait out its claim limit, 900 s): it ends what the dead
+    agent's restore left (a criu still running, an engine restored but never checked), restores
+    again, and the pod serves the snapshot's engine, one engine and no orphan."""
+    before = taken["before"]
+    with WaitingPod.waiting(seconds=30) as pod:
+        dead = agent_killed_at(point, taken, pod)
+        assert dead.returncode == -signal.SIGKILL and f"fault point {point} armed" in dead.stderr, dead
+        state = agent_snapshot.handshake(pod.agent_pod())
+        assert state.claimed and not state.waiting and state.verdict is None
+        assert state.claimer is not None and not state.claimer.alive() and state.orphaned
+        time.sleep(0.5)  # whatever criu the dead agent left gets on with it
+        left = set(agent_snapshot.pod_processes(pod.init_pid))
+        if point == "agent.snapshot-before-tell":
+            assert left, "the dead agent's restored engine runs, unchecked"
+        assert "starting the engine cold" not in pod.log()  # the init still waits for its verdict
+
+        outcome = agent_snapshot.take_over(
+            taken["image"], pod.agent_pod(), spec_hash=SPEC, checkpoint_root=taken["root"]
+        )
+        assert outcome.restored and outcome.taken_over, outcome.reason
+        print(
+            f"\n[snapshot] {point}: taken over, restored in {outcome.seconds:.2f} s (leftovers {sorted(left)})"
+        )
+        after = pod.serving()
+        assert after["pid"] == before["pid"] and after["digest"] == before["digest"]
+        assert after["count"] == before["count"] + 1  # this request only: the engine is the snapshot's
+        assert outcome.restore is not None
+        engine = outcome.restore.host_pid
+        now = set(agent_snapshot.pod_processes(pod.init_pid))
+        assert now == {engine, *descendants(engine)}, "the restored tree only"
+        assert not now & left, f"what the dead agent left ({sorted(left)}) was ended"
+        assert "engine restored from a snapshot by the agent" in eventually_logged(pod, "restored")
+        assert agent_snapshot.handshake(pod.agent_pod()).verdict == {"restored": before["pid"]}
+
+
+@pytest.mark.criu
+def test_a_taken_over_restore_that_fails_is_a_cold_start_with_both_reasons(taken: dict[str, Any]) -> None:
+    with WaitingPod.waiting(seconds=30) as pod:
+        dead = agent_killed_at("agent.snapshot-before-tell", taken, pod)
+        assert dead.returncode == -signal.SIGKILL
+        outcome = agent_snapshot.take_over(
+            taken["image"], pod.agent_pod(), spec_hash="spec-changed", checkpoint_root=taken["root"]
+        )
+        assert not outcome.restored and outcome.taken_over
+        assert "taken from another engine spec" in outcome.reason, outcome.reason
+        assert "starting the engine cold" in eventually_logged(pod, "starting the engine cold")
+        cold = pod.serving()
+        assert cold["count"] == 1 and cold["digest"] != taken["before"]["digest"]
+        engines = agent_snapshot.pod_processes(pod.init_pid)
+        assert pod.engine_host_pid() in engines and len(engines) == 1 + len(
+            descendants(pod.engine_host_pid() or 0)
+        ), "one engine: the cold one"
+
+
+def test_a_claim_names_a_living_agent_or_none() -> None:
+    me = agent_snapshot.Claimer.me()
+    assert me.alive() and agent_snapshot.Claimer.parse(me.text()) == me
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    assert not agent_snapshot.Claimer(int(gone.stdout), me.started).alive()
+    assert not agent_snapshot.Claimer(me.pid, me.started + 1).alive()  # the pid used again
+    assert agent_snapshot.Claimer.parse("1717171717\n") is None  # the init's deadline: unsigned
+    unsigned = agent_snapshot.Handshake(waiting=False, claimed=True, claimer=None, verdict=None)
+    assert unsigned.orphaned
+    told = agent_snapshot.Handshake(waiting=False, claimed=True, claimer=None, verdict={"cold": "x"})
+    assert not told.orphaned
+    assert not agent_snapshot.Handshake(False, True, me, None).orphaned
 
 
 # -- a snapshot goes with its ModelDeployment ------------------------------------------------------

@@ -29,6 +29,10 @@ FAULT_POINTS: tuple[str, ...] = (
     "agent.cuda-after-restore",  # resume_all: every process restored, none unlocked
     "agent.after-cuda-resume",  # CUDA running again; the engine still asleep
     "agent.before-report",  # the operation done, its result not written
+    # node agent: a restore into a new pod from a snapshot (agent/snapshot.py; criu's own step is
+    # agent.criu-restore-running above)
+    "agent.snapshot-after-claim",  # the new pod's restore claimed (signed), nothing restored yet
+    "agent.snapshot-before-tell",  # the engine restored and checked; the pod's init not told
     # node agent: a failed sleep's escalation (worker.py `_escalate`)
     "agent.before-escalation-step",  # a sleep failed and was not undone; the next step reported, not begun
     # node agent: the wake check (wakecheck.py), cold starts (coldstart.py), the image sweep (sweep.py)

@@ -323,10 +323,15 @@ class Levels:
         model: str,
         spec_hash: str,
         check: Callable[[criu.RestoreResult], None] = lambda _: None,
+        *,
+        take_over: bool = False,
     ) -> pod_snapshot.Outcome:
         """A new pod whose init waits for a restore: restores the model's snapshot into it, runs
         `check` on the restored engine and tells the init (agent/snapshot.py). Never raises for the
-        snapshot's sake: a cold start, with the reason, otherwise. Blocking: run it in a thread."""
+        snapshot's sake: a cold start, with the reason, otherwise. Blocking: run it in a thread.
+
+        `take_over`: the restore that an earlier agent claimed and died in (Handshake.orphaned); what
+        it left in the pod is ended first (agent/snapshot.py, take_over)."""
         started = time.monotonic()
         try:
             procs = self.host.processes(pod)
@@ -341,10 +346,11 @@ class Levels:
         except (PermissionError, ValueError) as e:
             reason = f"cannot restore: {e}"
             with contextlib.suppress(OSError):
-                if pod_snapshot.claim(target):
+                if take_over or pod_snapshot.claim(target):
                     pod_snapshot.tell(target, {"cold": reason})  # the init starts cold now
-            return pod_snapshot.Outcome(False, time.monotonic() - started, reason)
-        return pod_snapshot.wake_from_snapshot(
+            return pod_snapshot.Outcome(False, time.monotonic() - started, reason, taken_over=take_over)
+        restore = pod_snapshot.take_over if take_over else pod_snapshot.wake_from_snapshot
+        return restore(
             image,
             target,
             spec_hash=spec_hash,
@@ -355,10 +361,16 @@ class Levels:
 
     def waiting_for_restore(self, pod: PodRef) -> bool | None:
         """Whether the pod's init waits for a restore; None while its container has no process yet."""
+        state = self.restore_handshake(pod)
+        return None if state is None else state.waiting
+
+    def restore_handshake(self, pod: PodRef) -> pod_snapshot.Handshake | None:
+        """Where the restore protocol with the pod's init stands; None while its container has no
+        process yet."""
         procs = self.host.processes(pod)
         if not procs:
             return None
-        return pod_snapshot.waiting(criu.Pod(discovery.engine_root(procs).init.pid))
+        return pod_snapshot.handshake(criu.Pod(discovery.engine_root(procs).init.pid))
 
     async def wake_restored(self, pod: PodRef) -> None:
         """The engine restored from a snapshot comes back as it was dumped: CUDA checkpointed and the

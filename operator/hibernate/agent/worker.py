@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -472,9 +473,21 @@ class Agent:
         except (ValueError, KeyError, TypeError):
             source, spec_hash = {}, ""
         model = ((pod.get("metadata") or {}).get("labels") or {}).get(c.LABEL_MODEL, "")
-        waiting = await asyncio.to_thread(self.levels.waiting_for_restore, ref)
-        if waiting is None:
+        try:
+            state = await asyncio.to_thread(self.levels.restore_handshake, ref)
+        except OSError as e:
+            log.warning("%s/%s: cannot read the restore files of the pod's init: %s", *ref.key, e)
+            return 2.0
+        if state is None:
             return 0.5  # its container has not started yet
+        if state.claimed and state.verdict is None and not state.orphaned:
+            return 1.0  # another agent process (a DaemonSet rollout's) restores it and tells the init
+        taken_over = state.orphaned
+        waiting = state.waiting or taken_over
+        if state.verdict is not None and not state.waiting:
+            # The init was told before this agent process looked: an agent that died between telling
+            # it and reporting it. Reported now, as told.
+            return await self._report_restore(pod, ref, source, state.verdict)
         if not waiting:
             first = self.restore_seen.setdefault(ref.uid, time.monotonic())
             if time.monotonic() - first < self.restore_not_waiting_s:
@@ -499,19 +512,37 @@ class Agent:
             outcome_restored, seconds, reason = False, 0.0, "the pod's init was not waiting for a restore"
         elif not spec_hash or not model:
             outcome_restored, seconds, reason = False, 0.0, f"{c.ANN_RESTORE_FROM} names no spec hash"
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.levels.restore_snapshot, ref, model or "-", "-", check)
+            with contextlib.suppress(OSError):  # the init is told so (the image's hash is never "-")
+                await asyncio.to_thread(
+                    functools.partial(
+                        self.levels.restore_snapshot, ref, model or "-", "-", check, take_over=taken_over
+                    )
+                )
         else:
-            outcome = await asyncio.to_thread(self.levels.restore_snapshot, ref, model, spec_hash, check)
+            if taken_over:
+                # An agent claimed this restore and died in it (SIGKILL, an upgrade): nobody would tell
+                # the init before its claim limit. What it left is ended and the snapshot restored again.
+                log.warning("%s/%s: taking over the restore an earlier agent claimed and died in", *ref.key)
+            outcome = await asyncio.to_thread(
+                functools.partial(
+                    self.levels.restore_snapshot, ref, model, spec_hash, check, take_over=taken_over
+                )
+            )
             outcome_restored, seconds, reason = outcome.restored, outcome.seconds, outcome.reason
+            if taken_over and not outcome_restored:
+                reason = f"the agent restarted during the restore into this pod, then: {reason}"
         self.restore_decided.add(ref.uid)
         self.restore_seen.pop(ref.uid, None)
         result = "restored" if outcome_restored else "cold"
         if waiting:
             self.metrics.restore_seconds.labels(result).observe(seconds)
         report: dict[str, Any] = {"restored": outcome_restored, "seconds": round(seconds, 3)}
+        if taken_over:
+            report["takenOver"] = True
         if outcome_restored:
             message = f"Restored from the snapshot taken on node {source.get('node')} in {seconds:.2f} s"
+            if taken_over:
+                message += " (the agent restarted during an earlier attempt, whose leftovers were ended)"
             await self.reporter.event(pod, "Normal", "Restored", message)
         else:
             report["reason"] = reason
@@ -521,6 +552,29 @@ class Agent:
         log.info("%s/%s: snapshot %s (%.3f s) %s", *ref.key, result, seconds, reason)
         await self.reporter.write(pod, {c.ANN_RESTORE: json.dumps(report, sort_keys=True)})
         self.verified.discard(ref.key)  # probed afresh: restored and awake, or starting cold
+        return 0.0
+
+    async def _report_restore(
+        self, pod: dict[str, Any], ref: PodRef, source: dict[str, Any], verdict: dict[str, Any]
+    ) -> float:
+        """Reports what the pod's init was told by an agent that died before reporting it."""
+        restored = isinstance(verdict.get("restored"), int)
+        report: dict[str, Any] = {"restored": restored, "seconds": None, "reportedLate": True}
+        if restored:
+            message = (
+                f"Restored from the snapshot taken on node {source.get('node')} (the agent restarted "
+                "after telling the pod's init, before reporting it)"
+            )
+            await self.reporter.event(pod, "Normal", "Restored", message)
+        else:
+            report["reason"] = str(verdict.get("cold") or "an unreadable restore result")
+            await self.reporter.event(
+                pod, "Warning", "SnapshotNotUsed", f"Starting the engine cold: {report['reason']}"
+            )
+        self.restore_decided.add(ref.uid)
+        self.restore_seen.pop(ref.uid, None)
+        await self.reporter.write(pod, {c.ANN_RESTORE: json.dumps(report, sort_keys=True)})
+        self.verified.discard(ref.key)
         return 0.0
 
     # -- failures: attempts, backoff, escalation -------------------------------------------------
