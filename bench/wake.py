@@ -376,7 +376,7 @@ class PodEngineProc(EngineProc):
 
     def start(self, timeout: float) -> float:
         from hibernate.localnode.gpupod import pod_volumes
-        from hibernate.localnode.simpod import SimPod, nvidia_devices
+        from hibernate.localnode.simpod import nvidia_devices
 
         if os.geteuid() != 0:
             raise Skip("a simulated pod needs root (namespaces, cgroups)")
@@ -403,8 +403,7 @@ class PodEngineProc(EngineProc):
         self.restored = False
         self._agent = None
         try:
-            self.sim = SimPod.start(
-                self.argv(),
+            self.sim = self._start_sim(
                 port=self.port,
                 ready_path="/health",
                 timeout=timeout,
@@ -421,6 +420,12 @@ class PodEngineProc(EngineProc):
         with open(self.spec.log.parent / "pod.pids", "a") as pids:  # for bench/gpu_run.sh's clean-up
             pids.write(f"{self.sim.init_pid}\n")
         return time.monotonic() - started
+
+    def _start_sim(self, **options: Any) -> Any:
+        """The pod itself; bench/snapshot_restore.py starts one whose init waits for a restore."""
+        from hibernate.localnode.simpod import SimPod
+
+        return SimPod.start(self.argv(), **options)
 
     def agent(self) -> tuple[Any, Any]:
         """The agent's `Levels` (its Host as the DaemonSet runs it, with a checkpoint root of the
