@@ -2,6 +2,7 @@
 # The one command for the GPU machine: GPU tests, then the sleep/wake bench, results to $OUT.
 #
 #   bash bench/gpu_run.sh [--quick] [--budget-s N] [--no-tests] [-- more bench/wake.py args]
+#   bash bench/gpu_run.sh --snapshot [--quick] [-- more bench/snapshot_restore.py args]
 #
 # Expects (see bench/README.md): the repository as the working directory's tree, python3 with
 # torch, root (CRIU and drop_caches), and the CRIU bundle carried at .carry/criu (built here with
@@ -16,6 +17,12 @@
 # levels 1-4, ~60 s) run at 16 GiB only (wake.py --pod-sizes 16, its default), next to the raw rows.
 # What lands in $OUT: RESULTS.md, results.json, bench.log, pytest-gpu.log, gpu-pod.json, system.txt,
 # engine logs.
+#
+# --snapshot runs bench/snapshot_restore.py instead of the tests and wake.py (issue 19): the 16 GiB
+# reference engine's cold start in a fresh simulated pod, level 4 in place, a snapshot, and its restore
+# into a new pod to the first correct token, 3 cycles (~3 minutes; --quick: 2 GiB, 1 cycle). Its
+# section snapshot-bench:gpu goes to $OUT/RESULTS.md, every sample to $OUT/snapshot.json, its output
+# to $OUT/snapshot.log.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,12 +32,14 @@ BUDGET=540
 QUICK=()
 POD_GIB=${HIBERNATE_GPU_POD_GIB:-16}
 TESTS=1
+SNAPSHOT=0
 EXTRA=()
 while (($#)); do
   case $1 in
     --quick) QUICK=(--quick); POD_GIB=${HIBERNATE_GPU_POD_GIB:-2}; shift ;;
     --budget-s) BUDGET=$2; shift 2 ;;
     --no-tests) TESTS=0; shift ;;
+    --snapshot) SNAPSHOT=1; TESTS=0; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) EXTRA+=("$1"); shift ;;
   esac
@@ -106,12 +115,23 @@ fi
 
 # -- the bench -----------------------------------------------------------------------------------
 DEADLINE=$((START + BUDGET))
-say "bench: $(left)s left"
-timeout -k 10 $(($(left) + 30)) "$PY" bench/wake.py --device cuda:0 --deadline "$DEADLINE" --cold \
-  --results "$OUT/RESULTS.md" --json "$OUT/results.json" --log-dir "$OUT/engine-logs" \
-  "${QUICK[@]}" "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log"
-RC=${PIPESTATUS[0]}
-say "bench rc $RC"
+if ((SNAPSHOT)); then
+  say "snapshot bench: $(left)s left"
+  SIZE=()
+  ((${#QUICK[@]})) && SIZE=(--size 2 --cycles 1)
+  timeout -k 10 $(($(left) + 30)) "$PY" bench/snapshot_restore.py --device cuda:0 --deadline "$DEADLINE" \
+    --results "$OUT/RESULTS.md" --json "$OUT/snapshot.json" --log-dir "$OUT/engine-logs" \
+    "${SIZE[@]}" "${EXTRA[@]}" 2>&1 | tee "$OUT/snapshot.log"
+  RC=${PIPESTATUS[0]}
+  say "snapshot bench rc $RC"
+else
+  say "bench: $(left)s left"
+  timeout -k 10 $(($(left) + 30)) "$PY" bench/wake.py --device cuda:0 --deadline "$DEADLINE" --cold \
+    --results "$OUT/RESULTS.md" --json "$OUT/results.json" --log-dir "$OUT/engine-logs" \
+    "${QUICK[@]}" "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log"
+  RC=${PIPESTATUS[0]}
+  say "bench rc $RC"
+fi
 
 # Leave no engine running (a bench cut by the timeout leaves its engine): the pids it recorded,
 # each checked to still be a reference engine, or (its pod rows) a pod init. The weights stay in
