@@ -10,6 +10,7 @@ fake engine (the agent as users run it, a subprocess; the test plays the kubelet
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -165,3 +166,43 @@ def test_stop_on_one_pod_is_refused_once_and_changes_nothing(
         reached(cluster, namespace, name, 1, "Asleep")
     finally:
         again.stop()
+
+
+def test_a_pod_whose_engine_went_into_a_snapshot_stays_out_of_its_service(
+    cluster: Cluster, namespace: str, agent: Process, engine: FakeEngine
+) -> None:
+    """A Stop's snapshot ends the engine of its replica. Should the Stop be cancelled meanwhile
+    (docs/snapshots.md), the pod lives on without an engine until the Deployment replaces it: its
+    gate stays False, though its state annotation still says Awake (the agent's answer on the pod is
+    what counts, also for an agent that did not take it itself)."""
+    port = int(engine.url.rsplit(":", 1)[1])
+    name = create_engine_pod(cluster, namespace, NODE, port, level="Awake", gated=True)["name"]
+    start_pod(cluster, namespace, name)
+    reached(cluster, namespace, name, 0, "Awake")
+    eventually(
+        lambda: conditions(cluster, namespace, name).get(c.CONDITION_AWAKE) == "True", what="gate True"
+    )
+
+    request = {"id": "r1", "specHash": "abc", "requested": "2026-01-01T00:00:00Z"}
+    taken = {"id": "r1", "node": NODE, "specHash": "abc", "bytes": 1, "taken": "2026-01-01T00:00:01.000Z"}
+    cluster.core.patch_namespaced_pod(
+        name,
+        namespace,
+        {
+            "metadata": {
+                "annotations": {
+                    c.ANN_SNAPSHOT_REQUEST: json.dumps(request),
+                    c.ANN_SNAPSHOT: json.dumps(taken),
+                }
+            }
+        },
+    )
+    eventually(
+        lambda: conditions(cluster, namespace, name).get(c.CONDITION_AWAKE) == "False",
+        what="the gate False: nothing serves there",
+    )
+    status = cluster.core.read_namespaced_pod_status(name, namespace).status
+    (gate,) = [x for x in status.conditions if x.type == c.CONDITION_AWAKE]
+    assert gate.reason == "Snapshotted"
+    time.sleep(2)  # looked at again: it stays so
+    assert conditions(cluster, namespace, name)[c.CONDITION_AWAKE] == "False"

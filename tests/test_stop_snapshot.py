@@ -9,6 +9,7 @@ a restore, so snapshots are on by default.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +292,163 @@ def test_without_the_pod_init_snapshots_are_off_and_say_why(
     conditions = lambda: get(cluster, namespace, "m").get("status", {}).get("conditions", [])  # noqa: E731
     off = eventually(lambda: [x for x in conditions() if x["type"] == "SnapshotReady"])[0]
     assert (off["status"], off["reason"]) == ("False", "Disabled") and "--tools-image" in off["message"]
+
+
+# -- a Stop cancelled while the agent dumps ---------------------------------------------------------
+
+
+class ReplicaSampler:
+    """Reads the Deployment's replicas over and over in a thread, to say what it ever was."""
+
+    def __init__(self, cluster: Cluster, ns: str, name: str) -> None:
+        self.seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(cluster, ns, name), daemon=True)
+        self._thread.start()
+
+    def _run(self, cluster: Cluster, ns: str, name: str) -> None:
+        while not self._stop.is_set():
+            self.seen.add(replicas_of(cluster, ns, name))
+            self._stop.wait(0.1)
+
+    def stop(self) -> set[int]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.seen
+
+
+def restore_from_in_template(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | None:
+    template = cluster.apps.read_namespaced_deployment(name, ns).spec.template
+    raw = (template.metadata.annotations or {}).get(c.ANN_RESTORE_FROM)
+    return json.loads(raw) if raw else None
+
+
+def test_a_stop_cancelled_mid_snapshot_records_it_and_the_pods_restore_it_never_scaling_to_zero(
+    cluster: Cluster, namespace: str, operator_with_tools: Process
+) -> None:
+    """Back to Awake while the agent dumps: the dump is not cut short. The snapshot it took is
+    recorded, the pod template names it, and the Deployment replaces the pods (the snapshotted one
+    has no engine left) with pods that restore it; the replicas never go to zero."""
+    body = model("m", timeoutSeconds=60)
+    apply(cluster, namespace, body)
+    names = running_on_nodes(cluster, namespace, "m", 2)
+    sampler = ReplicaSampler(cluster, namespace, "m")
+    set_level(cluster, namespace, "m", "Stop")
+    ((pod, request),) = eventually(lambda: requests(cluster, namespace, "m"), what="a request").items()
+    set_level(cluster, namespace, "m", "Awake")  # a change of mind: the agent is dumping meanwhile
+    time.sleep(1.0)
+    assert (
+        replicas_of(cluster, namespace, "m") == 2
+        and restore_from_in_template(cluster, namespace, "m") is None
+    )
+
+    taken = "2026-03-04T05:06:07.000Z"
+    node = node_of(cluster, namespace, pod)
+    answer(
+        cluster,
+        namespace,
+        pod,
+        {
+            "id": request["id"],
+            "node": node,
+            "specHash": request["specHash"],
+            "bytes": 1 << 20,
+            "taken": taken,
+        },
+    )
+    md = eventually(
+        lambda: (m := get(cluster, namespace, "m"))["status"].get("snapshot") and m, what="recorded"
+    )
+    assert (md["status"]["snapshot"]["taken"], md["status"]["snapshot"]["pod"]) == (taken, pod)
+    source = eventually(
+        lambda: restore_from_in_template(cluster, namespace, "m"), what="the template names it"
+    )
+    assert (source["node"], source["taken"]) == (node, taken)
+    # The Deployment replaces its pods (Recreate: the old ones go first), and the new ones restore it.
+    kubelet_ends_pods(cluster, namespace, "m")
+    new = eventually(lambda: (x := pods(cluster, namespace, "m")) and len(x) == 2 and x, what="2 new pods")
+    assert not {p.metadata.name for p in new} & set(names)
+    assert all(json.loads(p.metadata.annotations[c.ANN_RESTORE_FROM])["taken"] == taken for p in new)
+    (event,) = [e for e in events_for(cluster, namespace, "m") if e.reason == "SnapshotTaken"]
+    assert "the level left Stop meanwhile" in event.message and "restore it" in event.message
+    assert "scaling to zero" not in event.message
+    assert sampler.stop() == {2}, "the replicas were never changed"
+    assert get(cluster, namespace, "m")["status"]["phase"] != "Stopped"
+
+
+def test_a_stop_cancelled_mid_snapshot_whose_dump_fails_leaves_the_pods_serving(
+    cluster: Cluster, namespace: str, operator_with_tools: Process
+) -> None:
+    """A dump that fails is rolled back by the agent (the engine woken back, as after a failed
+    Checkpoint): nothing is recorded, the template is unchanged, and the same pods serve on."""
+    apply(cluster, namespace, model("m", timeoutSeconds=60))
+    names = running_on_nodes(cluster, namespace, "m", 2)
+    sampler = ReplicaSampler(cluster, namespace, "m")
+    set_level(cluster, namespace, "m", "Stop")
+    ((pod, request),) = eventually(lambda: requests(cluster, namespace, "m"), what="a request").items()
+    set_level(cluster, namespace, "m", "Awake")
+    answer(
+        cluster, namespace, pod, {"id": request["id"], "error": "criu dump failed: no space left on device"}
+    )
+    warning = eventually(
+        lambda: next((e for e in events_for(cluster, namespace, "m") if e.reason == "SnapshotFailed"), None),
+        what="the warning",
+    )
+    assert "no space left on device" in warning.message and "the level left Stop meanwhile" in warning.message
+    time.sleep(2.0)  # what the operator does next, if anything, it has done by now
+    md = get(cluster, namespace, "m")
+    assert "snapshot" not in md["status"] and md["status"]["phase"] == "Awake"
+    assert restore_from_in_template(cluster, namespace, "m") is None
+    assert sorted(p.metadata.name for p in pods(cluster, namespace, "m")) == names
+    assert sampler.stop() == {2}
+
+
+def test_a_snapshot_answered_after_the_wait_of_a_cancelled_stop_is_recorded_across_an_operator_restart(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """The answer comes when nobody waits for it any more: the Stop was cancelled, and the operator
+    restarted meanwhile. Its engine is in that snapshot: the restarted operator records it (taken by
+    the agent from the engine spec the pods run), and the pods restore it; nothing scales to zero."""
+
+    def operator(log: str) -> Process:
+        argv = ("operator", "--verbose", "--tools-image", TOOLS_IMAGE)
+        return hibernate_process(cluster, tmp_path / log, *argv).start()
+
+    first = operator("operator-1.log")
+    try:
+        body = model("m", replicas=1, timeoutSeconds=60)
+        apply(cluster, namespace, body)
+        running_on_nodes(cluster, namespace, "m", 1)
+        set_level(cluster, namespace, "m", "Stop")
+        ((pod, request),) = eventually(lambda: requests(cluster, namespace, "m"), what="a request").items()
+    finally:
+        first.kill()
+    set_level(cluster, namespace, "m", "Awake")
+    taken = "2026-05-06T07:08:09.000Z"
+    answer(
+        cluster,
+        namespace,
+        pod,
+        {
+            "id": request["id"],
+            "node": node_of(cluster, namespace, pod),
+            "specHash": request["specHash"],
+            "taken": taken,
+        },
+    )
+    second = operator("operator-2.log")
+    try:
+        md = eventually(
+            lambda: (m := get(cluster, namespace, "m"))["status"].get("snapshot") and m, what="recorded"
+        )
+        assert md["status"]["snapshot"]["taken"] == taken and md["status"]["snapshot"]["pod"] == pod
+        source = eventually(lambda: restore_from_in_template(cluster, namespace, "m"), what="the template")
+        assert source["taken"] == taken
+        (event,) = [e for e in events_for(cluster, namespace, "m") if e.reason == "SnapshotTaken"]
+        assert "answered after the Stop's wait" in event.message
+        assert replicas_of(cluster, namespace, "m") == 1
+        # Seen again (every pod event, the resync): recorded once.
+        time.sleep(2.0)
+        assert len([e for e in events_for(cluster, namespace, "m") if e.reason == "SnapshotTaken"]) == 1
+    finally:
+        second.stop()

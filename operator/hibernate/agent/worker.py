@@ -114,6 +114,7 @@ class Agent:
     # Stop with a snapshot (docs/snapshots.md): the requests this process answered, by pod (a late watch
     # event without the answer must not start a second dump), and the new pods whose restore it decided.
     snapshot_answered: dict[Key, str] = field(default_factory=dict)
+    snapshot_taken: set[Key] = field(default_factory=set)  # whose engine this process put in a snapshot
     restore_decided: set[str] = field(default_factory=set)  # pod uids
     restore_seen: dict[str, float] = field(default_factory=dict)  # pod uid -> first look at its restore
     restore_not_waiting_s: float = 10.0  # an init not waiting this long after its start never will
@@ -139,6 +140,7 @@ class Agent:
             self._forget_failures(key)
             self.own_reports.pop(key, None)
             self.snapshot_answered.pop(key, None)
+            self.snapshot_taken.discard(key)
             self.restore_decided.discard(ref.uid)
             self.restore_seen.pop(ref.uid, None)
             if ref.uid in self.served:  # a pod never served has no images of this agent's to remove
@@ -461,6 +463,7 @@ class Agent:
                 f"Snapshot taken in {seconds:.2f} s ({size} bytes) on node {node}",
             )
             log.info("%s/%s: snapshot taken in %.3f s, %d bytes", *ref.key, seconds, size)
+            self.snapshot_taken.add(ref.key)
         self.snapshot_answered[ref.key] = str(request["id"])
         await self.reporter.write(pod, {c.ANN_SNAPSHOT: json.dumps(answer, sort_keys=True)})
 
@@ -660,8 +663,13 @@ class Agent:
             return  # not looked at yet: the condition stays unset (not Ready) until the agent knows
         awake = level == SleepLevel.AWAKE and state in (c.STATE_AWAKE, c.STATE_FAILED)
         why = "Awake" if awake else state if state in (c.STATE_SLEEPING, c.STATE_WAKING) else "NotAwake"
+        message = f"the agent reports {state} at {level.label}"
+        if awake and (key in self.snapshot_taken or _snapshotted(ref)):
+            # Its engine went into a snapshot (a Stop's, perhaps cancelled meanwhile): nothing serves in
+            # the pod, which stays out of its Service until the Deployment replaces it.
+            awake, why, message = False, "Snapshotted", "its engine went into a snapshot: nothing serves here"
         try:
-            await self._gate(pod, awake, why, f"the agent reports {state} at {level.label}")
+            await self._gate(pod, awake, why, message)
         except Exception:
             log.exception("%s/%s: cannot set condition %s", *key, c.CONDITION_AWAKE)
 
@@ -1045,6 +1053,13 @@ def snapshot_request(ref: PodRef) -> dict[str, Any] | None:
     except ValueError:
         return None
     return request if isinstance(request, dict) and request.get("id") else None
+
+
+def _snapshotted(ref: PodRef) -> bool:
+    """Whether the pod's engine went into a snapshot: the agent answered its request, without error."""
+    request = snapshot_request(ref)
+    answer = snapshot_answer(ref, request) if request is not None else None
+    return answer is not None and "error" not in answer
 
 
 def snapshot_answer(ref: PodRef, request: dict[str, Any]) -> dict[str, Any] | None:

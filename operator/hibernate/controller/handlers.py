@@ -9,9 +9,9 @@ import kopf
 
 from hibernate.api import auto_level
 from hibernate.api import constants as c
-from hibernate.api.levels import InvalidSleepLevel
+from hibernate.api.levels import InvalidSleepLevel, SleepLevel
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
-from hibernate.controller import escalation, kube, metrics, reconcile
+from hibernate.controller import escalation, kube, metrics, reconcile, snapshots
 from hibernate.controller.auto_level import clear_automatic_level
 from hibernate.controller.reconcile import OperatorContext
 from hibernate.controller.status import PodView
@@ -107,9 +107,22 @@ def _reconcile(md: dict[str, Any], namespace: str, name: str, memo: Any) -> None
         log.warning("%s/%s: no Deployment written: %s", namespace, name, "; ".join(refused))
     pods = kube.list_pods(namespace, name)
     reconcile.propagate_level(namespace, name, level, pods, spec.drain_seconds)
+    _late_snapshots(md, spec, level, [PodView.from_pod(p) for p in pods], memo)
     _refresh(md, [PodView.from_pod(p) for p in kube.list_pods(namespace, name)], memo)
     ctx: OperatorContext = memo.ctx
     ctx.applied[(namespace, name)] = (int(md["metadata"].get("generation") or 0), level)
+
+
+def _late_snapshots(
+    md: dict[str, Any], spec: ModelDeploymentSpec, level: SleepLevel, pods: list[PodView], memo: Any
+) -> None:
+    """A snapshot answered on a pod after its wait, with the model no longer at Stop (a cancelled
+    Stop): recorded, so that the pods restore it (snapshots.late_answer)."""
+    if level == SleepLevel.STOP:
+        return
+    for pod in pods:
+        if c.ANN_SNAPSHOT in pod.annotations and not pod.terminating:
+            snapshots.late_answer(md, spec, pod.name, pod.annotations, memo.ctx)
 
 
 def reconcile_member(md: dict[str, Any], namespace: str, name: str, memo: Any) -> None:
@@ -187,6 +200,7 @@ def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwarg
     pods_by_model: kopf.Index[tuple[str, str], PodView] = kwargs["pods_by_model"]
     views = list(pods_by_model.get((namespace, name), []))
     _escalate_if_asked(md, views)  # a request missed, or not granted (the object changed meanwhile)
+    _late_snapshots(md, spec, level, views, memo)
     if any(reconcile.needs_level(view, level, spec.drain_seconds) for view in views):
         pods = kube.list_pods(namespace, name)
         if reconcile.propagate_level(namespace, name, level, pods, spec.drain_seconds):
@@ -255,9 +269,9 @@ def pod_changed(
     spec = _spec(md["spec"])
     if event.get("type") != "DELETED":
         _escalate_if_asked(md, [PodView.from_pod(dict(body))])
-        reconcile.ensure_pod_level(
-            namespace, dict(body), reconcile.target_level(md, spec), spec.drain_seconds
-        )
+        level = reconcile.target_level(md, spec)
+        reconcile.ensure_pod_level(namespace, dict(body), level, spec.drain_seconds)
+        _late_snapshots(md, spec, level, [PodView.from_pod(dict(body))], memo)
     pods = list(pods_by_model.get(key, []))
     if event.get("type") == "DELETED":
         pods = [p for p in pods if p.name != body.metadata.get("name")]

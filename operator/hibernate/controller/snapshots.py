@@ -168,9 +168,11 @@ def hold_stop(md: dict[str, Any], spec: ModelDeploymentSpec, ctx: Any) -> bool:
 
 def not_stopping(key: tuple[str, str], ctx: Any) -> None:
     """The model's level is not Stop (any more): the next Stop takes a new snapshot. A wait under way
-    goes on: the agent may be dumping the engine of its replica. A snapshot it takes is recorded, and
-    the pod template then names it, so the Deployment replaces its pods, which restore it (the
-    snapshotted replica has no engine left)."""
+    goes on: the agent may be dumping the engine of its replica, and a dump is never cut short (the
+    engine is at level 2 and CUDA suspended by then; criu is not stopped halfway). A snapshot it takes
+    is recorded, and the pod template then names it, so the Deployment replaces its pods, which restore
+    it (the snapshotted replica has no engine left); the replicas are never scaled to zero. A snapshot
+    that fails is not recorded: the agent woke its engine back, and the pods stay as they are."""
     with ctx.guard:
         ctx.snapshot_done.discard(key)
         job = ctx.snapshot_jobs.get(key)
@@ -216,6 +218,61 @@ def answer_of(pod: dict[str, Any], request_id: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return answer if isinstance(answer, dict) and answer.get("id") == request_id else None
+
+
+def late_answer(
+    md: dict[str, Any], spec: ModelDeploymentSpec, pod: str, annotations: dict[str, str], ctx: Any
+) -> bool:
+    """A replica's snapshot answered with no wait for it any more: the Stop was cancelled (the level
+    left Stop) and its wait ran out, or the operator restarted meanwhile. The pod's engine is in that
+    snapshot, none is left in the pod; the snapshot is recorded where the agent took it from the engine
+    spec the pods run now and it is newer than the one recorded, and the pod template then names it,
+    so the Deployment replaces the pods with pods that restore it, as for an answer within the wait.
+    Returns whether it was recorded. Only for a model whose level is not Stop."""
+    meta = md["metadata"]
+    key = (meta["namespace"], meta["name"])
+    view = {"metadata": {"annotations": annotations}}
+    request = _request_of(view)
+    answer = answer_of(view, str(request["id"])) if request is not None else None
+    if request is None or answer is None or answer.get("error") or not enabled(spec, ctx.tools_image):
+        return False
+    with ctx.guard:
+        job = ctx.snapshot_jobs.get(key)
+        if job is not None and job.thread.is_alive():
+            return False  # the wait records it itself
+    kind, _, message, snap = _outcome(pod, request, answer)
+    if snap is None or snap["specHash"] != spec.engine_hash():
+        return False
+    with ctx.lock_for(key):
+        recorded = (ctx.last_status.get(key) or md.get("status") or {}).get("snapshot")
+        if isinstance(recorded, dict) and not _newer(snap.get("taken"), recorded.get("taken")):
+            return False
+        kube.patch_status(*key, {"snapshot": snap})
+        previous = ctx.last_status.get(key) or md.get("status") or {}
+        ctx.last_status[key] = {**previous, "snapshot": snap}
+    message = message.replace(
+        "scaling to zero",
+        "answered after the Stop's wait, with the level no longer Stop: the pods are replaced, and restore it",
+    )
+    kube.post_event(md, kind, REASON_TAKEN, message)
+    log.info("%s/%s: %s", *key, message)
+    from hibernate.controller import reconcile  # reconcile imports this module
+
+    fresh = kube.read_model_deployment(*key)
+    if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+        return True
+    try:
+        fresh_spec = ModelDeploymentSpec.model_validate(fresh.get("spec") or {})
+    except (ValueError, InvalidSleepLevel):
+        return True  # the handlers report it
+    fresh.setdefault("status", {})["snapshot"] = snap
+    reconcile.apply_workload(fresh, fresh_spec, ctx)
+    return True
+
+
+def _newer(taken: Any, than: Any) -> bool:
+    a, b = _parse_time(taken), _parse_time(than)
+    return a > b if a is not None and b is not None else str(taken) > str(than)
 
 
 def _parse_time(text: Any) -> datetime | None:
