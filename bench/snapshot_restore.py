@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -179,6 +180,29 @@ class SnapshotPod(wake.PodEngineProc):
         self._last_pid = 0
 
 
+def agent_wake_check() -> Any:
+    """The agent's own wake check (hibernate.agent.wakecheck.WakeCheck), of which the bench uses
+    `answer` and `compare`: they speak to the engine alone. Its module also imports the agent's
+    Kubernetes client, for the annotations it writes around a sleep, which the bench never writes; the
+    GPU machine's Python has no `kubernetes` (nor pydantic, kopf), so there a stand-in takes the
+    client's place, whose two functions refuse to run."""
+    try:
+        import hibernate.agent.kube
+    except ImportError:
+        import hibernate.agent
+
+        def refuse(*_: object) -> bool:
+            raise RuntimeError("the snapshot bench writes no pod annotations")
+
+        stand_in = types.ModuleType("hibernate.agent.kube")
+        stand_in.report = stand_in.remove_annotation = refuse  # type: ignore[attr-defined]
+        sys.modules[stand_in.__name__] = stand_in
+        hibernate.agent.kube = stand_in  # type: ignore[attr-defined]
+    from hibernate.agent.wakecheck import WakeCheck
+
+    return WakeCheck()
+
+
 def spec_hash(argv: Sequence[str]) -> str:
     """The operator hashes the engine's image, command, args, port and model; here its argv stands in."""
     return hashlib.sha256("\0".join(argv).encode()).hexdigest()[:16]
@@ -204,10 +228,7 @@ class Bench:
         self.root = self.work / "snapshot-checkpoints"  # the agent's checkpoint root (pods' and snapshot)
         self.budget = wake.Budget(args.deadline)
         self.reference: str | None = None
-        from hibernate.agent.wakecheck import WakeCheck
-
-        # The agent's wake check; only its answer/compare are used, which speak to the engine alone.
-        self.wake_check = WakeCheck()
+        self.wake_check = agent_wake_check()
 
     # --- plan ------------------------------------------------------------------------------------
 

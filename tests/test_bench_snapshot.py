@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,21 @@ def test_the_cuda_parts_are_timed_around_the_driver_calls_the_agent_makes() -> N
     assert (cpu.size, cpu.kv_gib, cpu.section) == (0.02, 0.004, "snapshot-bench:cpu")
     gpu = bench.parse_args([])
     assert (gpu.size, gpu.kv_gib, gpu.cycles, gpu.section) == (16.0, 4.0, 3, "snapshot-bench:gpu")
+
+
+def test_the_bench_imports_where_the_gpu_machine_python_lacks_the_operators_packages() -> None:
+    """The GPU machine's python3 has torch and httpx but not kubernetes, pydantic or kopf
+    (/work/.library/device/KINDS.md): the bench, the agent's Levels and its wake check must import
+    without them."""
+    code = (
+        "import sys\n"
+        "for name in ('kubernetes', 'pydantic', 'kopf'): sys.modules[name] = None\n"
+        "import snapshot_restore\n"
+        "from hibernate.agent.levels import Levels\n"
+        "check = snapshot_restore.agent_wake_check()\n"
+        "print(type(check).__name__, type(check).answer.__qualname__)\n"
+    )
+    env = {"PYTHONPATH": f"{BENCH}:{BENCH.parent / 'operator'}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["WakeCheck", "WakeCheck.answer"]
