@@ -419,6 +419,32 @@ def test_agent_without_a_driver_mount_relies_on_the_runtime_class(helm: Path) ->
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
 
 
+def test_a_shared_snapshot_claim_is_mounted_into_every_agent_and_named_to_it(helm: Path) -> None:
+    """agent.snapshots.sharedClaim: the ReadWriteMany claim every agent mounts at one path, which the
+    agent is told (--snapshot-dir); without it, no volume and no flag: snapshots stay on node disks."""
+    plain = find(render(helm), "DaemonSet", "-agent")
+    assert parse_cli(container(plain, "agent")).snapshot_dir is None
+    assert "snapshots" not in {v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]}
+
+    ds = find(render(helm, "--set", "agent.snapshots.sharedClaim=hibernate-snapshots"), "DaemonSet", "-agent")
+    pod, ctr = ds["spec"]["template"]["spec"], container(ds, "agent")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["snapshots"] == {
+        "name": "snapshots",
+        "persistentVolumeClaim": {"claimName": "hibernate-snapshots"},
+    }
+    (mount,) = [m for m in ctr["volumeMounts"] if m["name"] == "snapshots"]
+    assert parse_cli(ctr).snapshot_dir == mount["mountPath"] == "/var/lib/hibernate/snapshots"
+    assert "readOnly" not in mount, "the agents write and remove snapshots there"
+    # Beside the node's checkpoint roots, not instead of them: level 4 in place stays on the node.
+    assert parse_cli(ctr).checkpoint_root == [c.DEFAULT_CHECKPOINT_DIR]
+
+    refused = run_helm(
+        helm, "template", "x", str(CHART), "--set", "agent.snapshots.sharedClaim=Not_A_Name", check=False
+    )
+    assert refused.returncode != 0 and "agent.snapshots.sharedClaim" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize(
     ("values", "lib"),
     [

@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="directory under which level-4 images may go (repeatable; default /var/lib/hibernate/checkpoints)",
     )
+    p.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="a volume that every node's agent mounts (a ReadWriteMany PVC): Stop's snapshots go there, "
+        "so a pod on any node can restore one (default: none, snapshots stay on the node's disk)",
+    )
     p.add_argument("--lock-timeout", type=float, default=10.0, help="seconds to wait for CUDA locks")
     p.add_argument("--engine-timeout", type=float, default=300.0, help="seconds one engine call may take")
     p.add_argument(

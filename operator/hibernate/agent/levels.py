@@ -113,6 +113,9 @@ class Host:
     engine_timeout_s: float = 300.0  # a big model can take minutes to offload or reload
     engine_retries: int = 3
     criu_timeout_s: float = 600.0
+    # A volume that every node's agent mounts here (a ReadWriteMany PVC): snapshots go there, so a
+    # pod on any node can restore one (docs/snapshots.md); None: on the node's disk.
+    snapshot_dir: Path | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
     def engine(self, pod: PodRef) -> EngineClient:
@@ -309,13 +312,31 @@ class Levels:
             image = self.snapshot_image(pod, model)
         except (PermissionError, ValueError) as e:
             raise LevelError(str(e), rolled_back=True) from e
-        return await self._checkpoint(pod, snapshot=(image, spec_hash))
+        details = await self._checkpoint(pod, snapshot=(image, spec_hash))
+        return {**details, "shared": self.host.snapshot_dir is not None}
 
-    def snapshot_image(self, pod: PodRef, model: str) -> Path:
+    def snapshot_image(self, pod: PodRef, model: str, shared: bool | None = None) -> Path:
         """`<checkpoint dir>/.snapshots/<namespace>/<model>` of the pod's checkpoint directory, which
-        must lie in the agent's allowed roots (PermissionError otherwise)."""
+        must lie in the agent's allowed roots (PermissionError otherwise); on the shared volume
+        (`shared`, default: where the agent has one) `<snapshot dir>/.snapshots/<namespace>/<model>`."""
+        if shared is None:
+            shared = self.host.snapshot_dir is not None
+        if shared:
+            if self.host.snapshot_dir is None:
+                raise PermissionError(
+                    "the snapshot is on the shared volume, which the agent of this node does not mount "
+                    "(its --snapshot-dir, the chart's agent.snapshots.sharedClaim)"
+                )
+            return criu_snapshot.snapshot_dir(self.host.snapshot_dir, pod.namespace, model)
         pod.checkpoint_root(self.host.checkpoint_roots)
         return criu_snapshot.snapshot_dir(Path(pod.checkpoint_dir).resolve(), pod.namespace, model)
+
+    def snapshot_root(self, pod: PodRef, image: Path) -> Path:
+        """The root down from which the snapshot `image` is root-only: the shared volume, or the pod's
+        checkpoint root."""
+        if self.host.snapshot_dir is not None and self.host.snapshot_dir in image.parents:
+            return self.host.snapshot_dir
+        return pod.checkpoint_root(self.host.checkpoint_roots)
 
     def restore_snapshot(
         self,
@@ -323,12 +344,14 @@ class Levels:
         model: str,
         spec_hash: str,
         check: Callable[[criu.RestoreResult], None] = lambda _: None,
+        shared: bool = False,
         *,
         take_over: bool = False,
     ) -> pod_snapshot.Outcome:
-        """A new pod whose init waits for a restore: restores the model's snapshot into it, runs
-        `check` on the restored engine and tells the init (agent/snapshot.py). Never raises for the
-        snapshot's sake: a cold start, with the reason, otherwise. Blocking: run it in a thread.
+        """A new pod whose init waits for a restore: restores the model's snapshot (on the shared
+        volume where `shared`) into it, runs `check` on the restored engine and tells the init
+        (agent/snapshot.py). Never raises for the snapshot's sake: a cold start, with the reason,
+        otherwise. Blocking: run it in a thread.
 
         `take_over`: the restore that an earlier agent claimed and died in (Handshake.orphaned); what
         it left in the pod is ended first (agent/snapshot.py, take_over)."""
@@ -341,8 +364,8 @@ class Levels:
         except (LookupError, PermissionError, ValueError) as e:
             return pod_snapshot.Outcome(False, time.monotonic() - started, f"cannot restore: {e}")
         try:
-            image = self.snapshot_image(pod, model)
-            ckpt_root = pod.checkpoint_root(self.host.checkpoint_roots)
+            image = self.snapshot_image(pod, model, shared)
+            ckpt_root = self.snapshot_root(pod, image)
         except (PermissionError, ValueError) as e:
             reason = f"cannot restore: {e}"
             with contextlib.suppress(OSError):
@@ -387,6 +410,8 @@ class Levels:
             await asyncio.to_thread(criu.version)  # a clear error before anything changes
             image = pod.image_dir(self.host.checkpoint_roots) if snapshot is None else snapshot[0]
             ckpt_root = pod.checkpoint_root(self.host.checkpoint_roots)
+            if snapshot is not None:
+                ckpt_root = self.snapshot_root(pod, image)
             root = await asyncio.to_thread(self._engine_root, pod)
             engine_pid = root.root.ns_pid
             cgroup = await asyncio.to_thread(self.host.cgroup_layout, pod, root.root)

@@ -74,6 +74,7 @@ async def serve(args: argparse.Namespace, node: str) -> None:
         checkpoint_roots=tuple(Path(p) for p in args.checkpoint_root),
         lock_timeout_s=args.lock_timeout,
         engine_timeout_s=args.engine_timeout,
+        snapshot_dir=Path(args.snapshot_dir).resolve() if args.snapshot_dir else None,
     )
     if fake_cuda := os.environ.get(fakecuda.ENV):
         api = fakecuda.FakeCheckpointApi(Path(fake_cuda), args.proc_root)
@@ -107,7 +108,8 @@ async def serve(args: argparse.Namespace, node: str) -> None:
     log.info("agent on node %s: watching managed pods; metrics on :%s", node, args.metrics_port)
     sweeps = None
     if args.image_sweep_interval > 0:
-        sweeper = Sweeper(host.checkpoint_roots, node, agent.ownership)
+        shared = (host.snapshot_dir,) if host.snapshot_dir is not None else ()
+        sweeper = Sweeper(host.checkpoint_roots, node, agent.ownership, snapshot_roots=shared)
         sweeps = loop.create_task(
             _sweep_forever(sweeper, agent, args.image_sweep_interval), name="image sweep"
         )

@@ -21,8 +21,12 @@ image of a pod that only lost its label: it is restored once the label is back, 
 pod is gone.
 
 Snapshots (`<checkpoint dir>/.snapshots/<namespace>/<model>`, docs/snapshots.md) outlive their pods
-by design: one goes, with its temporary directories and restore log, once its ModelDeployment does
-not exist any more (read from the API server now; unreadable: it stays).
+by design: one goes, with its temporary directories, restore log and lock file, once its
+ModelDeployment does not exist any more (read from the API server now; unreadable: it stays). The
+same holds on the shared volume (`snapshot_roots`, the agents' --snapshot-dir), which every node's
+agent sweeps: the ModelDeployment is the cluster's, so every agent comes to the same verdict, and
+the snapshot's lock (criu.snaplock) lets one of them remove it while the others pass it over, as a
+snapshot being taken or restored is passed over.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from hibernate.agent import criu, kube
+from hibernate.agent.criu import images as criu_images
+from hibernate.agent.criu import snaplock
 from hibernate.agent.criu import snapshot as criu_snapshot
 from hibernate.agent.ownership import Ownership
 from hibernate.api import constants as c
@@ -170,6 +176,22 @@ def _dirs(path: Path) -> list[os.DirEntry[str]]:
         return []
 
 
+def _remove_snapshot(found: FoundSnapshot) -> bool:
+    """Removes a snapshot (or a temporary directory of its dump) under the snapshot's lock, so that
+    it is neither being taken nor restored, by this agent or another node's; its lock file goes with
+    the snapshot itself."""
+    image = found.path.with_name(found.model)
+    try:
+        with snaplock.held(image, exclusive=True):
+            removed = _remove(found)
+            if not image.exists():  # gone (here, or by another node's sweep): nothing left to guard
+                snaplock.remove(image)
+            return removed
+    except criu.CriuError as e:  # busy: taken or restored right now; left for the next sweep
+        log.info("image sweep: the snapshot %s stays for now: %s", found.path, e)
+        return False
+
+
 def _remove(found: Found | FoundSnapshot) -> bool:
     """Removes one image or dump directory, unless a criu holds it (its flock)."""
     try:
@@ -182,6 +204,10 @@ def _remove(found: Found | FoundSnapshot) -> bool:
         except BlockingIOError:
             log.info("image sweep: %s is in use by a criu; left for the next sweep", found.path)
             return False
+        except OSError as e:
+            if e.errno not in criu_images.CANNOT_LOCK_DIRS:
+                raise
+            # NFS cannot lock a directory exclusively; a snapshot there is under its lock file.
         shutil.rmtree(found.path, ignore_errors=True)
     finally:
         os.close(fd)
@@ -194,6 +220,8 @@ class Sweeper:
     node: str
     ownership: Ownership
     read_pod: ReadPod = kube.read_pod
+    # Where only snapshots are (the shared volume); the checkpoint roots may hold snapshots too.
+    snapshot_roots: tuple[Path, ...] = ()
 
     def verdict(self, key: Key) -> str | None:
         """Why the images of pod `key` go, or None when they stay."""
@@ -234,10 +262,10 @@ class Sweeper:
                     found.path.parent.rmdir()  # the pod's directory, once it holds nothing
             if done:
                 fault_point("agent.sweep-after-remove")
-        for root in self.roots:
+        for root in dict.fromkeys((*self.roots, *self.snapshot_roots)):
             for snapshot in find_snapshots(root):
                 why = self.snapshot_verdict(snapshot.namespace, snapshot.model)
-                if why is not None and _remove(snapshot):
+                if why is not None and _remove_snapshot(snapshot):
                     removed.append(str(snapshot.path))
                     log.info("image sweep: removed the snapshot %s: %s", snapshot.path, why)
                     with contextlib.suppress(OSError):

@@ -453,6 +453,8 @@ class Agent:
             seconds = round(time.monotonic() - t0, 3)
             size = int(details.get("image_bytes") or 0)
             answer.update(specHash=spec_hash, bytes=size, taken=_stamp(), seconds=seconds)
+            if details.get("shared"):
+                answer["shared"] = True  # on the volume every node's agent mounts: any node restores it
             self.metrics.snapshots.labels("ok").inc()
             self.metrics.snapshot_bytes.labels(ref.namespace, model).set(size)
             self.metrics.snapshot_taken.labels(ref.namespace, model).set(time.time())
@@ -522,13 +524,14 @@ class Agent:
                     )
                 )
         else:
+            shared = isinstance(source, dict) and source.get("shared") is True
             if taken_over:
                 # An agent claimed this restore and died in it (SIGKILL, an upgrade): nobody would tell
                 # the init before its claim limit. What it left is ended and the snapshot restored again.
                 log.warning("%s/%s: taking over the restore an earlier agent claimed and died in", *ref.key)
             outcome = await asyncio.to_thread(
                 functools.partial(
-                    self.levels.restore_snapshot, ref, model, spec_hash, check, take_over=taken_over
+                    self.levels.restore_snapshot, ref, model, spec_hash, check, shared, take_over=taken_over
                 )
             )
             outcome_restored, seconds, reason = outcome.restored, outcome.seconds, outcome.reason

@@ -399,7 +399,16 @@ class SnapshotCheck(_Model):
 class SnapshotStatus(_Model):
     """The snapshot a wake from Stop restores (docs/snapshots.md), as the agent reported it."""
 
-    node: str = Field(description="The node whose disk holds it; new pods prefer that node.")
+    node: str = Field(
+        description="The node it was taken on; unless shared, its disk holds it and new pods prefer that node."
+    )
+    shared: bool | None = Field(
+        default=None,
+        description=(
+            "True: on the volume that every node's agent mounts (the chart's agent.snapshots.sharedClaim): "
+            "a new pod on any node restores it, and no node is preferred."
+        ),
+    )
     pod: str | None = Field(default=None, description="The replica it was taken from.")
     spec_hash: str = Field(description="The engine spec it was taken from (image, command, args, model).")
     bytes: int | None = None

@@ -13,7 +13,8 @@ Where the operator restarts during the wait, the request on the pod is found aga
 until its own deadline (its `requested` time plus the timeout): never a second request.
 
 A wake from Stop gives the new pods what they need to restore that snapshot (pod_template_restore):
-the init's restore wait, the snapshot's node and spec hash, and a preference for that node.
+the init's restore wait, the snapshot's node and spec hash, and a preference for that node, unless
+the snapshot is on the volume that every node's agent mounts (`shared`): then any node restores it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def restore_source(snap: dict[str, Any]) -> str:
     """The value of `hibernate.dev/restore-from` on the pod template: what the agent restores from,
     and the canary the restored engine must answer (as the agent wrote it: max_tokens)."""
     source: dict[str, Any] = {"node": snap["node"], "specHash": snap["specHash"], "taken": snap.get("taken")}
+    if snap.get("shared") is True:
+        source["shared"] = True
     check = snap.get("check")
     if isinstance(check, dict):
         source["check"] = {
@@ -83,12 +86,15 @@ def restore_source(snap: dict[str, Any]) -> str:
 
 def pod_template_restore(template: dict[str, Any], snap: dict[str, Any], wait_seconds: int) -> None:
     """Marks a pod template for restore from `snap`: the init waits `wait_seconds` for the agent (then
-    starts the engine cold), and the scheduler prefers the node that holds the snapshot."""
+    starts the engine cold), and the scheduler prefers the node that holds the snapshot (none for a
+    shared one: every node's agent reaches it)."""
     template["metadata"]["annotations"][c.ANN_RESTORE_FROM] = restore_source(snap)
     pod = template["spec"]
     engine = next(x for x in pod["containers"] if x["name"] == c.ENGINE_CONTAINER)
     engine["env"] = [e for e in engine["env"] if e.get("name") != c.ENV_RESTORE_WAIT]
     engine["env"].append({"name": c.ENV_RESTORE_WAIT, "value": str(wait_seconds)})
+    if snap.get("shared") is True:
+        return
     affinity = pod["affinity"] = json.loads(json.dumps(pod.get("affinity") or {}))  # the spec's stays
     preferred = affinity.setdefault("nodeAffinity", {}).setdefault(
         "preferredDuringSchedulingIgnoredDuringExecution", []
@@ -112,7 +118,12 @@ def condition_of(md: dict[str, Any], spec: ModelDeploymentSpec, tools_image: str
         return False, "Disabled", f"{TOOLS_NEEDED}: a wake from Stop starts cold"
     if not isinstance(snap, dict):
         return False, "NotTaken", "no snapshot yet: the next Stop takes one"
-    where = f"on node {snap.get('node')}, {_size(snap.get('bytes'))}, taken {snap.get('taken')}"
+    place = (
+        f"on the shared volume (taken on node {snap.get('node')})"
+        if snap.get("shared") is True
+        else f"on node {snap.get('node')}"
+    )
+    where = f"{place}, {_size(snap.get('bytes'))}, taken {snap.get('taken')}"
     if snap.get("specHash") != spec.engine_hash():
         return (
             False,
@@ -402,6 +413,8 @@ def _outcome(
         "specHash": str(answer.get("specHash") or request.get("specHash") or ""),
         "taken": str(answer.get("taken") or now_iso()),
     }
+    if answer.get("shared") is True:
+        snap["shared"] = True
     if isinstance(answer.get("bytes"), int):
         snap["bytes"] = answer["bytes"]
     if isinstance(answer.get("seconds"), int | float):
@@ -419,7 +432,9 @@ def _outcome(
             "text": check["text"],
         }
     message = (
-        f"Snapshot of pod {pod} taken on node {node} ({_size(snap.get('bytes'))}"
+        f"Snapshot of pod {pod} taken on node {node}"
+        + (" into the shared volume" if snap.get("shared") else "")
+        + f" ({_size(snap.get('bytes'))}"
         + (f", {snap['seconds']:.1f} s" if "seconds" in snap else "")
         + "): the next wake restores it; scaling to zero"
     )

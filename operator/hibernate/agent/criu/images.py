@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -323,10 +324,21 @@ def locked_dir(path: Path) -> int:
     fd = detached_dir(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise CriuError(f"{path} is in use by another criu (an earlier agent's dump or restore)") from None
+    except OSError as e:
+        if e.errno not in CANNOT_LOCK_DIRS:
+            os.close(fd)
+            raise CriuError(f"cannot lock {path}: {e.strerror}") from e
+        # A file system that cannot lock a directory exclusively (NFS emulates flock with byte-range
+        # locks, which need a file open for writing): the directory is new and named for this dump
+        # alone, and a snapshot there has a lock file of its own (snaplock).
     return fd
+
+
+# What flock(2) of a directory says where the file system cannot do it (NFS: EBADF).
+CANNOT_LOCK_DIRS = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 
 
 def partials(image: Path) -> list[Path]:

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hibernate.agent.criu import images, nsexec
+from hibernate.agent.criu import images, nsexec, snaplock
 from hibernate.agent.criu.bundle import Bundle, CriuError, locate, version
 from hibernate.agent.criu.dump import DumpResult, dump, task_pids
 from hibernate.agent.criu.images import RESTORE_LOG, RESTORE_OK, GpuInfo, ImageRefused
@@ -100,18 +100,22 @@ def take(
     checkpoint_root: Path | None = None,
 ) -> DumpResult:
     """Dumps the engine (`pid` in `pod`) into the snapshot `image`; verified as any dump (dump.py),
-    with its pids and `spec_hash` in the metadata, and its TCP connections left out."""
-    return dump(
-        image,
-        pid,
-        pod,
-        timeout=timeout,
-        tcp_close=True,
-        spec_hash=spec_hash,
-        gpu=gpu,
-        bundle=bundle,
-        checkpoint_root=checkpoint_root,
-    )
+    with its pids and `spec_hash` in the metadata, and its TCP connections left out. The snapshot's
+    lock is held throughout (snaplock): a take by another agent, or a restore, under way is
+    SnapshotBusy, and the engine keeps running."""
+    images.make_private_dirs(image.parent, checkpoint_root or image.parent)
+    with snaplock.held(image, exclusive=True):
+        return dump(
+            image,
+            pid,
+            pod,
+            timeout=timeout,
+            tcp_close=True,
+            spec_hash=spec_hash,
+            gpu=gpu,
+            bundle=bundle,
+            checkpoint_root=checkpoint_root,
+        )
 
 
 def restore_into(
@@ -134,6 +138,23 @@ def restore_into(
     what it had restored). `pod.marker` is not used: the waiting init is told by agent/snapshot.py.
     """
     started = time.monotonic()
+    if not image.parent.is_dir():  # no snapshot here: verify_image says so
+        return _restore_into(image, pod, spec_hash, timeout, gpu, bundle, checkpoint_root, started)
+    # Shared: several new pods may restore one snapshot at once; not while a take replaces it.
+    with snaplock.held(image, exclusive=False):
+        return _restore_into(image, pod, spec_hash, timeout, gpu, bundle, checkpoint_root, started)
+
+
+def _restore_into(
+    image: Path,
+    pod: nsexec.Pod,
+    spec_hash: str,
+    timeout: float,
+    gpu: GpuInfo | None,
+    bundle: Bundle | None,
+    checkpoint_root: Path | None,
+    started: float,
+) -> RestoreResult:
     meta = images.verify_image(image, checkpoint_root)
     images.check_compatible(meta, gpu if gpu is not None else images.detect_gpu(), image)
     if meta.spec_hash != spec_hash:
