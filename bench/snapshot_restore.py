@@ -77,7 +77,10 @@ class CudaTimer:
     def api(self) -> cuda.CheckpointApi:
         """For `Host.cuda_api`: raises CudaError where there is no driver, as cuda.default_api does, so
         the agent skips its CUDA steps on a CPU for the same reason it does on a node without a GPU."""
-        return _TimedApi(cuda.default_api(), self)
+        inner = cuda.default_api()
+        return (
+            _TimedRemappingApi(inner, self) if hasattr(inner, "restore_remapped") else _TimedApi(inner, self)
+        )
 
     def record(self, kind: str, started: float) -> None:
         now = time.monotonic()
@@ -115,6 +118,17 @@ class _TimedApi:
 
     def restore_thread_id(self, pid: int) -> int:
         return self._api.restore_thread_id(pid)
+
+
+class _TimedRemappingApi(_TimedApi):
+    """The same, for a driver API whose restore can put the process's GPUs onto others (the agent asks
+    for that only where the new pod has other GPUs than the snapshot's; never in this bench's pods,
+    which all get the same device nodes)."""
+
+    def restore_remapped(self, pid: int, pairs: Sequence[tuple[str, str]]) -> None:
+        started = time.monotonic()
+        self._api.restore_remapped(pid, pairs)  # type: ignore[attr-defined]
+        self._timer.record("resume", started)
 
 
 class WaitingSimPod:
@@ -197,7 +211,7 @@ def agent_wake_check() -> Any:
         stand_in = types.ModuleType("hibernate.agent.kube")
         stand_in.report = stand_in.remove_annotation = refuse  # type: ignore[attr-defined]
         sys.modules[stand_in.__name__] = stand_in
-        hibernate.agent.kube = stand_in  # type: ignore[attr-defined]
+        hibernate.agent.kube = stand_in
     from hibernate.agent.wakecheck import WakeCheck
 
     return WakeCheck()

@@ -136,6 +136,11 @@ class _FakeApi:
         return pid
 
 
+class _RemappingApi(_FakeApi):
+    def restore_remapped(self, pid: int, pairs: Any) -> None:
+        self.calls.append(("restore_remapped", pid))
+
+
 def test_the_cuda_parts_are_timed_around_the_driver_calls_the_agent_makes() -> None:
     bench = _bench("snapshot_restore")
     timer = bench.CudaTimer()
@@ -151,6 +156,11 @@ def test_the_cuda_parts_are_timed_around_the_driver_calls_the_agent_makes() -> N
     assert suspend is not None and resume is not None and suspend >= 0 and resume >= 0
     timer.reset()
     assert timer.seconds("suspend") is None
+    # A driver that can restore onto other GPUs keeps that ability behind the timer, timed as a resume.
+    remapping = bench._TimedRemappingApi(_RemappingApi(), timer)
+    remapping.restore_remapped(7, [("GPU-a", "GPU-b")])
+    assert remapping._api.calls == [("restore_remapped", 7)] and timer.seconds("resume") is not None
+    assert not hasattr(timed, "restore_remapped")  # a plain API stays one, so the agent sees no remap
     # The snapshot's spec hash is stable for one engine command and changes with it.
     assert bench.spec_hash(["python", "-m", "x"]) == bench.spec_hash(["python", "-m", "x"])
     assert bench.spec_hash(["python", "-m", "x"]) != bench.spec_hash(["python", "-m", "y"])
