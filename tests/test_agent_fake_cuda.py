@@ -7,21 +7,33 @@ an NVIDIA GPU would report pods CudaSuspend while they hold their GPU. Where /de
 The device path is a module constant (hibernate.agent.fakecuda.NVIDIA_CONTROL_DEVICE), not a setting:
 whatever can set the environment must not move it. These tests run the real `hibernate agent` entry
 point in a process whose constant they point at a file of their own.
+
+The double also stands in for the driver's GPU remap: a snapshot restored into a pod given another
+GPU (docs/snapshots.md) reaches the double's restore with the GPU pairs, which it keeps for the test.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
-from hibernate.agent import fakecuda
-from tests.cluster import Cluster, Process, eventually
-from tests.engine_fixtures import free_port
-from tests.pods import ensure_node
+from hibernate.agent import criu, fakecuda
+from hibernate.agent.criu import snapshot
+from hibernate.api import constants as c
+from hibernate.localnode.simpod import SimPod
+from tests.cluster import Cluster, Process, eventually, hibernate_process
+from tests.engine_fixtures import complete, free_port
+from tests.faultkit import need_root_and_criu
+from tests.pods import annotations, create_chain, create_engine_pod, ensure_node, reached, start_pod
+from tests.test_snapshot import WaitingPod
 
 NODE = "fake-cuda-test-node"
 # `hibernate agent ...`, as `python -m hibernate` runs it, with the device constant set to argv[1].
@@ -95,3 +107,105 @@ def test_the_agent_runs_with_the_cuda_double_where_no_nvidia_device_exists(
         assert "CUDA is the file-backed TEST DOUBLE" in proc.output()
     finally:
         proc.stop()
+
+
+# -- the GPU remap of a snapshot, through the double ------------------------------------------------
+
+OLD_GPU = "GPU-8c1e2f3a-1111-2222-3333-444455556666"
+NEW_GPU = "GPU-0d9e8f7a-aaaa-bbbb-cccc-ddddeeeeffff"
+THIRD_GPU = "GPU-12345678-9abc-def0-1234-56789abcdef0"
+
+
+@pytest.mark.criu
+def test_a_snapshot_restored_into_a_pod_given_another_gpu_hands_the_driver_the_gpu_pairs(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """The device plugin gave the snapshotted pod one GPU and the new pod another (their
+    NVIDIA_VISIBLE_DEVICES, what the double's nodes go by): the image records the first, and the
+    CUDA restore of the engine in the new pod is handed the pair (old GPU, new GPU). A new pod with
+    two GPUs cannot take a checkpoint of one: it starts cold, with the reason."""
+    need_root_and_criu()
+    ensure_node(cluster, NODE)
+    fake, checkpoints = tmp_path / "fake-cuda", tmp_path / "checkpoints"
+    agent = hibernate_process(
+        cluster, tmp_path / "agent.log", "agent", "--node-name", NODE, "--metrics-port", "0",
+        "--checkpoint-root", str(checkpoints), "--engine-timeout", "10",
+    )  # fmt: skip
+    agent.env[fakecuda.ENV] = str(fake)
+    agent.start()
+    port, owner = free_port(), create_chain(cluster, namespace, "llama")
+    cmd = [sys.executable, "-m", "hibernate.engine.fake", "--model", "fake-model", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--weights-mib", "16", "--kv-mib", "8", "--enable-sleep-mode"]
+    url = f"http://127.0.0.1:{port}"
+
+    def pod(name: str, gpus: list[str], restore: dict[str, Any] | None = None) -> tuple[str, str, str]:
+        made = create_engine_pod(
+            cluster, namespace, NODE, port, name=name, level="Awake", owner=owner, model="llama",
+            checkpoint_dir=str(checkpoints),
+        )  # fmt: skip
+        if restore is not None:
+            cluster.core.patch_namespaced_pod(
+                name, namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(restore)}}}
+            )
+        return made["uid"], uuid.uuid4().hex * 2, ",".join(gpus)
+
+    def verdict(name: str) -> dict[str, Any]:
+        raw = eventually(lambda: annotations(cluster, namespace, name).get(c.ANN_RESTORE), timeout=90)
+        found: dict[str, Any] = json.loads(raw)
+        return found
+
+    try:
+        uid, cid, gpus = pod("llama-gpu-a", [OLD_GPU])
+        with SimPod.start(
+            cmd, uid=uid, container_id=cid, host_network=True, port=port, ready_path="/health",
+            env={"NVIDIA_VISIBLE_DEVICES": gpus},
+        ):  # fmt: skip
+            start_pod(cluster, namespace, "llama-gpu-a", container_id=cid)
+            before = complete(url)
+            reached(cluster, namespace, "llama-gpu-a", 0, "Awake")
+            request = {"id": "r-gpu", "specHash": "spec-gpu", "requested": "2026-01-01T00:00:00.000Z"}
+            cluster.core.patch_namespaced_pod(
+                "llama-gpu-a",
+                namespace,
+                {"metadata": {"annotations": {c.ANN_SNAPSHOT_REQUEST: json.dumps(request)}}},
+            )
+            raw = eventually(
+                lambda: annotations(cluster, namespace, "llama-gpu-a").get(c.ANN_SNAPSHOT), timeout=90
+            )
+            taken = json.loads(raw)
+            assert "error" not in taken, taken
+        cluster.core.delete_namespaced_pod("llama-gpu-a", namespace, grace_period_seconds=0)
+        meta = criu.ImageMetadata.load(snapshot.snapshot_dir(checkpoints, namespace, "llama"))
+        assert meta.gpus == [{"uuid": OLD_GPU, "model": None}], "the image names the GPU it was taken on"
+
+        source = {"node": NODE, "specHash": "spec-gpu", "taken": taken["taken"], "check": taken["check"]}
+        uid, cid, gpus = pod("llama-gpu-b", [NEW_GPU], source)
+        with WaitingPod.start(
+            cmd, uid=uid, container_id=cid, host_network=True, port=port, ready_path=None,
+            env={c.ENV_RESTORE_WAIT: "60", "NVIDIA_VISIBLE_DEVICES": gpus},
+        ) as new:  # fmt: skip
+            start_pod(cluster, namespace, "llama-gpu-b", container_id=cid)
+            restore = verdict("llama-gpu-b")
+            assert restore["restored"] is True, restore
+            reached(cluster, namespace, "llama-gpu-b", 0, "Awake", timeout=60)
+            assert complete(url) == before
+            engine = new.engine_host_pid()
+            assert engine is not None
+            record = fakecuda.FakeCheckpointApi(fake).record(engine)
+            assert record["state"] == "running" and record["gpu_pairs"] == [[OLD_GPU, NEW_GPU]], record
+        cluster.core.delete_namespaced_pod("llama-gpu-b", namespace, grace_period_seconds=0)
+
+        uid, cid, gpus = pod("llama-gpu-two", [NEW_GPU, THIRD_GPU], source)
+        with WaitingPod.start(
+            cmd, uid=uid, container_id=cid, host_network=True, port=port, ready_path=None,
+            env={c.ENV_RESTORE_WAIT: "60", "NVIDIA_VISIBLE_DEVICES": gpus},
+        ):  # fmt: skip
+            start_pod(cluster, namespace, "llama-gpu-two", container_id=cid)
+            restore = verdict("llama-gpu-two")
+            assert restore["restored"] is False
+            assert "taken on 1 GPU(s)" in restore["reason"] and "this pod has 2" in restore["reason"], restore
+            reached(cluster, namespace, "llama-gpu-two", 0, "Awake", timeout=60)
+            assert complete(url) == before, "started cold by its init, it serves"
+    finally:
+        agent.stop()
+        print(agent.output()[-4000:])

@@ -401,6 +401,71 @@ def test_driver_binding_through_ctypes() -> None:
         api.unlock(10)
 
 
+class FakeLibcuda580(FakeLibcuda):
+    """FakeLibcuda whose restore reads its arguments as a driver 580 does: GPU pairs, reserved zero."""
+
+    def __init__(self, cuda_version: int = 13000) -> None:
+        super().__init__()
+        self.cuda_version = cuda_version
+        self.restores: list[list[tuple[bytes, bytes]] | None] = []
+        self.cuDriverGetVersion = ctypes.CFUNCTYPE(ctypes.c_int, _INT_P)(self._version)
+        self.cuCheckpointProcessRestore = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)(
+            self._restore
+        )
+
+    def _version(self, out: ctypes._Pointer[ctypes.c_int]) -> int:
+        out[0] = self.cuda_version
+        return 0
+
+    def _restore(self, pid: int, address: int | None) -> int:
+        if address is None:
+            self.restores.append(None)
+        else:
+            args = ctypes.cast(address, ctypes.POINTER(cuda._RestoreArgs)).contents
+            assert bytes(args.reserved) == bytes(44) and args.reserved1 == 0
+            self.restores.append(
+                [
+                    (bytes(args.gpuPairs[i].oldUuid), bytes(args.gpuPairs[i].newUuid))
+                    for i in range(args.gpuPairsCount)
+                ]
+            )
+        return self._move(pid, 2, 1)
+
+
+OLD_GPU = "GPU-8c1e2f3a-1111-2222-3333-444455556666"
+NEW_GPU = "GPU-0d9e8f7a-aaaa-bbbb-cccc-ddddeeeeffff"
+
+
+def test_a_resume_onto_other_gpus_hands_the_driver_its_pairs() -> None:
+    lib = FakeLibcuda580()
+    api = cuda.DriverApi(lib, "fake")  # type: ignore[arg-type]
+    suspend_all([10], api=api)
+    resume_all([10], api=api, gpu_pairs=[(OLD_GPU, NEW_GPU)])
+    assert lib.restores == [[(cuda.gpu_uuid_bytes(OLD_GPU), cuda.gpu_uuid_bytes(NEW_GPU))]]
+    assert api.get_state(10) is RUNNING
+    suspend_all([10], api=api)
+    resume_all([10], api=api)  # the same GPUs: no arguments, as before
+    assert lib.restores[-1] is None
+
+
+def test_a_driver_older_than_580_is_not_asked_to_remap_and_says_why() -> None:
+    lib = FakeLibcuda580(cuda_version=12080)  # driver 570
+    api = cuda.DriverApi(lib, "fake")  # type: ignore[arg-type]
+    suspend_all([10], api=api)
+    with pytest.raises(
+        PodCudaError, match=r"needs driver 580 or newer \(CUDA 13.0\); this driver is CUDA 12.8"
+    ):
+        resume_all([10], api=api, gpu_pairs=[(OLD_GPU, NEW_GPU)])
+    assert lib.restores == [] and api.get_state(10) is CHECKPOINTED, "nothing was done"
+
+
+def test_an_api_that_cannot_remap_is_refused_before_anything_is_done() -> None:
+    fake = FakeDriver({1: CHECKPOINTED})  # as the cuda-checkpoint binary: no restore_remapped
+    with pytest.raises(PodCudaError, match="cannot restore a process onto other GPUs"):
+        resume_all([1], api=fake, gpu_pairs=[(OLD_GPU, NEW_GPU)])
+    assert fake.calls == [] and fake.states == {1: CHECKPOINTED}
+
+
 def test_process_state_codes() -> None:
     assert [ProcessState.from_code(c) for c in range(6)] == list(ProcessState)
     assert ProcessState.from_text("checkpointed\n") is CHECKPOINTED
@@ -613,6 +678,28 @@ def test_gpu_suspend_resume_frees_memory_and_keeps_data(gpu_children: list[GpuCh
         f"[gpu] RESULT {gib:g} GiB: lock {timing.lock_s:.3f}s checkpoint {timing.checkpoint_s:.3f}s "
         f"restore {back.restore_s:.3f}s unlock {back.unlock_s:.3f}s"
     )
+
+
+@pytest.mark.gpu
+def test_gpu_restore_through_an_identity_gpu_pair_keeps_the_data(gpu_children: list[GpuChild]) -> None:
+    """The driver's GPU remap (580 and newer), exercised where one GPU is all there is: every GPU of
+    the machine paired with itself. It proves the restore arguments' layout on a real driver; a
+    restore onto ANOTHER GPU needs a machine with two."""
+    from hibernate.agent import gpumap
+
+    api = cuda.load_api()
+    if not isinstance(api, cuda.DriverApi) or (api.cuda_version() or 0) < cuda.REMAP_MIN_CUDA_VERSION:
+        pytest.skip("the GPU remap needs the driver API of driver 580 or newer (CUDA 13.0)")
+    gpus = [n.gpu.uuid for n in gpumap.node_gpus()]
+    assert gpus, "the driver's /proc files name no GPU"
+    child = GpuChild(1.0, seed=3)
+    gpu_children.append(child)
+    before = child.checksum()
+    suspend_all([child.pid], api=api)
+    report = resume_all([child.pid], api=api, gpu_pairs=[(uuid, uuid) for uuid in gpus])
+    print(f"\n[gpu] restored through the identity pair(s) {gpus}: {report.describe()}")
+    assert api.get_state(child.pid) is RUNNING
+    assert child.checksum() == before == child.initial
 
 
 @pytest.mark.gpu

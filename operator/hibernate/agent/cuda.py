@@ -5,6 +5,10 @@ target's host pid: lock stops new CUDA calls, checkpoint moves the device memory
 releases the context, restore and unlock undo both (notes/checkpointing.md, "GPU (a)"). The API
 needs driver 570+; an older driver falls back to NVIDIA's `cuda-checkpoint` binary on PATH.
 
+A checkpoint is restored onto the GPUs it was taken on, or (driver 580 / CUDA 13.0 and newer) onto
+others of the same chip, given as pairs of GPU UUIDs: a snapshot restored into a pod with other
+GPUs (agent/gpumap.py says which pairs).
+
 A pod may run several CUDA processes (vLLM's API server and engine core, one per GPU with tensor
 parallelism). `suspend_all` locks every one of them before it checkpoints any, so no process is
 checkpointed while a peer still runs and waits on it, and undoes everything on a failure, so a
@@ -28,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, runtime_checkable
 
 DRIVER_LIBRARY: Final = "libcuda.so.1"
 CLI_NAME: Final = "cuda-checkpoint"
@@ -126,6 +130,12 @@ class CudaCallError(CudaError):
         super().__init__(f"{text} ({detail})" if detail else text)
 
 
+# (UUID of a checkpointed GPU, UUID of the GPU to restore it onto), "GPU-…" as nvidia-smi prints them.
+GpuPairs = Sequence[tuple[str, str]]
+# cuDriverGetVersion of the first driver whose restore takes GPU pairs: 580, CUDA 13.0.
+REMAP_MIN_CUDA_VERSION: Final = 13000
+
+
 class CheckpointApi(Protocol):
     """Per-process checkpoint calls; DriverApi and CliApi implement it, tests inject fakes."""
 
@@ -142,6 +152,13 @@ class CheckpointApi(Protocol):
     def restore_thread_id(self, pid: int) -> int: ...
 
 
+@runtime_checkable
+class RemappingApi(CheckpointApi, Protocol):
+    """A CheckpointApi whose restore can put a process's GPUs onto others (DriverApi; not the CLI)."""
+
+    def restore_remapped(self, pid: int, pairs: GpuPairs) -> None: ...
+
+
 class _LockArgs(ctypes.Structure):
     # CUcheckpointLockArgs from cuda.h: 64 bytes, reserved fields must be zero.
     _fields_ = (
@@ -149,6 +166,50 @@ class _LockArgs(ctypes.Structure):
         ("reserved0", ctypes.c_uint),
         ("reserved1", ctypes.c_uint64 * 7),
     )
+
+
+class _GpuPair(ctypes.Structure):
+    # CUcheckpointGpuPair from cuda.h (CUDA 13.0): two CUuuid, 16 bytes each.
+    _fields_ = (
+        ("oldUuid", ctypes.c_ubyte * 16),
+        ("newUuid", ctypes.c_ubyte * 16),
+    )
+
+
+class _RestoreArgs(ctypes.Structure):
+    # CUcheckpointRestoreArgs from cuda.h: 64 bytes on 64-bit Linux. The pairs' pointer at 0 and
+    # their count at 8 are the same in every header that has them (CUDA 13.0: 44 reserved bytes and
+    # a reserved 64-bit word after them; later headers name a custom-storage pointer at 16, which
+    # NULL leaves unused); everything after the count must be zero.
+    _fields_ = (
+        ("gpuPairs", ctypes.POINTER(_GpuPair)),
+        ("gpuPairsCount", ctypes.c_uint),
+        ("reserved", ctypes.c_ubyte * 44),
+        ("reserved1", ctypes.c_uint64),
+    )
+
+
+_GPU_UUID: Final = re.compile(r"^GPU-[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
+
+
+def gpu_uuid_bytes(text: str) -> bytes:
+    """The 16 bytes of a CUuuid from "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (ValueError otherwise)."""
+    if not isinstance(text, str) or not _GPU_UUID.match(text):
+        raise ValueError(f"not a GPU UUID: {text!r}")
+    return bytes.fromhex(text[4:].replace("-", ""))
+
+
+def restore_args(pairs: GpuPairs) -> tuple[_RestoreArgs, ctypes.Array[_GpuPair]]:
+    """The restore arguments that map each checkpointed GPU onto its pair, and the pairs' array,
+    which must outlive the call. ValueError for a UUID that is not one."""
+    array = (_GpuPair * len(pairs))()
+    for slot, (old, new) in zip(array, pairs, strict=True):
+        slot.oldUuid[:] = list(gpu_uuid_bytes(old))
+        slot.newUuid[:] = list(gpu_uuid_bytes(new))
+    args = _RestoreArgs()
+    args.gpuPairs = ctypes.cast(array, ctypes.POINTER(_GpuPair))
+    args.gpuPairsCount = len(pairs)
+    return args, array
 
 
 class DriverApi:
@@ -235,8 +296,40 @@ class DriverApi:
         self._call("cuCheckpointProcessCheckpoint", pid, lambda: self._checkpoint_fn(pid, None))
 
     def restore(self, pid: int) -> None:
-        # NULL args: restore onto the same GPUs (the args' GPU remapping is not used).
+        # NULL args: restore onto the GPUs it was checkpointed on.
         self._call("cuCheckpointProcessRestore", pid, lambda: self._restore_fn(pid, None))
+
+    def restore_remapped(self, pid: int, pairs: GpuPairs) -> None:
+        """Restores onto other GPUs: each checkpointed GPU's UUID paired with the one to restore onto.
+        Refused (CudaCallError, nothing done) by a driver older than 580, whose restore cannot."""
+        if not pairs:
+            self.restore(pid)
+            return
+        version = self.cuda_version()
+        if version is not None and version < REMAP_MIN_CUDA_VERSION:
+            raise CudaCallError(
+                "cuCheckpointProcessRestore",
+                pid,
+                None,
+                "GPU remap not supported",
+                f"restoring onto other GPUs needs driver 580 or newer (CUDA 13.0); this driver is "
+                f"CUDA {version // 1000}.{version % 1000 // 10}",
+            )
+        try:
+            args, array = restore_args(pairs)
+        except ValueError as e:
+            raise CudaCallError("cuCheckpointProcessRestore", pid, None, "bad GPU pair", str(e)) from e
+        address = ctypes.addressof(args)
+        self._call("cuCheckpointProcessRestore", pid, lambda: self._restore_fn(pid, address))
+        del array  # kept alive through the call
+
+    def cuda_version(self) -> int | None:
+        """cuDriverGetVersion (12080 for CUDA 12.8, driver 570; 13000 for driver 580); None unknown."""
+        fn = getattr(self._lib, "cuDriverGetVersion", None)
+        version = ctypes.c_int(0)
+        if fn is None or fn(ctypes.byref(version)) != CUDA_SUCCESS:
+            return None
+        return int(version.value)
 
     def unlock(self, pid: int) -> None:
         self._call("cuCheckpointProcessUnlock", pid, lambda: self._unlock_fn(pid, None))
@@ -449,9 +542,13 @@ _TIMING_FIELD: Final = {
 }
 
 
-def _step(api: CheckpointApi, step: str, timeout_ms: int) -> Callable[[int], None]:
+def _step(api: CheckpointApi, step: str, timeout_ms: int, gpu_pairs: GpuPairs = ()) -> Callable[[int], None]:
     if step == "lock":
         return lambda pid: api.lock(pid, timeout_ms)
+    if step == "restore" and gpu_pairs:
+        if not isinstance(api, RemappingApi):
+            raise CudaError(f"{type(api).__name__} cannot restore a process onto other GPUs")
+        return lambda pid: api.restore_remapped(pid, gpu_pairs)
     fn: Callable[[int], None] = getattr(api, step)
     return fn
 
@@ -465,6 +562,7 @@ def _run_step(
     parallel: bool,
     timeout_ms: int = 0,
     best_effort: bool = False,
+    gpu_pairs: GpuPairs = (),
 ) -> list[_StepFailed]:
     """Run one step for each pid and time it.
 
@@ -472,7 +570,7 @@ def _run_step(
     every call in flight has returned, so the states are settled before a rollback reads them).
     Best-effort mode (rollback) goes on and returns the failures.
     """
-    call = _step(api, step, timeout_ms)
+    call = _step(api, step, timeout_ms, gpu_pairs)
     field = _TIMING_FIELD[step]
 
     def one(pid: int) -> _StepFailed | None:
@@ -554,6 +652,7 @@ def _bring_up(
     *,
     parallel: bool,
     best_effort: bool,
+    gpu_pairs: GpuPairs = (),
 ) -> list[str]:
     """Restore every checkpointed pid, then unlock every locked one (resume, and suspend's rollback).
 
@@ -571,7 +670,9 @@ def _bring_up(
                 raise failure from exc
             failures.append(failure)
     to_restore = [p for p in pids if states.get(p) is ProcessState.CHECKPOINTED]
-    failures += _run_step(api, "restore", to_restore, timings, parallel=parallel, best_effort=best_effort)
+    failures += _run_step(
+        api, "restore", to_restore, timings, parallel=parallel, best_effort=best_effort, gpu_pairs=gpu_pairs
+    )
     if not best_effort:  # resume_all, not a rollback
         _fault_point("agent.cuda-after-restore")
     not_restored = {f.pid for f in failures}
@@ -637,9 +738,15 @@ def suspend_all(
 
 
 def resume_all(
-    pids: Iterable[int], *, api: CheckpointApi | None = None, parallel: bool = False
+    pids: Iterable[int],
+    *,
+    api: CheckpointApi | None = None,
+    parallel: bool = False,
+    gpu_pairs: GpuPairs = (),
 ) -> PodCudaReport:
     """Restore every checkpointed pid, then unlock every locked one; running pids are left alone.
+    `gpu_pairs`: restore onto other GPUs, each checkpointed GPU's UUID paired with its new one (a
+    snapshot in a pod given other GPUs); the API must be able to (RemappingApi), else CudaError.
 
     A failure stops at once and raises PodCudaError with the states left: nothing is unlocked
     while a peer could not be restored, and a repeated call continues where this one stopped
@@ -648,9 +755,11 @@ def resume_all(
     api = api if api is not None else default_api()
     order = _unique(pids)
     started = time.monotonic()
+    if gpu_pairs and not isinstance(api, RemappingApi):
+        raise PodCudaError("resume", f"{type(api).__name__} cannot restore a process onto other GPUs")
     timings = _read_states(api, order, "resume")
     try:
-        _bring_up(api, order, timings, parallel=parallel, best_effort=False)
+        _bring_up(api, order, timings, parallel=parallel, best_effort=False, gpu_pairs=gpu_pairs)
     except _StepFailed as failure:
         states = _states_now(api, order)
         for pid, state in states.items():

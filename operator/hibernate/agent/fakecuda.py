@@ -17,7 +17,14 @@ of its GPU-specific parts, and nothing else:
 
 A process is named by its pod cgroup and its pid inside the pod's pid namespace, not by its host
 pid, because CRIU restores the engine in its pod with the same pid inside but a new host pid: the
-"CUDA state" of a checkpointed engine survives a level-4 cycle, as it would in the real process.
+"CUDA state" of a checkpointed engine survives a level-4 cycle, as it would in the real process. A
+snapshot is restored into ANOTHER pod (another cgroup) with the memory it had, its layout included:
+a process with no state of its own takes the checkpointed state that a dead process of the same pid,
+environment and address of its environment (randomized for every new process, kept by a restore)
+left, so its CUDA state follows it there too.
+
+A restore onto other GPUs (`restore_remapped`, the driver's GPU pairs) is done as a plain restore
+and the pairs are kept in the process's state file (`gpu_pairs`), where tests read them.
 
 Tests inject driver failures with files in the state directory: `fail-<step>` (step: get_state,
 lock, checkpoint, restore, unlock) makes that call fail for every process.
@@ -82,10 +89,39 @@ class FakeCheckpointApi:
     def _path(self, pid: int) -> Path:
         return self.state_dir / f"{self.key(pid)}.json"
 
+    def _environ(self, pid: int) -> str:
+        """Who the process is, as a restore keeps it: its environment and where it lies in memory."""
+        try:
+            environ = Path(f"{self.proc_root}/{pid}/environ").read_bytes()
+            env_start = Path(f"{self.proc_root}/{pid}/stat").read_text().rsplit(")", 1)[1].split()[47]
+        except (OSError, IndexError):
+            return ""
+        return f"{env_start}-{hashlib.sha256(environ).hexdigest()[:16]}"
+
+    def _adopt(self, pid: int) -> bool:
+        """A process restored from a snapshot into another pod takes the checkpointed state that its
+        namesake (same pid in its pod, same environment) left in the pod it was dumped from."""
+        nspid, environ = self.key(pid).rsplit("-", 1)[1], self._environ(pid)
+        for path in sorted(self.state_dir.glob(f"*-{nspid}.json")):
+            with contextlib.suppress(OSError, ValueError):
+                raw = json.loads(path.read_text())
+                alive = _stat_state(int(raw.get("host_pid", 0)), self.proc_root) not in (None, "Z", "X")
+                if (
+                    raw.get("state") == "checkpointed"
+                    and raw.get("environ") == environ
+                    and environ
+                    and not alive
+                ):
+                    path.rename(self._path(pid))
+                    return True
+        return False
+
     def _read(self, pid: int) -> cuda.ProcessState:
         try:
             raw = json.loads(self._path(pid).read_text())
         except FileNotFoundError:
+            if self._adopt(pid):
+                return self._read(pid)
             return cuda.ProcessState.RUNNING
         except ValueError:
             raise cuda.CudaCallError(
@@ -93,11 +129,20 @@ class FakeCheckpointApi:
             ) from None
         return cuda.ProcessState(raw["state"])
 
-    def _write(self, pid: int, state: cuda.ProcessState) -> None:
+    def _write(self, pid: int, state: cuda.ProcessState, **extra: object) -> None:
         path = self._path(pid)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"state": state.value, "host_pid": pid}))
+        record = {"state": state.value, "host_pid": pid, "environ": self._environ(pid), **extra}
+        tmp.write_text(json.dumps(record))
         tmp.rename(path)
+
+    def record(self, pid: int) -> dict[str, object]:
+        """The state file of `pid`, as a test reads it ({} when it has none)."""
+        try:
+            raw: dict[str, object] = json.loads(self._path(pid).read_text())
+        except FileNotFoundError:
+            return {}
+        return raw
 
     def _check(self, call: str, pid: int, step: str) -> None:
         if (self.state_dir / f"fail-{step}").exists():
@@ -105,14 +150,22 @@ class FakeCheckpointApi:
         if _stat_state(pid, self.proc_root) in (None, "Z", "X"):
             raise cuda.CudaCallError(call, pid, _NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "no such process")
 
-    def _move(self, call: str, pid: int, step: str, need: cuda.ProcessState, to: cuda.ProcessState) -> None:
+    def _move(
+        self,
+        call: str,
+        pid: int,
+        step: str,
+        need: cuda.ProcessState,
+        to: cuda.ProcessState,
+        **extra: object,
+    ) -> None:
         self._check(call, pid, step)
         now = self._read(pid)
         if now is not need:
             raise cuda.CudaCallError(
                 call, pid, _ILLEGAL_STATE, "CUDA_ERROR_ILLEGAL_STATE", f"process is {now.value}"
             )
-        self._write(pid, to)
+        self._write(pid, to, **extra)
 
     # -- cuda.CheckpointApi ------------------------------------------------------------------------
 
@@ -145,9 +198,34 @@ class FakeCheckpointApi:
             cuda.ProcessState.LOCKED,
         )
 
-    def unlock(self, pid: int) -> None:
+    def restore_remapped(self, pid: int, pairs: cuda.GpuPairs) -> None:
+        """A restore onto other GPUs: checked as the driver's arguments are built, then a restore that
+        keeps the pairs in the state file."""
+        try:
+            cuda.restore_args(pairs)
+        except ValueError as e:
+            raise cuda.CudaCallError(
+                "cuCheckpointProcessRestore", pid, 1, "CUDA_ERROR_INVALID_VALUE", str(e)
+            ) from e
         self._move(
-            "cuCheckpointProcessUnlock", pid, "unlock", cuda.ProcessState.LOCKED, cuda.ProcessState.RUNNING
+            "cuCheckpointProcessRestore",
+            pid,
+            "restore",
+            cuda.ProcessState.CHECKPOINTED,
+            cuda.ProcessState.LOCKED,
+            gpu_pairs=[list(pair) for pair in pairs],
+        )
+
+    def unlock(self, pid: int) -> None:
+        record = self.record(pid)
+        pairs = {"gpu_pairs": record["gpu_pairs"]} if "gpu_pairs" in record else {}
+        self._move(
+            "cuCheckpointProcessUnlock",
+            pid,
+            "unlock",
+            cuda.ProcessState.LOCKED,
+            cuda.ProcessState.RUNNING,
+            **pairs,
         )
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hibernate.agent import criu, cuda, discovery, layout, shm
+from hibernate.agent import criu, cuda, discovery, gpumap, layout, shm
 from hibernate.agent import snapshot as pod_snapshot
 from hibernate.agent.criu import snapshot as criu_snapshot
 from hibernate.agent.engine_client import EngineClient, EngineError
@@ -185,6 +185,8 @@ class Levels:
         # Found by `probe` after a crash: the level the engine sleeps at under a CUDA suspension
         # (2 when the suspension is what is left of a level-4 restore), for the next wake from 3.
         self.engine_level_under_cuda: dict[tuple[str, str], SleepLevel] = {}
+        # A snapshot's GPUs mapped onto a new pod's (gpu_plan), from its restore to its CUDA wake.
+        self.gpu_pairs: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 
     # -- levels 1-2: the engine's own sleep API -------------------------------------------------
 
@@ -366,7 +368,8 @@ class Levels:
         try:
             image = self.snapshot_image(pod, model, shared)
             ckpt_root = self.snapshot_root(pod, image)
-        except (PermissionError, ValueError) as e:
+            self.gpu_pairs[pod.key] = self.gpu_plan(image, target.init_pid)  # for wake_restored
+        except (PermissionError, ValueError, gpumap.RemapRefused) as e:
             reason = f"cannot restore: {e}"
             with contextlib.suppress(OSError):
                 if take_over or pod_snapshot.claim(target):
@@ -395,12 +398,30 @@ class Levels:
             return None
         return pod_snapshot.handshake(criu.Pod(discovery.engine_root(procs).init.pid))
 
+    def gpu_plan(self, image: Path, init_pid: int) -> tuple[tuple[str, str], ...]:
+        """The GPU pairs that restore the snapshot `image` into the pod of `init_pid` (gpumap.plan:
+        RemapRefused where it cannot be); () where it needs none, or the image cannot be read (its
+        restore says why)."""
+        try:
+            meta = criu.ImageMetadata.load(image)
+        except criu.CriuError:
+            return ()
+        dumped = [g for g in map(gpumap.Gpu.from_json, meta.gpus) if g is not None]
+        if not dumped:
+            return ()
+        proc = Path(self.host.proc_root)
+        return gpumap.plan(dumped, gpumap.pod_gpus(init_pid, proc), criu.detect_gpu(proc).driver)
+
     async def wake_restored(self, pod: PodRef) -> None:
         """The engine restored from a snapshot comes back as it was dumped: CUDA checkpointed and the
-        engine asleep at level 2. Its CUDA state is restored, then the engine woken (weights reloaded)."""
+        engine asleep at level 2. Its CUDA state is restored (onto the pod's GPUs, where they are not
+        the snapshot's: gpu_plan), then the engine woken (weights reloaded)."""
+        pairs = self.gpu_pairs.pop(pod.key, ())
         pids = await asyncio.to_thread(self.host.cuda_pids, pod)
         if pids:
-            await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
+            await asyncio.to_thread(
+                functools.partial(cuda.resume_all, pids, api=self.host.cuda_api(), gpu_pairs=pairs)
+            )
         async with self.host.engine(pod) as engine:
             if await _has_sleep_api(engine) and await engine.is_sleeping():
                 await engine.wake(2)

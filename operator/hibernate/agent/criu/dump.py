@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from hibernate.agent import gpumap
 from hibernate.agent.criu import images, nsexec
 from hibernate.agent.criu.bundle import Bundle, CriuError, locate, version
 from hibernate.agent.criu.images import DUMP_LOG, GpuInfo, ImageMetadata
@@ -85,6 +86,7 @@ def dump(
         raise CriuError(f"no process with pid {pid}")
     tree = [host_pid, *nsexec.descendants(host_pid)]
     pids = task_pids(tree) if pod is not None else []
+    gpus = [g.to_json() for g in gpumap.pod_gpus(pod.init_pid)] if pod is not None else []
 
     images.make_private_dirs(image.parent, checkpoint_root or image.parent)
     tmp = image.with_name(f".{image.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -100,6 +102,7 @@ def dump(
         image_bytes=0,
         pids=pids,
         spec_hash=spec_hash,
+        gpus=gpus,
     )
     marked = False
     try:

@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hibernate.agent.criu.bundle import CriuError
 
@@ -102,6 +103,9 @@ class ImageMetadata:
     # What the engine ran (the operator's hash of its image, args and model), for a snapshot: it is
     # restored only into a pod of the same spec. None for an in-place image.
     spec_hash: str | None = None
+    # The GPUs of the pod when it was dumped ({"uuid", "model"}, by PCI bus; agent/gpumap.py): a
+    # snapshot restored into a pod given other GPUs has its CUDA state mapped onto them.
+    gpus: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
