@@ -404,8 +404,11 @@ def test_agent_killed_mid_sweep_removes_the_rest_after_restart(
     agents.died_at(agents.start(step), step)
     assert sum(image.exists() for image in gone) == 1, "one removed, then killed"
     again = agents.start("", "--image-sweep-interval", "600")
+    # The sweep removes an image, then its pod's directory: wait for both, not only the image.
     eventually(lambda: not any(image.exists() for image in gone), what="the other image swept")
-    assert not any((agents.checkpoints / namespace).iterdir()), "their pods' directories went too"
+    eventually(
+        lambda: not any((agents.checkpoints / namespace).iterdir()), what="their pods' directories gone too"
+    )
     again.stop()
 
 
