@@ -23,10 +23,13 @@ from tests.cluster import (  # noqa: E402
 
 
 @contextlib.contextmanager
-def operator_on_control_plane(work: Path, gpu_groups: bool = False) -> Iterator[Cluster]:
+def operator_on_control_plane(
+    work: Path, gpu_groups: bool = False, scheduler: bool = True
+) -> Iterator[Cluster]:
     """A control plane under `work`/k8s with the ModelDeployment CRD (and with `gpu_groups` the
-    GpuGroup one), and the operator logging to `work`/operator.log."""
-    cluster = start_cluster(work / "k8s")
+    GpuGroup one), and the operator logging to `work`/operator.log. `scheduler=False`: no
+    kube-scheduler (the benches' stand-in plays the kubelet and needs no pod scheduled)."""
+    cluster = start_cluster(work / "k8s", scheduler=scheduler)
     operator = None
     try:
         install_crd(cluster)

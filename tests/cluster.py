@@ -80,10 +80,16 @@ class Cluster:
         return {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1"}
 
 
-def start_cluster(workdir: Path) -> Cluster:
-    subprocess.run([str(HACK / "install-k8s-test-assets.sh")], check=True)
+def start_cluster(workdir: Path, scheduler: bool = True) -> Cluster:
+    """etcd, kube-apiserver and kube-controller-manager, and the scheduler unless `scheduler` is
+    False (pods are then made but never scheduled: benches whose stand-in plays the kubelet).
+    KUBE_TEST_ASSETS_PREBUILT=1: the binaries in $KUBE_TEST_ASSETS are taken as they are, nothing
+    is built (a machine that carries only those it needs: bench/gpu_switch_run.sh)."""
+    if not os.environ.get("KUBE_TEST_ASSETS_PREBUILT"):
+        subprocess.run([str(HACK / "install-k8s-test-assets.sh")], check=True)
+    flags = ["--controllers"] if scheduler else ["--controllers", "--no-scheduler"]
     out = subprocess.run(
-        [str(HACK / "start-control-plane.sh"), "--controllers", str(workdir)],
+        [str(HACK / "start-control-plane.sh"), *flags, str(workdir)],
         check=True,
         capture_output=True,
         text=True,
