@@ -63,12 +63,14 @@ def engine_command(device: str, size: int, kv_gib: float = 4.0) -> Callable[[str
     engine with `size` MiB of weights on a GPU (generated in place, host copy pinned at start)."""
     if device == "cpu":
         return None
+    # The engine calls torch.cuda.set_device, which wants an index: "cuda" alone is refused.
+    torch_device = "cuda:0" if device == "cuda" else device
 
     def reference(model: str, port: int) -> list[str]:
         return [
             sys.executable,
             *("-m", "hibernate.engine.reference", "--model", model, "--host", "127.0.0.1"),
-            *("--port", str(port), "--device", device, "--weights-gib", f"{size / 1024:g}"),
+            *("--port", str(port), "--device", torch_device, "--weights-gib", f"{size / 1024:g}"),
             *("--kv-gib", f"{kv_gib:g}", "--weights-dir", "none", "--pinned-prealloc"),
             "--enable-sleep-mode",
         ]
@@ -193,6 +195,7 @@ def one_level(
     standin_kind: str = "engine-api",
     kv_gib: float = 4.0,
     pids_file: Path | None = None,
+    max_tokens: int = 1,
 ) -> dict[str, Any]:
     ns = new_namespace(cluster)
     (workdir / level).mkdir(parents=True, exist_ok=True)
@@ -236,7 +239,8 @@ def one_level(
             other = MEMBERS[i % 2]
             started = time.monotonic()
             answer = client.post(
-                f"{gw.url}/v1/completions", json={"model": f"bench/{asked}", "prompt": "hi", "max_tokens": 4}
+                f"{gw.url}/v1/completions",
+                json={"model": f"bench/{asked}", "prompt": "hi", "max_tokens": max_tokens},
             )
             seconds.append(time.monotonic() - started)
             if answer.status_code != 200:
@@ -262,7 +266,9 @@ def _gateway_seconds(gw: GatewayProcess) -> float | None:
     return total / count if count else None
 
 
-def table(rows: list[dict[str, Any]], device: str, size: int, standin: str = "engine-api") -> str:
+def table(
+    rows: list[dict[str, Any]], device: str, size: int, standin: str = "engine-api", max_tokens: int = 1
+) -> str:
     engine = "the fake engine" if device == "cpu" else "the reference engine"
     mover = (
         "the agent's own Levels (CudaSuspend: the CUDA driver's checkpoint)"
@@ -272,7 +278,8 @@ def table(rows: list[dict[str, Any]], device: str, size: int, standin: str = "en
     lines = [
         f"Two models of one GpuGroup (maxAwake 1) alternating through the gateway; {engine} on {device}, "
         f"{size} MiB of weights each; the levels performed by {mover}. Request s: from the request for "
-        "the sleeping model to its answer (4 tokens), through the gateway, the operator and the agent's part.",
+        f"the sleeping model to its answer ({max_tokens} token{'s' if max_tokens > 1 else ''}: the first token), "
+        "through the gateway, the operator and the agent's part.",
         "",
         "| makeRoomLevel | switches | request p50 s | request p90 s | gateway switch mean s |",
         "|---|---|---|---|---|",
@@ -297,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "--levels", default=",".join(LEVELS), help="makeRoomLevels to measure, comma-separated"
     )
     parser.add_argument("--rounds", type=int, default=5, help="switches each way per level")
+    parser.add_argument("--max-tokens", type=int, default=1, help="tokens each request asks for")
     parser.add_argument(
         "--standin",
         choices=["agent", "engine-api"],
@@ -317,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
 
     def write() -> str:
-        text = table(rows, args.device, args.size, standin)
+        text = table(rows, args.device, args.size, standin, args.max_tokens)
         if args.json:
             payload = {
                 "machine": machine(),
@@ -343,7 +351,16 @@ def main(argv: list[str] | None = None) -> int:
         cluster = stack.enter_context(operator_on_control_plane(work, gpu_groups=True, scheduler=False))
         for level in levels:
             row = one_level(
-                cluster, work, level, args.rounds, args.device, args.size, standin, args.kv_gib, pids_file
+                cluster,
+                work,
+                level,
+                args.rounds,
+                args.device,
+                args.size,
+                standin,
+                args.kv_gib,
+                pids_file,
+                args.max_tokens,
             )
             rows.append(row)
             print(
