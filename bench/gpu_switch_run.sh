@@ -9,7 +9,8 @@
 #
 #   1. unpacks the Kubernetes binaries (etcd, kube-apiserver, kube-controller-manager, kubectl) into
 #      a temporary directory and points the tests' control plane at them (KUBE_TEST_ASSETS, and
-#      KUBE_TEST_ASSETS_PREBUILT=1: nothing is built or fetched);
+#      KUBE_TEST_ASSETS_PREBUILT=1: nothing is built or fetched); seeds its certificates from the
+#      carry (no openssl needed);
 #   2. installs the wheels with pip --no-index into a temporary --target directory that goes first
 #      on PYTHONPATH (the machine's own torch stays visible; PYTHON picks the interpreter);
 #   3. runs bench/switch.py: two models of one GpuGroup taking turns through the gateway, per
