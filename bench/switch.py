@@ -233,18 +233,30 @@ def one_level(
             apply(cluster, ns, body)
         eventually(lambda: settled(get(cluster, ns, MEMBERS[0]), "Awake", "Awake"), timeout=300)
         eventually(lambda: settled(get(cluster, ns, MEMBERS[1]), level, "Asleep"), timeout=300)
+
+        def ask(member: str) -> str:
+            answer = client.post(
+                f"{gw.url}/v1/completions",
+                json={"model": f"bench/{member}", "prompt": "hi", "max_tokens": max_tokens},
+            )
+            if answer.status_code != 200:
+                raise RuntimeError(f"{member}: {answer.status_code} {answer.text[:300]}")
+            text: str = answer.json()["choices"][0]["text"]
+            return text
+
+        # Each member must give the same answer after every wake as the first time (the awake one's
+        # answer is taken now, with no switch; the sleeping one's at its first wake): a correct first
+        # token, not only a 200.
+        answers = {MEMBERS[0]: ask(MEMBERS[0])}
         seconds = []
         for i in range(rounds * 2):
             asked = MEMBERS[(i + 1) % 2]
             other = MEMBERS[i % 2]
             started = time.monotonic()
-            answer = client.post(
-                f"{gw.url}/v1/completions",
-                json={"model": f"bench/{asked}", "prompt": "hi", "max_tokens": max_tokens},
-            )
+            text = ask(asked)
             seconds.append(time.monotonic() - started)
-            if answer.status_code != 200:
-                raise RuntimeError(f"{asked}: {answer.status_code} {answer.text[:300]}")
+            if answers.setdefault(asked, text) != text:
+                raise RuntimeError(f"{asked} answered {text!r} after a switch, {answers[asked]!r} before")
             # The next switch starts from a settled group, as alternating clients would see it.
             eventually(lambda other=other: settled(get(cluster, ns, other), level, "Asleep"), timeout=300)
         gateway_seconds = _gateway_seconds(gw)
