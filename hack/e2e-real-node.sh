@@ -16,7 +16,9 @@
 #   4. tests/e2e/walk.py: a ModelDeployment served by the fake engine, walked through L1, L2,
 #      Checkpoint and Stop and back to Awake after each, through kubectl; checks the level/phase in
 #      `kubectl get md`, the same completion answer after every wake, and across L1/L2/Checkpoint the
-#      same pod, pod IP and Service endpoints; prints md, pods -o wide and endpoints at every step,
+#      same pod, pod IP and Service endpoints; Stop takes a snapshot and the wake's new pod (new UID
+#      and IP) must be restored from it (--expect-restore), timed against a Stop without one (cold);
+#      prints md, pods -o wide and endpoints at every step,
 #   4a. tests/e2e/readiness.py: two replicas, one put to sleep by a person: it leaves the Service's
 #      ready endpoints; 100 requests to those endpoints and 100 through the gateway, none hangs,
 #      none fails; with both asleep the gateway holds a request until one wakes; Stop on one pod,
@@ -275,7 +277,7 @@ step "the walk (tests/e2e/walk.py)"
 rc=0
 "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/walk.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
   --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" ${LEVELS:+--levels "$LEVELS"} \
-  --summary-json "$DIR/walk.json" --runtime "$CRI" || rc=$?
+  --summary-json "$DIR/walk.json" --runtime "$CRI" --expect-restore || rc=$?
 step "Prometheus: a query of each level's wake seconds returns the walk's wakes"
 if [ "$prom_rc" = 0 ]; then "${PROM[@]}" check --dir "$DIR/prometheus" --walk-summary "$DIR/walk.json" || rc=1
 else echo "prometheus did not start (above)"; rc=1; fi

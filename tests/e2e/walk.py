@@ -12,7 +12,12 @@ non-zero when one fails:
 - the transitions were made by the agent (its `hibernate.dev/last-operation` annotation);
 - with `--runtime docker|containerd`: the node runs that runtime, the engine's container is one of
   its containers (`containerID: <runtime>://...`), and the agent's Checkpoint dump and restore name
-  the cgroup layout they found with that runtime (`cgroup` in last-operation).
+  the cgroup layout they found with that runtime (`cgroup` in last-operation);
+- Stop takes a snapshot (docs/snapshots.md) and the wake's pod is a new pod (new UID and IP) that
+  the agent restored from it, serving the same answers; with `--expect-restore` a cold start instead
+  fails the walk (with the agent's reason), without it the reason is printed. A second Stop without a
+  snapshot (`spec.stop.snapshot: false`) then wakes the same engine cold, and both wake times are
+  printed side by side.
 
 Prints `kubectl get md`, `kubectl get pods -o wide` and `kubectl get endpoints` at every step, so
 the output can be pasted as it is. Standard library only: it runs with any python3 >= 3.11.
@@ -73,6 +78,7 @@ class Walk:
         self.summary_json = args.summary_json
         self.apply_seconds = 0.0
         self.runtime = args.runtime
+        self.expect_restore = args.expect_restore
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -203,14 +209,10 @@ class Walk:
         except (OSError, ConnectionError, subprocess.TimeoutExpired):
             return False
 
-    def patch(self, level: str) -> None:
-        self.say(f'$ kubectl patch md {NAME} --type merge -p \'{{"spec":{{"sleepLevel":"{level}"}}}}\'')
-        self.say(
-            self.kubectl(
-                "patch", "md", NAME, "-n", self.ns, "--type", "merge", "-p",
-                json.dumps({"spec": {"sleepLevel": level}}),
-            ).rstrip()
-        )  # fmt: skip
+    def patch(self, level: str, **spec: Any) -> None:
+        body = json.dumps({"spec": {"sleepLevel": level, **spec}})
+        self.say(f"$ kubectl patch md {NAME} --type merge -p '{body}'")
+        self.say(self.kubectl("patch", "md", NAME, "-n", self.ns, "--type", "merge", "-p", body).rstrip())
 
     def manifest(
         self,
@@ -299,18 +301,21 @@ class Walk:
             )
         self.show_state("Awake")
 
-    def cycle(self, level: str, baseline: str) -> dict[str, Any]:
-        self.say(f"\n== {level} ==")
+    def cycle(self, level: str, baseline: str, **spec: Any) -> dict[str, Any]:
+        self.say(f"\n== {level}{' ' + json.dumps(spec) if spec else ''} ==")
         before = self.pod()
         uid, ip, name = before["metadata"]["uid"], before["status"]["podIP"], before["metadata"]["name"]
-        self.patch(level)
+        self.patch(level, **spec)
         target = "Stopped" if level == "Stop" else "Asleep"
         slept = self.wait_for(f"{target} at {level}", self.reached(target, level))
         self.say(f"   {target} at {level} after {slept:.2f} s")
         self.show_state(f"{target} ({level})")
+        holder = ""
         if level == "Stop":
             self.wait_for("no engine pod", lambda: not self.pods())
             self.check(not self.pods(), "Stop: the Deployment is scaled to zero, no engine pod")
+            if not spec:
+                holder = self.hold_address(ip)
         op: dict[str, Any] = {}
         if level != "Stop":
             asleep = self.pod()
@@ -331,6 +336,8 @@ class Walk:
                 )
         self.patch("Awake")
         woke = self.wait_for("Awake", self.reached("Awake", "Awake"))
+        if holder:
+            self.kubectl("delete", "pod", holder, "-n", self.ns, "--wait=false")
         after = self.pod()
         new_ip = after["status"]["podIP"]
         self.wait_for("the pod IP in the Service's ready endpoints", lambda: new_ip in self.ready_endpoints())
@@ -343,13 +350,22 @@ class Walk:
         self.check(same_answer, f"answer after waking {answer!r} == before {baseline!r}")
         same_pod = after["metadata"]["uid"] == uid and new_ip == ip
         endpoints = self.ready_endpoints()
+        row: dict[str, Any] = {
+            "level": level,
+            "sleep": slept,
+            "wake": woke,
+            "same": same_answer,
+            "pod": same_pod,
+        }
+        row["label"] = f"{level} cold" if spec else level
         if level == "Stop":
+            new_address = new_ip != ip or bool(spec)  # the cold start's address is not the point
             self.check(
-                after["metadata"]["uid"] != uid,
+                after["metadata"]["uid"] != uid and new_address,
                 f"Stop: a new pod {after['metadata']['name']} (uid {after['metadata']['uid'][:8]}, {new_ip}; "
-                f"before: {name}, uid {uid[:8]}, {ip})",
+                f"before: {name}, uid {uid[:8]}, {ip}): new UID" + ("" if spec else " and IP"),
             )
-            self.snapshot_restore(after, woke)
+            row["restored"] = self.snapshot_restore(after, woke) if not spec else self.cold_wake(after)
         else:
             self.check(
                 same_pod,
@@ -359,14 +375,45 @@ class Walk:
             restarts = sum(s.get("restartCount", 0) for s in after["status"].get("containerStatuses") or [])
             self.check(restarts == 0, f"no container restarts (restartCount {restarts})")
         self.check(endpoints == [new_ip], f"Service endpoints {endpoints} == [{new_ip}]")
-        return {"level": level, "sleep": slept, "wake": woke, "same": same_answer, "pod": same_pod}
+        return row
 
-    def snapshot_restore(self, pod: dict[str, Any], woke: float) -> None:
+    def hold_address(self, ip: str) -> str:
+        """While the model is stopped: a pod that takes the lowest free pod address, so that the wake's
+        pod gets another one than the stopped pod had, as on a busy node (docker's IPAM hands out the
+        lowest free address, which would be the stopped pod's again). Returns the pod's name."""
+        name = f"{NAME}-address-holder"
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "containers": [
+                    {
+                        "name": "hold",
+                        "image": self.image,
+                        "imagePullPolicy": self.pull_policy,
+                        "command": ["sleep", "3600"],
+                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+                    }
+                ],
+            },
+        }
+        self.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+
+        def address() -> str:
+            got = json.loads(self.kubectl("get", "pod", name, "-n", self.ns, "-o", "json"))
+            return str((got.get("status") or {}).get("podIP") or "")
+
+        self.wait_for("the address holder's IP", lambda: bool(address()))
+        self.say(f"   pod {name} holds {address()} meanwhile (the stopped pod had {ip})")
+        return name
+
+    def snapshot_restore(self, pod: dict[str, Any], woke: float) -> bool:
         """Stop took a snapshot of the engine (docs/snapshots.md, on by default with the chart), and the
         agent decided the new pod's wake: restored, or a cold start with the reason (a wake never fails
-        because of its snapshot); the restore and cold-start times printed. Where the agent cannot reach
-        the new container's cgroups (docker on cgroup v1: its cgroup mounts are its own container's),
-        the restore falls back to a cold start: printed, not failed (docs/snapshots.md, Limits)."""
+        because of its snapshot). With --expect-restore a cold start fails the walk, with the agent's
+        reason; without, the reason is printed. Returns whether it was restored."""
         snap = (self.md().get("status") or {}).get("snapshot") or {}
         self.check(
             bool(snap.get("node")),
@@ -380,10 +427,28 @@ class Walk:
             f"   wake from Stop: {how}, decided by the agent in {restore.get('seconds')} s; the new pod Awake "
             f"after {woke:.2f} s; the first cold start took {self.apply_seconds:.2f} s"
         )
+        restored = restore.get("restored") is True
+        if self.expect_restore:
+            self.check(
+                restored,
+                f"the agent restored the snapshot into the new pod, not a cold start (hibernate.dev/restore: "
+                f"{json.dumps(restore)})",
+            )
+        else:
+            self.check(
+                restored or bool(restore.get("reason")),
+                f"the agent restored the new pod, or said why not (hibernate.dev/restore: {json.dumps(restore)})",
+            )
+        return restored
+
+    def cold_wake(self, pod: dict[str, Any]) -> bool:
+        """The Stop without a snapshot: the new pod was not marked for a restore; its engine started cold."""
+        ann = pod["metadata"].get("annotations", {})
         self.check(
-            restore.get("restored") is True or bool(restore.get("reason")),
-            f"the agent restored the new pod, or said why not (hibernate.dev/restore: {json.dumps(restore)})",
+            "hibernate.dev/restore-from" not in ann and "hibernate.dev/restore" not in ann,
+            "spec.stop.snapshot: false: the new pod is not marked for a restore (a cold start)",
         )
+        return False
 
     def restored_layout(self, pod: dict[str, Any], slept: dict[str, Any]) -> None:
         """The agent's restore said which cgroup layout it put the engine back into, the dump's."""
@@ -411,15 +476,26 @@ class Walk:
         baseline = self.complete(self.pod()["status"]["podIP"])
         self.say(f"   answer before any sleep: {baseline!r}")
         rows = [self.cycle(level, baseline) for level in levels]
+        if "Stop" in levels:
+            # The same engine's cold start, for the comparison: a Stop without a snapshot, then a wake.
+            rows.append(self.cycle("Stop", baseline, stop={"snapshot": False}))
+            warm, cold = rows[levels.index("Stop")], rows[-1]
+            how = "restored from its snapshot" if warm.get("restored") else "a cold start (no restore)"
+            self.say(
+                f"\n   wake from Stop: {warm['wake']:.2f} s {how}, vs {cold['wake']:.2f} s cold "
+                f"(spec.stop.snapshot: false), the same engine on the same node; first start {self.apply_seconds:.2f} s"
+            )
         if self.summary_json:  # what the walk measured, for tests/e2e/prometheus_check.py
             with open(self.summary_json, "w") as f:
                 json.dump({"apply_seconds": self.apply_seconds, "rows": rows}, f, indent=1)
         self.delete()
         self.say("\nlevel         sleep s   wake s  same answer  same pod+IP")
         for r in rows:
-            pod = "n/a (new pod)" if r["level"] == "Stop" else ("yes" if r["pod"] else "NO")
+            label, pod = r.get("label", r["level"]), "yes" if r["pod"] else "NO"
+            if r["level"] == "Stop":
+                pod = "new pod, " + ("restored" if r.get("restored") else "cold start")
             self.say(
-                f"{r['level']:<12} {r['sleep']:>8.2f} {r['wake']:>8.2f}  {'yes' if r['same'] else 'NO':<11}  {pod}"
+                f"{label:<12} {r['sleep']:>8.2f} {r['wake']:>8.2f}  {'yes' if r['same'] else 'NO':<11}  {pod}"
             )
         return self.verdict("checks")
 
@@ -439,7 +515,7 @@ def common_parser(doc: str | None, engine_image: str) -> argparse.ArgumentParser
         choices=["", "docker", "containerd", "cri-o"],
         help="the node's runtime, checked",
     )
-    parser.set_defaults(http_via="", summary_json="")
+    parser.set_defaults(http_via="", summary_json="", expect_restore=False)
     return parser
 
 
@@ -465,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         "--levels", default=",".join(LEVELS), help="comma-separated, default L1,L2,Checkpoint,Stop"
     )
     parser.add_argument("--summary-json", default="", help="write the apply and per-level seconds here")
+    parser.add_argument(
+        "--expect-restore",
+        action="store_true",
+        help="fail when the wake from Stop is not restored from its snapshot (the real node)",
+    )
     args = parser.parse_args(argv)
     walk = Walk(args)
     try:
