@@ -118,6 +118,8 @@ async def serve(args: argparse.Namespace, node: str) -> None:
         sweeps.cancel()
     pod_watch.stopping.set()
     # Operations in flight finish (or roll back) before the process ends: never leave half a level.
+    # A worker that only waits to retry ends now (Agent.stop): the next agent process retries.
+    agent.stop()
     running = [t for t in agent.workers.values() if not t.done()]
     if running:
         log.info("waiting for %d operation(s) in flight", len(running))

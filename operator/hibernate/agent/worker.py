@@ -118,6 +118,9 @@ class Agent:
     restore_decided: set[str] = field(default_factory=set)  # pod uids
     restore_seen: dict[str, float] = field(default_factory=dict)  # pod uid -> first look at its restore
     restore_not_waiting_s: float = 10.0  # an init not waiting this long after its start never will
+    # SIGTERM (main.py): no operation starts any more; an operation in flight finishes, and a worker that
+    # only waits to retry (a backoff, a poll) ends at once instead of holding the shutdown up.
+    stopping: bool = False
 
     # -- events from the watch -------------------------------------------------------------------
 
@@ -170,7 +173,15 @@ class Agent:
             self.sleep_failures[key] = (wish, 0)
         self.kick(key)
 
+    def stop(self) -> None:
+        """Let the operations in flight finish and end every worker that waits to retry (stopping)."""
+        self.stopping = True
+        for changed in self.dirty.values():
+            changed.set()  # wakes a worker from its wait for a retry; it sees `stopping` and ends
+
     def kick(self, key: Key) -> None:
+        if self.stopping:
+            return
         task = self.workers.get(key)
         if task is not None and not task.done():
             self.dirty.setdefault(key, asyncio.Event()).set()  # served when the current operation ends
@@ -277,7 +288,7 @@ class Agent:
         while True:
             changed.clear()
             pod = self.pods.get(key)
-            if pod is None:
+            if pod is None or self.stopping:
                 return
             try:
                 retry = await self.converge(pod)
