@@ -10,7 +10,8 @@
 #   2. a dockerd (Debian's docker.io; the running one when it can serve kind, else one started here
 #      and stopped at the end), the images of hack/e2e-real-node.sh (tagged :kind: local/hibernate and the
 #      engine's), `kind create cluster` with that node image, `kind load docker-image`,
-#   3. `helm install` of ./helm/hibernate, then tests/e2e/walk.py (L1, L2, Checkpoint, Stop), a real
+#   3. `helm install` of ./helm/hibernate, then tests/e2e/walk.py (L1, L2, Checkpoint, Stop: restored
+#      from its snapshot, --expect-restore, then a cold Stop for the comparison), a real
 #      Prometheus beside it (tests/e2e/prometheus_check.py), tests/e2e/readiness.py and tests/e2e/hostile.py,
 #   4. cleanup: kind delete cluster, the host route, the sysctls the node's kubelet changed, the node's
 #      leftover cgroups, the dockerd if it was started here. Images stay in docker for the next run.
@@ -291,7 +292,7 @@ step "the walk (tests/e2e/walk.py)"
 rc=0
 "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/walk.py" --kubectl "$K8S_ASSETS/kubectl --kubeconfig $KC" \
   --engine-image "$ENGINE_IMAGE" --pull-policy IfNotPresent --release-namespace "$RELEASE_NS" \
-  ${LEVELS:+--levels "$LEVELS"} --summary-json "$DIR/walk.json" || rc=$?
+  ${LEVELS:+--levels "$LEVELS"} --summary-json "$DIR/walk.json" --expect-restore || rc=$?
 step "Prometheus: a query of each level's wake seconds returns the walk's wakes"
 if [ "$prom_rc" = 0 ]; then "${PROM[@]}" check --dir "$DIR/prometheus" --walk-summary "$DIR/walk.json" || rc=1
 else echo "prometheus did not start (above)"; rc=1; fi
