@@ -227,3 +227,39 @@ def reached(
 def pod_events(cluster: Cluster, namespace: str, name: str) -> list[Any]:
     items = cluster.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
     return [e for e in items if e.involved_object.kind == "Pod"]
+
+
+# -- snapshots: the operator's side of the exchange, as annotations (docs/agent.md) -----------------
+
+
+def ask_snapshot(
+    cluster: Cluster, namespace: str, name: str, request_id: str, spec_hash: str, timeout: float = 60
+) -> dict[str, Any]:
+    """Ask the agent for a snapshot of pod `name`'s engine, as the operator does before a Stop, and
+    wait for its answer, which must not be an error."""
+    request = {"id": request_id, "specHash": spec_hash, "requested": "2026-01-01T00:00:00.000Z"}
+    cluster.core.patch_namespaced_pod(
+        name, namespace, {"metadata": {"annotations": {c.ANN_SNAPSHOT_REQUEST: json.dumps(request)}}}
+    )
+    raw = eventually(
+        lambda: annotations(cluster, namespace, name).get(c.ANN_SNAPSHOT), timeout, what="answer"
+    )
+    answer: dict[str, Any] = json.loads(raw)
+    assert "error" not in answer, answer
+    return answer
+
+
+def restore_from(cluster: Cluster, namespace: str, name: str, source: dict[str, Any]) -> None:
+    """Mark pod `name` as a new pod of a wake from Stop, as the operator's template does."""
+    cluster.core.patch_namespaced_pod(
+        name, namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
+    )
+
+
+def restore_verdict(cluster: Cluster, namespace: str, name: str, timeout: float = 60) -> dict[str, Any]:
+    """The agent's report of pod `name`'s restore: restored, or started cold and why."""
+    raw = eventually(
+        lambda: annotations(cluster, namespace, name).get(c.ANN_RESTORE), timeout, what="restore"
+    )
+    verdict: dict[str, Any] = json.loads(raw)
+    return verdict

@@ -21,7 +21,18 @@ from hibernate.api import constants as c
 from tests.cluster import Cluster, Process, eventually, hibernate_process
 from tests.engine_fixtures import FakeEngine, complete, free_port, start_fake_engine
 from tests.faultkit import need_root_and_criu
-from tests.pods import annotate, annotations, create_engine_pod, ensure_node, pod_events, reached, start_pod
+from tests.pods import (
+    annotate,
+    annotations,
+    ask_snapshot,
+    create_engine_pod,
+    ensure_node,
+    pod_events,
+    reached,
+    restore_from,
+    restore_verdict,
+    start_pod,
+)
 
 NODE = "agent-test-node"
 
@@ -427,19 +438,7 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
         before, engine_pid = complete(url), pod.engine_ns_pid()
         reached(cluster, namespace, old["name"], 0, "Awake")
 
-        request = {"id": "r-1", "specHash": "spec-h1", "requested": "2026-01-01T00:00:00.000Z"}
-        cluster.core.patch_namespaced_pod(
-            old["name"],
-            namespace,
-            {"metadata": {"annotations": {c.ANN_SNAPSHOT_REQUEST: json.dumps(request)}}},
-        )
-        raw = eventually(
-            lambda: annotations(cluster, namespace, old["name"]).get(c.ANN_SNAPSHOT),
-            timeout=60,
-            what="answer",
-        )
-        answer = json.loads(raw)
-        assert "error" not in answer, answer
+        answer = ask_snapshot(cluster, namespace, old["name"], "r-1", "spec-h1", timeout=60)
         assert (answer["id"], answer["node"], answer["specHash"]) == ("r-1", NODE, "spec-h1")
         assert answer["bytes"] > 0 and answer["seconds"] > 0 and answer["taken"]
         image = checkpoints / ".snapshots" / namespace / "llama"
@@ -455,9 +454,7 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
     # The operator's template names the snapshot and its canary: the engine's answer before it.
     assert answer["check"]["model"] == "fake-model" and answer["check"]["text"]
     source = {"node": NODE, "specHash": "spec-h1", "taken": answer["taken"], "check": answer["check"]}
-    cluster.core.patch_namespaced_pod(
-        new["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
-    )
+    restore_from(cluster, namespace, new["name"], source)
     new_cid = uuid.uuid4().hex * 2
     with WaitingPod.start(  # ready once its init waits for the restore
         cmd,
@@ -469,12 +466,7 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
         env={c.ENV_RESTORE_WAIT: "60"},
     ) as pod:
         start_pod(cluster, namespace, new["name"], container_id=new_cid)
-        raw = eventually(
-            lambda: annotations(cluster, namespace, new["name"]).get(c.ANN_RESTORE),
-            timeout=60,
-            what="restore",
-        )
-        restore = json.loads(raw)
+        restore = restore_verdict(cluster, namespace, new["name"], timeout=60)
         assert restore["restored"] is True, restore
         print(f"\n[snapshot] restored into a new pod in {restore['seconds']:.2f} s")
         assert pod.engine_ns_pid() == engine_pid, "the dumped engine, with its pid, in the new pod"
@@ -487,9 +479,7 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
     cluster.core.delete_namespaced_pod(new["name"], namespace, grace_period_seconds=0)
     forged = pod_of_the_model("llama-forged")
     source = {**source, "check": {**answer["check"], "text": " not what it said"}}
-    cluster.core.patch_namespaced_pod(
-        forged["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
-    )
+    restore_from(cluster, namespace, forged["name"], source)
     forged_cid = uuid.uuid4().hex * 2
     with WaitingPod.start(
         cmd,
@@ -501,12 +491,7 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
         env={c.ENV_RESTORE_WAIT: "60"},
     ):
         start_pod(cluster, namespace, forged["name"], container_id=forged_cid)
-        raw = eventually(
-            lambda: annotations(cluster, namespace, forged["name"]).get(c.ANN_RESTORE),
-            timeout=60,
-            what="verdict",
-        )
-        restore = json.loads(raw)
+        restore = restore_verdict(cluster, namespace, forged["name"], timeout=60)
         assert restore["restored"] is False and "to the wake check, where it answered" in restore["reason"]
         reached(cluster, namespace, forged["name"], 0, "Awake", timeout=60)
         assert complete(url) == before, "started cold by its init, it serves"
@@ -516,9 +501,7 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
     cluster.core.delete_namespaced_pod(forged["name"], namespace, grace_period_seconds=0)
     changed = pod_of_the_model("llama-changed")
     source = {"node": NODE, "specHash": "spec-h2", "taken": answer["taken"]}
-    cluster.core.patch_namespaced_pod(
-        changed["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
-    )
+    restore_from(cluster, namespace, changed["name"], source)
     changed_cid = uuid.uuid4().hex * 2
     with WaitingPod.start(
         cmd,
@@ -530,12 +513,7 @@ def test_a_snapshot_asked_before_stop_is_taken_and_a_new_pod_restores_it(
         env={c.ENV_RESTORE_WAIT: "60"},
     ):
         start_pod(cluster, namespace, changed["name"], container_id=changed_cid)
-        raw = eventually(
-            lambda: annotations(cluster, namespace, changed["name"]).get(c.ANN_RESTORE),
-            timeout=60,
-            what="verdict",
-        )
-        restore = json.loads(raw)
+        restore = restore_verdict(cluster, namespace, changed["name"], timeout=60)
         assert restore["restored"] is False and "taken from another engine spec" in restore["reason"]
         reached(cluster, namespace, changed["name"], 0, "Awake", timeout=60)
         assert complete(url) == before, "started cold by its init, it serves"

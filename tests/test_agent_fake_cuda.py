@@ -14,7 +14,6 @@ GPU (docs/snapshots.md) reaches the double's restore with the GPU pairs, which i
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -32,7 +31,16 @@ from hibernate.localnode.simpod import SimPod
 from tests.cluster import Cluster, Process, eventually, hibernate_process
 from tests.engine_fixtures import complete, free_port
 from tests.faultkit import need_root_and_criu
-from tests.pods import annotations, create_chain, create_engine_pod, ensure_node, reached, start_pod
+from tests.pods import (
+    ask_snapshot,
+    create_chain,
+    create_engine_pod,
+    ensure_node,
+    reached,
+    restore_from,
+    restore_verdict,
+    start_pod,
+)
 from tests.test_snapshot import WaitingPod
 
 NODE = "fake-cuda-test-node"
@@ -144,15 +152,11 @@ def test_a_snapshot_restored_into_a_pod_given_another_gpu_hands_the_driver_the_g
             checkpoint_dir=str(checkpoints),
         )  # fmt: skip
         if restore is not None:
-            cluster.core.patch_namespaced_pod(
-                name, namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(restore)}}}
-            )
+            restore_from(cluster, namespace, name, restore)
         return made["uid"], uuid.uuid4().hex * 2, ",".join(gpus)
 
     def verdict(name: str) -> dict[str, Any]:
-        raw = eventually(lambda: annotations(cluster, namespace, name).get(c.ANN_RESTORE), timeout=90)
-        found: dict[str, Any] = json.loads(raw)
-        return found
+        return restore_verdict(cluster, namespace, name, timeout=90)
 
     try:
         uid, cid, gpus = pod("llama-gpu-a", [OLD_GPU])
@@ -163,17 +167,7 @@ def test_a_snapshot_restored_into_a_pod_given_another_gpu_hands_the_driver_the_g
             start_pod(cluster, namespace, "llama-gpu-a", container_id=cid)
             before = complete(url)
             reached(cluster, namespace, "llama-gpu-a", 0, "Awake")
-            request = {"id": "r-gpu", "specHash": "spec-gpu", "requested": "2026-01-01T00:00:00.000Z"}
-            cluster.core.patch_namespaced_pod(
-                "llama-gpu-a",
-                namespace,
-                {"metadata": {"annotations": {c.ANN_SNAPSHOT_REQUEST: json.dumps(request)}}},
-            )
-            raw = eventually(
-                lambda: annotations(cluster, namespace, "llama-gpu-a").get(c.ANN_SNAPSHOT), timeout=90
-            )
-            taken = json.loads(raw)
-            assert "error" not in taken, taken
+            taken = ask_snapshot(cluster, namespace, "llama-gpu-a", "r-gpu", "spec-gpu", timeout=90)
         cluster.core.delete_namespaced_pod("llama-gpu-a", namespace, grace_period_seconds=0)
         meta = criu.ImageMetadata.load(snapshot.snapshot_dir(checkpoints, namespace, "llama"))
         assert meta.gpus == [{"uuid": OLD_GPU, "model": None}], "the image names the GPU it was taken on"

@@ -36,12 +36,14 @@ from tests.engine_fixtures import complete, free_port
 from tests.faultkit import need_root_and_criu
 from tests.modeldeployments import apply, condition, get, pods, set_level
 from tests.pods import (
-    annotations,
+    ask_snapshot,
     create_chain,
     create_engine_pod,
     ensure_node,
     pod_events,
     reached,
+    restore_from,
+    restore_verdict,
     start_pod,
 )
 from tests.test_snapshot import WaitingPod
@@ -125,28 +127,14 @@ def _take_on_a_restore_on_b(cluster: Cluster, namespace: str, nodes: TwoNodes) -
         start_pod(cluster, namespace, old["name"], container_id=old_cid)
         before, engine_pid = complete(url), pod.engine_ns_pid()
         reached(cluster, namespace, old["name"], 0, "Awake")
-        request = {"id": "r-shared", "specHash": SPEC, "requested": "2026-01-01T00:00:00.000Z"}
-        cluster.core.patch_namespaced_pod(
-            old["name"],
-            namespace,
-            {"metadata": {"annotations": {c.ANN_SNAPSHOT_REQUEST: json.dumps(request)}}},
-        )
-        raw = eventually(
-            lambda: annotations(cluster, namespace, old["name"]).get(c.ANN_SNAPSHOT),
-            timeout=90,
-            what="answer",
-        )
-        taken = json.loads(raw)
-        assert "error" not in taken, taken
+        taken = ask_snapshot(cluster, namespace, old["name"], "r-shared", SPEC, timeout=90)
     cluster.core.delete_namespaced_pod(old["name"], namespace, grace_period_seconds=0)
 
     new = pod_on(NODE_B, "llama-on-b")
     source = {"node": NODE_A, "specHash": SPEC, "taken": taken["taken"], "check": taken["check"]}
     if taken.get("shared"):
         source["shared"] = True  # as the operator's template says it (controller/snapshots.py)
-    cluster.core.patch_namespaced_pod(
-        new["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
-    )
+    restore_from(cluster, namespace, new["name"], source)
     new_cid = uuid.uuid4().hex * 2
     with WaitingPod.start(
         cmd,
@@ -158,12 +146,7 @@ def _take_on_a_restore_on_b(cluster: Cluster, namespace: str, nodes: TwoNodes) -
         env={c.ENV_RESTORE_WAIT: "60"},
     ) as pod:
         start_pod(cluster, namespace, new["name"], container_id=new_cid)
-        raw = eventually(
-            lambda: annotations(cluster, namespace, new["name"]).get(c.ANN_RESTORE),
-            timeout=90,
-            what="restore",
-        )
-        restore = json.loads(raw)
+        restore = restore_verdict(cluster, namespace, new["name"], timeout=90)
         reached(cluster, namespace, new["name"], 0, "Awake", timeout=60)
         return {
             "taken": taken,

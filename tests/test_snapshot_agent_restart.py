@@ -11,7 +11,6 @@ serving the snapshot's engine, one engine and no leftover, with an event that sa
 
 from __future__ import annotations
 
-import json
 import sys
 import uuid
 from pathlib import Path
@@ -28,11 +27,14 @@ from tests.engine_fixtures import complete, free_port
 from tests.faultkit import need_root_and_criu
 from tests.pods import (
     annotations,
+    ask_snapshot,
     create_chain,
     create_engine_pod,
     ensure_node,
     pod_events,
     reached,
+    restore_from,
+    restore_verdict,
     start_pod,
 )
 from tests.test_agent import NODE, start_agent
@@ -74,19 +76,7 @@ def test_the_next_agent_takes_over_a_restore_whose_agent_was_killed(
             start_pod(cluster, namespace, old["name"], container_id=old_cid)
             before, engine_pid = complete(url), pod.engine_ns_pid()
             reached(cluster, namespace, old["name"], 0, "Awake")
-            request = {"id": "r-1", "specHash": SPEC, "requested": "2026-01-01T00:00:00.000Z"}
-            cluster.core.patch_namespaced_pod(
-                old["name"],
-                namespace,
-                {"metadata": {"annotations": {c.ANN_SNAPSHOT_REQUEST: json.dumps(request)}}},
-            )
-            raw = eventually(
-                lambda: annotations(cluster, namespace, old["name"]).get(c.ANN_SNAPSHOT),
-                timeout=60,
-                what="answer",
-            )
-            answer = json.loads(raw)
-            assert "error" not in answer, answer
+            answer = ask_snapshot(cluster, namespace, old["name"], "r-1", SPEC, timeout=60)
         cluster.core.delete_namespaced_pod(old["name"], namespace, grace_period_seconds=0)
     finally:
         first.stop()
@@ -95,9 +85,7 @@ def test_the_next_agent_takes_over_a_restore_whose_agent_was_killed(
     dying = start_agent(cluster, tmp_path, "--engine-timeout", "5", faults=point)
     new, new_cid = pod_of_the_model("llama-new"), uuid.uuid4().hex * 2
     source = {"node": NODE, "specHash": SPEC, "taken": answer["taken"], "check": answer["check"]}
-    cluster.core.patch_namespaced_pod(
-        new["name"], namespace, {"metadata": {"annotations": {c.ANN_RESTORE_FROM: json.dumps(source)}}}
-    )
+    restore_from(cluster, namespace, new["name"], source)
     with WaitingPod.start(
         cmd,
         uid=new["uid"],
@@ -120,12 +108,7 @@ def test_the_next_agent_takes_over_a_restore_whose_agent_was_killed(
 
         agent = start_agent(cluster, tmp_path, "--engine-timeout", "5")
         try:
-            raw = eventually(
-                lambda: annotations(cluster, namespace, new["name"]).get(c.ANN_RESTORE),
-                timeout=90,
-                what="restore",
-            )
-            restore = json.loads(raw)
+            restore = restore_verdict(cluster, namespace, new["name"], timeout=90)
             assert restore["restored"] is True and restore["takenOver"] is True, restore
             print(
                 f"\n[snapshot] {point}: the next agent took over and restored in {restore['seconds']:.2f} s"
