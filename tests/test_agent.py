@@ -53,6 +53,9 @@ def start_agent(cluster: Cluster, tmp_path: Path, *extra: str, faults: str = "")
         str(free_port()),
         "--checkpoint-root",
         str(tmp_path / "checkpoints"),
+        # No test here waits on the graceful stop (tests/test_agent_shutdown.py checks it): a stop must
+        # not wait out what the agent may be doing on the pods that earlier tests left on NODE.
+        *("--shutdown-timeout", "1"),
         *extra,
     )
     if faults:
