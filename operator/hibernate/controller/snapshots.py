@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from hibernate.api import auto_level
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
 from hibernate.api.v1alpha1 import ModelDeploymentSpec
@@ -312,7 +313,10 @@ def _run(
         log.info("%s/%s: the ModelDeployment is gone: no snapshot awaited any more", *key)
         return
     kind, reason, message, snap = outcome
-    if job.woken.is_set():
+    # The level may have left Stop before this operator's handler of that change ran (the answer can
+    # come first): the ModelDeployment as it is now says so, not only the handler's flag.
+    left_stop = job.woken.is_set() or not _still_stopping(key)
+    if left_stop:
         message = message.replace("scaling to zero", "the level left Stop meanwhile")
         if snap is not None:
             message += ": the pods are replaced, and restore it"
@@ -324,7 +328,7 @@ def _run(
     kube.post_event(md, kind, reason, message)
     (log.info if kind == "Normal" else log.warning)("%s/%s: %s", *key, message)
     with ctx.guard:
-        if not job.woken.is_set():
+        if not left_stop:
             ctx.snapshot_done.add(key)
     # Now the Stop itself: scale to zero (with the new snapshot in the template of the next wake).
     from hibernate.controller import reconcile  # reconcile imports this module
@@ -339,6 +343,18 @@ def _run(
     if snap is not None:
         fresh.setdefault("status", {})["snapshot"] = snap  # the read may predate the status write
     reconcile.apply_workload(fresh, fresh_spec, ctx)
+
+
+def _still_stopping(key: tuple[str, str]) -> bool:
+    """Whether the ModelDeployment, read now, still asks for Stop (a gone or invalid one does not)."""
+    md = kube.read_model_deployment(*key)
+    if md is None or md["metadata"].get("deletionTimestamp"):
+        return False
+    try:
+        spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+    except (ValueError, InvalidSleepLevel):
+        return False
+    return auto_level.effective_level(md, spec.level) == SleepLevel.STOP
 
 
 def _take(
