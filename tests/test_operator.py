@@ -194,8 +194,11 @@ def test_a_failed_pod_makes_the_model_degraded_with_the_reason(
     )
     degraded = condition(md, "Degraded")
     assert degraded["status"] == "True" and "did not answer" in degraded["message"]
-    warnings = [e for e in events_for(cluster, namespace, "m") if e.type == "Warning"]
-    assert warnings and "did not answer" in warnings[0].message
+    # The event is posted after the status is written: wait for it too.
+    warnings = eventually(
+        lambda: [e for e in events_for(cluster, namespace, "m") if e.type == "Warning"], what="a Warning"
+    )
+    assert "did not answer" in warnings[0].message
 
 
 def test_stop_on_one_pod_makes_the_model_failed_with_the_reason_not_progressing_for_ever(
