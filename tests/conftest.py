@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import ports
 from tests.cluster import (
     Cluster,
     Process,
@@ -17,6 +18,14 @@ from tests.cluster import (
     start_cluster,
     stop_cluster,
 )
+
+# pytest-xdist (hack/test.sh runs two workers, each with its own control plane): each worker picks
+# loopback ports from a range of its own (tests/ports.py), its control plane's included, so that no
+# port one worker picked is taken by the other before it is bound.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ[ports.ENV] = ports.worker_range(
+        os.environ["PYTEST_XDIST_WORKER"], int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

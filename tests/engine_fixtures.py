@@ -15,7 +15,6 @@ from /dev/null in a session of its own (what CRIU wants); it is stopped with SIG
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.ports import free_port
 
 OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 # The fake engine as a simulated pod's command (hibernate.localnode.simpod), on the pod's port 8000.
@@ -83,13 +84,6 @@ def complete(url: str, prompt: str = PROMPT, max_tokens: int = 8) -> str:
     r.raise_for_status()
     text: str = r.json()["choices"][0]["text"]
     return text
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
