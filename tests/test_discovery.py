@@ -303,10 +303,7 @@ def real_pod_cgroup() -> Iterator[tuple[str, str, Path]]:
     leaf = base / "kubepods" / "besteffort" / f"pod{uid}" / cid
     created: list[Path] = []
     try:
-        for directory in (*reversed(leaf.parents[:3]), leaf):
-            if not directory.exists():
-                directory.mkdir()
-                created.append(directory)
+        _make_dirs(leaf, created)
     except OSError as exc:
         _remove_cgroups(created)
         pytest.skip(f"cgroups are not writable here ({base}): {exc}")
@@ -314,6 +311,25 @@ def real_pod_cgroup() -> Iterator[tuple[str, str, Path]]:
         yield uid, cid, leaf
     finally:
         _remove_cgroups(created)
+
+
+def _make_dirs(leaf: Path, created: list[Path]) -> None:
+    """The leaf and its three parents; those made here go to `created`. Another test session on the
+    host (a pytest-xdist worker) may make or remove the shared ones (kubepods, besteffort) at the
+    same time: one made meanwhile is not ours, one removed meanwhile is made again."""
+    for attempt in range(10):
+        try:
+            for directory in (*reversed(leaf.parents[:3]), leaf):
+                try:
+                    directory.mkdir()
+                    created.append(directory)
+                except FileExistsError:
+                    pass
+            return
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
+            time.sleep(0.01)
 
 
 def _remove_cgroups(created: list[Path]) -> None:
@@ -325,6 +341,8 @@ def _remove_cgroups(created: list[Path]) -> None:
             except FileNotFoundError:
                 break
             except OSError:
+                if any(p.is_dir() for p in directory.iterdir()):
+                    break  # a shared parent that another session's pods use now: theirs to remove
                 time.sleep(0.05)
 
 

@@ -165,14 +165,33 @@ def _cgroup_mounts() -> list[Path]:
 
 
 def _make_cgroup(mount: Path, rel: Path, made: list[Path] | None = None) -> Path:
-    """mount/rel, with its parents; the directories it had to make are appended to `made`."""
+    """mount/rel, with its parents; the directories it had to make are appended to `made`.
+
+    Another pod's close (another test session's, on the same host) may remove a shared parent
+    (kubepods, ...) that it made, once empty, between this one's check and its mkdir below: then
+    the walk starts again from the top."""
+    for attempt in range(10):
+        try:
+            return _make_cgroup_once(mount, rel, made)
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
+            time.sleep(0.01)
+    raise AssertionError("unreachable")
+
+
+def _make_cgroup_once(mount: Path, rel: Path, made: list[Path] | None) -> Path:
     path = mount
     for part in rel.parts:
         parent, path = path, path / part
         if not path.is_dir():
-            path.mkdir(exist_ok=True)
-            if made is not None:
-                made.append(path)
+            try:
+                path.mkdir()
+            except FileExistsError:
+                pass  # made by someone else just now: not ours to remove
+            else:
+                if made is not None:
+                    made.append(path)
         # A new v1 cpuset has no cpus or mems, and a task cannot join it until it has them. (On v2
         # an empty one inherits its parent's, and the root has none to copy.)
         for knob in ("cpuset.cpus", "cpuset.mems"):
