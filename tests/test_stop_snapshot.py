@@ -38,12 +38,17 @@ CANARY = {"model": "m", "prompt": "Count on: one, two,", "max_tokens": 8, "text"
 
 
 @pytest.fixture
-def operator_with_tools(cluster: Cluster, tmp_path: Path) -> Iterator[Process]:
+def operator_with_tools(
+    cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Process]:
     proc = hibernate_process(
         cluster, tmp_path / "operator.log", "operator", "--verbose", "--tools-image", TOOLS_IMAGE
     ).start()
     yield proc
     proc.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:  # the operator's side of a failure (conftest.py)
+        print(proc.output()[-8000:])
 
 
 def model(name: str, replicas: int = 2, **stop: Any) -> dict[str, Any]:
