@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # hack/test.sh: install what is missing, then the checks CI runs: generated files up to date, ruff,
 # mypy, and the whole test suite against a real control plane. Extra arguments go to pytest.
+# pytest runs on PYTEST_WORKERS pytest-xdist workers (default 2, `--dist worksteal`), each with its
+# own control plane (tests/conftest.py); PYTEST_WORKERS=0 runs it serially in one process, as for
+# debugging (-x, --pdb, -s, one operator log at a time). Two workers take about half the time on
+# the 2-core CI machine (docs/e2e.md, "CI times").
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -10,9 +14,12 @@ echo "== generated CRD is up to date" && $V/hibernate crds --check -o crds/model
 $V/hibernate crds --check --resource gpugroups -o crds/gpugroups.hibernate.dev.yaml
 echo "== ruff" && $V/ruff check operator tests bench && $V/ruff format --check operator tests bench
 echo "== mypy" && $V/mypy
-echo "== pytest"
+WORKERS=${PYTEST_WORKERS:-2}
+XDIST=()
+[ "$WORKERS" = 0 ] || XDIST=(-n "$WORKERS" --dist worksteal)
+echo "== pytest${XDIST[*]:+ ${XDIST[*]}}"
 set +e
-$V/pytest "$@"
+$V/pytest "${XDIST[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
