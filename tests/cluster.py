@@ -161,7 +161,12 @@ def new_namespace(cluster: Cluster) -> str:
     name = f"t-{uuid.uuid4().hex[:8]}"
     cluster.core.create_namespace({"metadata": {"name": name}})
     # Pods in a namespace need its default ServiceAccount (made by the controller-manager).
-    eventually(lambda: cluster.core.read_namespaced_service_account("default", name), what="default SA")
+    try:
+        eventually(lambda: cluster.core.read_namespaced_service_account("default", name), what="default SA")
+    except AssertionError as e:
+        log = cluster.dir / "logs" / "kube-controller-manager.log"
+        tail = log.read_text(errors="replace").splitlines()[-40:] if log.exists() else ["(no log)"]
+        raise AssertionError(f"{e}\n--- {log} (last lines) ---\n" + "\n".join(tail)) from None
     return name
 
 

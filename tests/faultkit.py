@@ -352,9 +352,9 @@ class ApiServer:
     def start(self, timeout: float = 60) -> float:
         """Start it again with the same flags; returns the monotonic time it answered /readyz.
 
-        Its port lies in the ephemeral range: in the moment it is free, an outgoing connection of any
-        process may take it as its source port, and the new server fails "address already in use".
-        Such a connection ends soon; the start is tried again.
+        Should another process bind its port in the moment it is free (it lies below the ephemeral
+        range, tests/ports.py, so no outgoing connection takes it), the new server fails "address
+        already in use"; the start is tried again.
         """
         kubectl = [str(assets_dir() / "kubectl"), "--kubeconfig", self.cluster.kubeconfig]
         deadline = time.monotonic() + timeout
@@ -387,6 +387,45 @@ class ApiServer:
         lines[1] = str(proc.pid)
         self.pids_file.write_text("\n".join(lines) + "\n")
         return proc
+
+
+def controllers_caught_up(cluster: Cluster, timeout: float = 120) -> float:
+    """Waits until the controller-manager acts on new objects again after the API server's restarts;
+    returns how long that took. Its informers come back on their own backoff, up to half a minute
+    after the server does: until then a new namespace gets no default ServiceAccount and a new
+    Deployment no pods, and the next test on this session's cluster (its namespace fixture waits
+    20 s for the ServiceAccount) would fail for what this test did. A namespace with a Deployment,
+    made now, gets both; then it goes."""
+    start = time.monotonic()
+    name = f"t-probe-{uuid.uuid4().hex[:8]}"
+    cluster.core.create_namespace({"metadata": {"name": name}})
+    try:
+        eventually(
+            lambda: cluster.core.read_namespaced_service_account("default", name),
+            timeout=timeout,
+            what="the controller-manager's default ServiceAccount in a new namespace",
+        )
+        labels = {"app": "probe"}
+        deployment = {
+            "metadata": {"name": "probe"},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "c", "image": "local/none:probe"}]},
+                },
+            },
+        }
+        cluster.apps.create_namespaced_deployment(name, deployment)
+        eventually(
+            lambda: cluster.core.list_namespaced_pod(name, label_selector="app=probe").items,
+            timeout=max(timeout - (time.monotonic() - start), 1.0),
+            what="a pod of a new Deployment",
+        )
+    finally:
+        cluster.core.delete_namespace(name)
+    return time.monotonic() - start
 
 
 def _alive(pid: int) -> bool:
