@@ -215,7 +215,7 @@ def group_changed(
     for md in _members(kwargs["models"], namespace or "", name):
         key = (namespace or "", md["metadata"]["name"])
         if reason == "update" or key in ctx.gpu_refused:
-            handlers.reconcile_member(md, key[0], key[1], memo)
+            handlers.reconcile_member(md, key[0], key[1], memo, kwargs)
 
 
 @kopf.timer(*GG, interval=STATUS_SECONDS, initial_delay=0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
@@ -55,10 +56,21 @@ def _md_ref(md: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _refresh(md: dict[str, Any], pods: list[PodView], memo: Any) -> None:
+def _refresh(key: tuple[str, str], memo: Any, indices: Mapping[str, Any]) -> None:
+    """Fold the model's pods into its status, written where it changed.
+
+    The model and its pods are read from kopf's indices under the model's lock, where the status is
+    computed and written, not by the caller before it waits for the lock: the handlers of several
+    pods' events run at once, and one whose view was taken first could write last, over a newer
+    status (under load a Stop's status read Stopped, then Sleeping again for a pod already gone,
+    until the next resync). The indices only move forward, and kopf updates them before it calls a
+    handler for the same event, so every write is at least as new as the one before it."""
     ctx: OperatorContext = memo.ctx
-    meta = md["metadata"]
-    with ctx.lock_for((meta["namespace"], meta["name"])):
+    with ctx.lock_for(key):
+        md = _indexed_model(indices["models"], key)
+        if md is None:
+            return  # deleted: nothing to write on
+        pods: list[PodView] = list(indices["pods_by_model"].get(key, []))
         result = reconcile.compute_status(md, _spec(md["spec"]), pods, ctx)
         if reconcile.write_status(md, result, ctx):
             for kind, reason, message in result.events:
@@ -97,9 +109,9 @@ def pods_by_model(
     return {(namespace or "", labels.get(c.LABEL_MODEL, "")): PodView.from_pod(dict(body))}
 
 
-def _reconcile(md: dict[str, Any], namespace: str, name: str, memo: Any) -> None:
+def _reconcile(md: dict[str, Any], namespace: str, name: str, memo: Any, indices: Mapping[str, Any]) -> None:
     """Owned objects, then the level on every pod, then the status; for the model's effective level
-    (the automatic level in effect, else the spec's)."""
+    (the automatic level in effect, else the spec's). `indices`: kopf's, as handlers get them."""
     spec = _spec(md["spec"])
     level = reconcile.target_level(md, spec)
     refused = reconcile.apply_workload(md, spec, memo.ctx)
@@ -108,7 +120,7 @@ def _reconcile(md: dict[str, Any], namespace: str, name: str, memo: Any) -> None
     pods = kube.list_pods(namespace, name)
     reconcile.propagate_level(namespace, name, level, pods, spec.drain_seconds)
     _late_snapshots(md, spec, level, [PodView.from_pod(p) for p in pods], memo)
-    _refresh(md, [PodView.from_pod(p) for p in kube.list_pods(namespace, name)], memo)
+    _refresh((namespace, name), memo, indices)
     ctx: OperatorContext = memo.ctx
     ctx.applied[(namespace, name)] = (int(md["metadata"].get("generation") or 0), level)
 
@@ -125,22 +137,24 @@ def _late_snapshots(
             snapshots.late_answer(md, spec, pod.name, pod.annotations, memo.ctx)
 
 
-def reconcile_member(md: dict[str, Any], namespace: str, name: str, memo: Any) -> None:
+def reconcile_member(
+    md: dict[str, Any], namespace: str, name: str, memo: Any, indices: Mapping[str, Any]
+) -> None:
     """Reconcile one ModelDeployment for a change outside it (its GpuGroup's placement)."""
-    _reconcile(md, namespace, name, memo)
+    _reconcile(md, namespace, name, memo, indices)
 
 
 @kopf.on.resume(*MD, backoff=RETRY_SECONDS)
 @kopf.on.create(*MD, backoff=RETRY_SECONDS)
 @kopf.on.update(*MD, field="spec", backoff=RETRY_SECONDS)
-def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+def reconcile_model(body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
     """Owned objects, then the level on every pod, then the status."""
-    _reconcile(_plain(body), namespace or "", name, memo)
+    _reconcile(_plain(body), namespace or "", name, memo, kwargs)
 
 
 @kopf.on.event(*MD)
 def automatic_level_changed(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwargs: Any
 ) -> None:
     """An automaton set or cleared the automatic level (annotations: no new generation, so no spec
     update): apply the new effective level. Automatic annotations left over from before a person's
@@ -177,7 +191,7 @@ def automatic_level_changed(
         return  # reported by the spec handlers
     if level != applied[1]:
         log.info("%s/%s: automatic level: now %s (was %s)", namespace, name, level.label, applied[1].label)
-        _reconcile(md, namespace, name, memo)
+        _reconcile(md, namespace, name, memo, kwargs)
 
 
 @kopf.timer(*MD, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
@@ -195,18 +209,15 @@ def resync(body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwarg
     level = reconcile.target_level(md, spec)
     applied = memo.ctx.applied.get((namespace, name))
     if applied is not None and applied != (int(md["metadata"].get("generation") or 0), level):
-        _reconcile(md, namespace, name, memo)  # a missed change of the automatic level
+        _reconcile(md, namespace, name, memo, kwargs)  # a missed change of the automatic level
         return
     pods_by_model: kopf.Index[tuple[str, str], PodView] = kwargs["pods_by_model"]
     views = list(pods_by_model.get((namespace, name), []))
     _escalate_if_asked(md, views)  # a request missed, or not granted (the object changed meanwhile)
     _late_snapshots(md, spec, level, views, memo)
     if any(reconcile.needs_level(view, level, spec.drain_seconds) for view in views):
-        pods = kube.list_pods(namespace, name)
-        if reconcile.propagate_level(namespace, name, level, pods, spec.drain_seconds):
-            pods = kube.list_pods(namespace, name)
-        views = [PodView.from_pod(p) for p in pods]
-    _refresh(md, views, memo)
+        reconcile.propagate_level(namespace, name, level, kube.list_pods(namespace, name), spec.drain_seconds)
+    _refresh((namespace, name), memo, kwargs)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={c.LABEL_MODEL: kopf.PRESENT})
@@ -260,7 +271,6 @@ def pod_changed(
     **kwargs: Any,
 ) -> None:
     """A pod appeared or the agent reported: give it its level, fold the pods into the status."""
-    pods_by_model: kopf.Index[tuple[str, str], PodView] = kwargs["pods_by_model"]
     namespace = namespace or ""
     key = (namespace, labels.get(c.LABEL_MODEL, ""))
     md = _indexed_model(kwargs["models"], key)
@@ -272,10 +282,8 @@ def pod_changed(
         level = reconcile.target_level(md, spec)
         reconcile.ensure_pod_level(namespace, dict(body), level, spec.drain_seconds)
         _late_snapshots(md, spec, level, [PodView.from_pod(dict(body))], memo)
-    pods = list(pods_by_model.get(key, []))
-    if event.get("type") == "DELETED":
-        pods = [p for p in pods if p.name != body.metadata.get("name")]
-    _refresh(md, pods, memo)
+    # kopf has taken a deleted pod out of the index before this handler runs.
+    _refresh(key, memo, kwargs)
 
 
 @kopf.on.delete(*MD, optional=True)
