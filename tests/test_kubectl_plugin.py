@@ -34,6 +34,7 @@ from hibernate.kubectl_plugin import (
 )
 from tests.cluster import Cluster, assets_dir, eventually, install_gpu_group_crd
 from tests.modeldeployments import apply, get, manifest, report, set_level
+from tests.pods import ensure_node
 
 PLUGIN = Path(sys.executable).parent / "kubectl-hibernate"
 
@@ -317,6 +318,7 @@ def test_a_missing_model_or_another_kind_is_an_error(cluster: Cluster, namespace
 
 
 def create_pod(cluster: Cluster, ns: str, model: str, name: str, node: str, level: str) -> None:
+    ensure_node(cluster, node)  # not deleted as an orphan by the pod garbage collector meanwhile
     cluster.core.create_namespaced_pod(
         ns,
         {

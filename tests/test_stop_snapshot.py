@@ -31,6 +31,7 @@ from tests.modeldeployments import (
     report,
     set_level,
 )
+from tests.pods import ensure_node
 
 TOOLS_IMAGE = "ghcr.io/example/hibernate-tools:test"
 # The engine's answer before the snapshot, as the agent reports it with the snapshot (agent/wakecheck.py).
@@ -71,6 +72,10 @@ def running_on_nodes(cluster: Cluster, ns: str, name: str, replicas: int) -> lis
         what=f"{replicas} pods",
     )
     for i, pod in enumerate(names):
+        # A pod bound to a node that does not exist is deleted as an orphan by the pod garbage
+        # collector, once the node's name has been seen missing for 40 s (earlier tests on this
+        # session's cluster): the ReplicaSet's new pod then has no node, and the test hangs.
+        ensure_node(cluster, f"node-{i}")
         binding = {
             "metadata": {"name": pod},
             "target": {"apiVersion": "v1", "kind": "Node", "name": f"node-{i}"},
