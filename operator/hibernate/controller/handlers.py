@@ -186,11 +186,16 @@ def automatic_level_changed(
     if applied[0] != generation:
         return  # a spec change: the update handler reconciles it
     try:
-        level = reconcile.target_level(md, ModelDeploymentSpec.model_validate(md["spec"]))
+        spec = ModelDeploymentSpec.model_validate(md["spec"])
+        level = reconcile.target_level(md, spec)
     except (ValueError, InvalidSleepLevel):
         return  # reported by the spec handlers
     if level != applied[1]:
         log.info("%s/%s: automatic level: now %s (was %s)", namespace, name, level.label, applied[1].label)
+        try:  # the pods first: a GpuGroup switch and a wake on request wait for the engines only
+            reconcile.level_first(namespace, name, level, applied[1], spec.drain_seconds)
+        except Exception as e:  # the reconcile below writes the level again
+            log.warning("%s/%s: level %s not written on the pods first: %s", namespace, name, level.label, e)
         _reconcile(md, namespace, name, memo, kwargs)
 
 

@@ -199,6 +199,19 @@ def propagate_level(
     return patched
 
 
+def level_first(
+    namespace: str, name: str, level: SleepLevel, was: SleepLevel, drain_seconds: int | None = None
+) -> int:
+    """A change of the effective level between two levels other than Stop changes nothing of the
+    owned objects (only Stop scales the Deployment): write it on the pods at once, before the
+    reconcile that applies the owned objects again (a GpuGroup read and two applies, which a switch
+    would otherwise wait for on each of its two halves). Returns how many pods were patched; 0 for a
+    change to or from Stop, which goes through the owned objects first."""
+    if SleepLevel.STOP in (level, was):
+        return 0
+    return propagate_level(namespace, name, level, kube.list_pods(namespace, name), drain_seconds)
+
+
 def compute_status(
     md: dict[str, Any], spec: ModelDeploymentSpec, pods: list[PodView], ctx: OperatorContext
 ) -> Fold:
