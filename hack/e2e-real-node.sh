@@ -37,6 +37,8 @@
 # one waits. KEEP=1 lets go of it at exit: stop a kept node before the next walk.
 #   KEEP=1          leave everything running and print how to use and stop it.
 #   LEVELS=L1,Checkpoint   walk only these levels.
+#   SKIP_STEPS=prometheus,readiness,hostile   leave out these runtime-independent steps (CI runs each
+#                   on one walk or two, not on all three: hack/test.sh); the walk itself always runs.
 #
 # What this machine lacks and how it is bridged (shared/testenv/real-node.md has the facts):
 # - No kube-proxy: pods reach the API server at the `kubernetes` Service IP 10.0.0.1:443 through one
@@ -98,6 +100,10 @@ for a in "$@"; do case $prev:$a in
 T0=${EPOCHREALTIME/./}
 elapsed() { local d=$(( ${EPOCHREALTIME/./} - T0 )); printf '%d.%01d' $((d / 1000000)) $((d % 1000000 / 100000)); }
 step() { printf '\n=== %s (t=%ss)\n' "$*" "$(elapsed)"; }
+# SKIP_STEPS (see the top): a step named there is left out, with a line saying so.
+wants() { case ",${SKIP_STEPS:-}," in *",$1,"*) echo "(left out: SKIP_STEPS has $1)"; return 1 ;; esac; }
+case ",${SKIP_STEPS:-}," in ,,) ;; *) for s in ${SKIP_STEPS//,/ }; do case $s in prometheus|readiness|hostile) ;;
+  *) echo "unknown SKIP_STEPS entry $s: prometheus, readiness or hostile" >&2; exit 2 ;; esac; done ;; esac
 skip_or_die() { if [ -n "$IF_POSSIBLE" ]; then echo "SKIP e2e-real-node: $*"; exit 0; fi; echo "e2e-real-node: $*" >&2; exit 1; }
 
 # --- can it run here? ---
@@ -206,7 +212,9 @@ cp -a "$ROOT/hack/build-criu.sh" "$CTX/hack/"
 cp -a "$CRIU_BUNDLE" "$CTX/prebuilt/criu"
 # The wheelhouse for the image's CPython 3.11 (bookworm's, the same as this host's), built here where
 # pip trusts the TLS proxy's CA; pip's cache makes the second run fast.
-"$ROOT/.venv/bin/pip" wheel -q "$CTX" -w "$CTX/prebuilt/wheels" >"$DIR/logs/pip-wheel.log" 2>&1 ||
+# SOURCE_DATE_EPOCH: the same tree gives the same wheel, byte for byte (its files' times are fixed),
+# so docker's layer cache serves the next walk's build and only a changed tree builds again.
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-315532800} "$ROOT/.venv/bin/pip" wheel -q "$CTX" -w "$CTX/prebuilt/wheels" >"$DIR/logs/pip-wheel.log" 2>&1 ||
   { tail -20 "$DIR/logs/pip-wheel.log" >&2; exit 1; }
 rm -rf "$CTX/build" "$CTX"/operator/*.egg-info
 docker build -t "$IMAGE" --build-arg PYTHON_IMAGE="$BASE" "$CTX" >"$DIR/logs/build-image.log" 2>&1 ||
@@ -269,8 +277,8 @@ fi
 step "Prometheus: the operator, agent and gateway through the chart's Services (tests/e2e/prometheus_check.py)"
 PROM=("$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py")
 prom_rc=0
-"${PROM[@]}" start --dir "$DIR/prometheus" --kubectl "$ASSETS/kubectl --kubeconfig $KC" --namespace "$RELEASE_NS" \
-  --release "$RELEASE" --helm "$HELM" 9>&- || prom_rc=$?
+if wants prometheus; then "${PROM[@]}" start --dir "$DIR/prometheus" --kubectl "$ASSETS/kubectl --kubeconfig $KC" --namespace "$RELEASE_NS" \
+  --release "$RELEASE" --helm "$HELM" 9>&- || prom_rc=$?; fi
 
 # --- the walk ---
 step "the walk (tests/e2e/walk.py)"
@@ -279,19 +287,20 @@ rc=0
   --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" ${LEVELS:+--levels "$LEVELS"} \
   --summary-json "$DIR/walk.json" --runtime "$CRI" --expect-restore || rc=$?
 step "Prometheus: a query of each level's wake seconds returns the walk's wakes"
-if [ "$prom_rc" = 0 ]; then "${PROM[@]}" check --dir "$DIR/prometheus" --walk-summary "$DIR/walk.json" || rc=1
+if ! wants prometheus; then :
+elif [ "$prom_rc" = 0 ]; then "${PROM[@]}" check --dir "$DIR/prometheus" --walk-summary "$DIR/walk.json" || rc=1
 else echo "prometheus did not start (above)"; rc=1; fi
 step "two replicas, one asleep: no request reaches it (tests/e2e/readiness.py)"
-"$ROOT/.venv/bin/python" "$ROOT/tests/e2e/readiness.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
-  --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" --release "$RELEASE" || rc=1
+if wants readiness; then "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/readiness.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
+  --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" --release "$RELEASE" || rc=1; fi
 if [ "$CRI" = docker ]; then   # once per CI run: two fake engines on one node (docs/gpu-sharing.md)
   step "two models take turns on one GpuGroup through the gateway (tests/e2e/gpu_group.py)"
   "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/gpu_group.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
     --engine-image "$ENGINE_IMAGE" --release-namespace "$RELEASE_NS" --release "$RELEASE" || rc=1
 fi
 step "a hostile engine: a Checkpoint cycle and a deletion give it nothing (tests/e2e/hostile.py)"
-"$ROOT/.venv/bin/python" "$ROOT/tests/e2e/hostile.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
-  --engine-image "$HOSTILE_IMAGE" --release-namespace "$RELEASE_NS" --canary-dir "$CANARY" || rc=1
+if wants hostile; then "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/hostile.py" --kubectl "$ASSETS/kubectl --kubeconfig $KC" \
+  --engine-image "$HOSTILE_IMAGE" --release-namespace "$RELEASE_NS" --canary-dir "$CANARY" || rc=1; fi
 step "the agent's log (its DaemonSet pod)"
 K -n "$RELEASE_NS" logs ds/$RELEASE-agent --tail 400 2>&1 | grep -v 'GET /healthz\|GET /metrics' | tail -25 || true
 step "no checkpoint image left after the deletions"
