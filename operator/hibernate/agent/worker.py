@@ -66,6 +66,14 @@ class Reporter:
         await asyncio.to_thread(self.put_condition, meta["namespace"], meta["name"], condition)
 
 
+async def _posted(event: asyncio.Future[None]) -> None:
+    """Wait for an Event posted alongside an operation; a failure to post it fails nothing."""
+    try:
+        await event
+    except Exception as e:
+        log.warning("could not post an event: %s", e)
+
+
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -808,18 +816,28 @@ class Agent:
         if action == "sleep":
             await self._leave_service(pod, level)
         fault_point("agent.after-start-report")
-        await self.reporter.event(
-            pod, "Normal", going, f"{going} {'to' if action == 'sleep' else 'from'} {level.label}"
-        )
-        deep = level >= SleepLevel.CUDA_SUSPEND and self.wake_check is not None
-        if action == "sleep" and deep and self.wake_check is not None:
-            op.update(await self.wake_check.record(ref))  # the answer the woken engine must give again
-        try:
-            details = await (
-                self.levels.sleep(ref, level) if action == "sleep" else self.levels.wake(ref, level)
+        # The Event is for people: posted while the engine moves, not before (a switch waits for the
+        # engine, not for the Event); done before any later Event of the operation is posted.
+        announced = asyncio.ensure_future(
+            self.reporter.event(
+                pod, "Normal", going, f"{going} {'to' if action == 'sleep' else 'from'} {level.label}"
             )
-        except LevelError as e:
-            return await self._failed(pod, ref, action, level, op, t0, e, carry)
+        )
+        failure: LevelError | None = None
+        try:
+            deep = level >= SleepLevel.CUDA_SUSPEND and self.wake_check is not None
+            if action == "sleep" and deep and self.wake_check is not None:
+                op.update(await self.wake_check.record(ref))  # the answer the woken engine must give again
+            try:
+                details = await (
+                    self.levels.sleep(ref, level) if action == "sleep" else self.levels.wake(ref, level)
+                )
+            except LevelError as e:
+                failure = e
+        finally:
+            await _posted(announced)
+        if failure is not None:
+            return await self._failed(pod, ref, action, level, op, t0, failure, carry)
         if action == "wake" and deep and self.wake_check is not None:
             problem = await self.wake_check.verify(ref)
             if problem is not None:
@@ -835,6 +853,8 @@ class Agent:
         fault_point("agent.before-report")
         now = level if action == "sleep" else SleepLevel.AWAKE
         await self._report(pod, kube.state_annotations(self._state_of(now), int(now), op))
+        if action == "wake":
+            await self._align_gate(ref.key)  # Ready again (requests wait for it) before the Event
         verb = f"Slept at {level.label}" if action == "sleep" else f"Woke from {level.label}"
         await self.reporter.event(pod, "Normal", self._state_of(now), f"{verb} in {seconds:.2f} s")
         log.info("%s/%s: %s in %.3f s %s", *ref.key, verb, seconds, details)
