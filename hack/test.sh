@@ -3,7 +3,7 @@
 # mypy, and the whole test suite against a real control plane. Extra arguments go to pytest.
 # pytest runs on PYTEST_WORKERS pytest-xdist workers (default 2, `--dist worksteal`), each with its
 # own control plane (tests/conftest.py); PYTEST_WORKERS=0 runs it serially in one process, as for
-# debugging (-x, --pdb, -s, one operator log at a time). Two workers take about half the time on
+# debugging (-x, --pdb, -s, one operator log at a time). Two workers take 61-70 % of the serial time on
 # the 2-core CI machine (docs/e2e.md, "CI times").
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
