@@ -24,6 +24,7 @@ from hibernate.agent.discovery import (
     pod_processes,
     process_tree,
 )
+from hibernate.localnode import simpod
 
 UID = "8f2b6c1e-3d4a-4b5c-9e7f-0a1b2c3d4e5f"
 OTHER_UID = "11111111-2222-3333-4444-555555555555"
@@ -303,7 +304,9 @@ def real_pod_cgroup() -> Iterator[tuple[str, str, Path]]:
     leaf = base / "kubepods" / "besteffort" / f"pod{uid}" / cid
     created: list[Path] = []
     try:
-        _make_dirs(leaf, created)
+        # Made as a simulated pod makes its cgroup: another test session on the host (a pytest-xdist
+        # worker) may make or remove the shared parents (kubepods, besteffort) meanwhile.
+        simpod._make_cgroup(base, leaf.relative_to(base), created)
     except OSError as exc:
         _remove_cgroups(created)
         pytest.skip(f"cgroups are not writable here ({base}): {exc}")
@@ -311,25 +314,6 @@ def real_pod_cgroup() -> Iterator[tuple[str, str, Path]]:
         yield uid, cid, leaf
     finally:
         _remove_cgroups(created)
-
-
-def _make_dirs(leaf: Path, created: list[Path]) -> None:
-    """The leaf and its three parents; those made here go to `created`. Another test session on the
-    host (a pytest-xdist worker) may make or remove the shared ones (kubepods, besteffort) at the
-    same time: one made meanwhile is not ours, one removed meanwhile is made again."""
-    for attempt in range(10):
-        try:
-            for directory in (*reversed(leaf.parents[:3]), leaf):
-                try:
-                    directory.mkdir()
-                    created.append(directory)
-                except FileExistsError:
-                    pass
-            return
-        except FileNotFoundError:
-            if attempt == 9:
-                raise
-            time.sleep(0.01)
 
 
 def _remove_cgroups(created: list[Path]) -> None:

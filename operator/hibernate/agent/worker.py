@@ -823,9 +823,9 @@ class Agent:
                 pod, "Normal", going, f"{going} {'to' if action == 'sleep' else 'from'} {level.label}"
             )
         )
+        deep = level >= SleepLevel.CUDA_SUSPEND and self.wake_check is not None
         failure: LevelError | None = None
         try:
-            deep = level >= SleepLevel.CUDA_SUSPEND and self.wake_check is not None
             if action == "sleep" and deep and self.wake_check is not None:
                 op.update(await self.wake_check.record(ref))  # the answer the woken engine must give again
             try:

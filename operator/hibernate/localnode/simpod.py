@@ -170,14 +170,12 @@ def _make_cgroup(mount: Path, rel: Path, made: list[Path] | None = None) -> Path
     Another pod's close (another test session's, on the same host) may remove a shared parent
     (kubepods, ...) that it made, once empty, between this one's check and its mkdir below: then
     the walk starts again from the top."""
-    for attempt in range(10):
+    for _ in range(9):
         try:
             return _make_cgroup_once(mount, rel, made)
         except FileNotFoundError:
-            if attempt == 9:
-                raise
             time.sleep(0.01)
-    raise AssertionError("unreachable")
+    return _make_cgroup_once(mount, rel, made)
 
 
 def _make_cgroup_once(mount: Path, rel: Path, made: list[Path] | None) -> Path:
