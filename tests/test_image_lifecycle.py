@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from hibernate.agent import criu, shm
+from hibernate.agent import criu, shm, sweep
 from hibernate.agent.criu.images import ImageMetadata
 from hibernate.api import constants as c
 from hibernate.localnode import simpod
@@ -103,6 +104,27 @@ def test_the_sweep_removes_only_the_images_of_pods_that_are_gone_or_no_models(
     eventually(lambda: not late.exists(), timeout=30, what="the periodic sweep")
     assert all(image.exists() for image in keep.values())
     agent.stop()
+
+
+def test_an_image_removed_while_the_sweep_looks_at_it_is_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker removes a deleted pod's image on its own thread; a sweep that listed it just before
+    finds it gone, and goes on with the rest."""
+    if os.geteuid() != 0:
+        pytest.skip("images are root-only")
+    root = tmp_path / "checkpoints"
+    vanishing = agent_image(root, "team", "a-deleted-pod")
+    staying = agent_image(root, "team", "b-pod")
+    real = criu.check_private
+
+    def removed_by_the_worker_first(image: Path, root: Path | None = None) -> list[str]:
+        if image == vanishing:
+            shutil.rmtree(image)
+        return real(image, root)
+
+    monkeypatch.setattr(criu, "check_private", removed_by_the_worker_first)
+    assert [found.path for found in sweep.find(root)] == [staying]
 
 
 # -- a checkpointed pod that loses its label ------------------------------------------------------------

@@ -277,6 +277,28 @@ def test_two_agents_sweeping_the_shared_volume_at_once_remove_a_snapshot_once(
     assert not list((shared / ".snapshots" / "team").iterdir()), "their lock files went with them"
 
 
+def test_a_snapshot_that_another_node_removes_while_this_one_looks_at_it_is_passed_over(
+    tmp_path: Path, root_only: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race that two sweeps of one volume run into: a snapshot listed, then removed by the other
+    node before its owner and modes are read. It is gone, not an error that ends this sweep."""
+    import shutil
+
+    shared = tmp_path / "shared"
+    vanishing = sealed_snapshot(shared, "team", "a-vanishing")
+    staying = sealed_snapshot(shared, "team", "b-staying")
+    real = criu.check_private
+
+    def removed_by_another_node_first(image: Path, root: Path | None = None) -> list[str]:
+        if image == vanishing:
+            shutil.rmtree(image)
+        return real(image, root)
+
+    monkeypatch.setattr(criu, "check_private", removed_by_another_node_first)
+    assert _sweeper(NODE_A, shared).sweep() == [str(staying)]
+    assert not vanishing.exists() and not staying.exists()
+
+
 def test_the_sweep_leaves_a_snapshot_that_another_agent_is_using(tmp_path: Path, root_only: None) -> None:
     shared = tmp_path / "shared"
     image = sealed_snapshot(shared, "team", "llama")

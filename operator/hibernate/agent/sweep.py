@@ -118,7 +118,10 @@ def find(root: Path) -> list[Found]:
             with contextlib.suppress(OSError):
                 is_image = stat.S_ISREG(meta.lstat().st_mode)
             if len(parts) >= 3 and is_image:
-                problems = criu.check_private(path, root)
+                try:
+                    problems = criu.check_private(path, root)
+                except FileNotFoundError:  # removed while it was looked at: nothing to sweep
+                    continue
                 if problems:
                     log.warning(
                         "image sweep: %s is not one this agent wrote, left alone: %s", path, problems[0]
@@ -159,13 +162,18 @@ def find_snapshots(root: Path) -> list[FoundSnapshot]:
                     name = temporary["container"] if temporary else model.name
                     candidate = Path(model.path)
                     is_image = temporary is not None or (candidate / criu.METADATA).is_file()
-                    if (
-                        is_image
-                        and _private_dirs(candidate, root)
-                        and not criu.check_private(candidate, root)
-                    ):
+                    if is_image and _written_by_an_agent(candidate, root):
                         found.append(FoundSnapshot(candidate, ns.name, name))
     return found
+
+
+def _written_by_an_agent(snapshot: Path, root: Path) -> bool:
+    """The snapshot and its directories up to `root` are root-only, as an agent writes them; False
+    for one that vanished while it was looked at: another node's sweep shares the volume."""
+    try:
+        return _private_dirs(snapshot, root) and not criu.check_private(snapshot, root)
+    except FileNotFoundError:
+        return False
 
 
 def _dirs(path: Path) -> list[os.DirEntry[str]]:
