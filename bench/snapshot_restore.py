@@ -8,7 +8,7 @@ first correct token, beside its cold start and beside level 4 in place.
 
 Root, and a CRIU bundle with hibernate-nsjoin.so (hack/build-criu.sh). Each cycle, in simulated pods
 (hibernate.localnode.simpod: own pid, mount, ipc and uts namespaces and cgroup, host network, the GPU's
-/dev/nvidia* bound in; bench/wake.py's PodEngineProc), every step through the agent's own code:
+/dev/nvidia* bound in; bench/engine_proc.py's PodEngineProc), every step through the agent's own code:
 
 1. cold: pod A starts the engine (no pinned host copy: a cold start does not prepare level 1); from
    the pod's start to a 1-token completion equal to the awake answer's first token;
@@ -46,7 +46,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import wake
+from benchkit import MAX_TOKENS, ROOT, Budget, Skip, drop_caches, free_port, fs_type, gpu_identity
+from engine_proc import POD_ENGINE_TIMEOUT_S, EngineProc, EngineSpec, PodEngineProc
 from hibernate import podinit
 from hibernate.agent import criu, cuda
 from snapshot_report import Report, Sample, say
@@ -158,12 +159,12 @@ class WaitingSimPod:
         return Waiting.start(command, **options)
 
 
-class SnapshotPod(wake.PodEngineProc):
-    """The engine in a simulated pod (wake.PodEngineProc), whose checkpoint root outlives it: the
+class SnapshotPod(PodEngineProc):
+    """The engine in a simulated pod (PodEngineProc), whose checkpoint root outlives it: the
     snapshot there is the next pod's. `restore_wait`: a new pod whose init waits that long for the
     agent's restore instead of starting the engine."""
 
-    def __init__(self, spec: wake.EngineSpec, checkpoint_root: Path, restore_wait: float = 0.0) -> None:
+    def __init__(self, spec: EngineSpec, checkpoint_root: Path, restore_wait: float = 0.0) -> None:
         super().__init__(spec, checkpoint_root)
         self.restore_wait = restore_wait
         self.timer = CudaTimer()
@@ -240,7 +241,7 @@ class Bench:
         self.cpu = args.device == "cpu"
         self.work = Path(args.work_dir)
         self.root = self.work / "snapshot-checkpoints"  # the agent's checkpoint root (pods' and snapshot)
-        self.budget = wake.Budget(args.deadline)
+        self.budget = Budget(args.deadline)
         self.reference: str | None = None
         self.wake_check = agent_wake_check()
 
@@ -257,8 +258,8 @@ class Bench:
     def weights_dir(self) -> Path:
         return self.work / "weights" / f"{self.args.size:g}g"
 
-    def spec(self, tag: str) -> wake.EngineSpec:
-        return wake.EngineSpec(
+    def spec(self, tag: str) -> EngineSpec:
+        return EngineSpec(
             size_gib=self.args.size,
             kv_gib=self.args.kv_gib,
             device=self.args.device,
@@ -281,13 +282,13 @@ class Bench:
 
     async def run(self) -> None:
         self.check_ready()
-        port = wake.free_port()  # one port for every pod: it is in the engine's args, so in its spec hash
+        port = free_port()  # one port for every pod: it is in the engine's args, so in its spec hash
         cycles, cycle = self.args.cycles, 0
         while cycle < cycles:
             cycle += 1
             try:
                 self.budget.check(self.estimate())
-            except wake.Skip as skip:
+            except Skip as skip:
                 self.report.note(f"cycle {cycle} and later not run: {skip}")
                 break
             left = self.budget.left()
@@ -334,7 +335,7 @@ class Bench:
         finally:
             pod_a.stop()
 
-        if self.args.drop_caches and not wake.drop_caches():
+        if self.args.drop_caches and not drop_caches():
             self.report.note("could not drop the page cache before the restore")
         pod_b = SnapshotPod(self.spec(f"b{cycle}"), self.root, restore_wait=self.args.restore_wait)
         pod_b.port, pod_b.url = port, pod_a.url
@@ -348,26 +349,26 @@ class Bench:
             pod_b.stop()
             shutil.rmtree(self.root / ".snapshots", ignore_errors=True)
 
-    def first_token_ok(self, engine: wake.EngineProc) -> bool:
+    def first_token_ok(self, engine: EngineProc) -> bool:
         """A 1-token completion equal to the first token of the awake answer."""
         assert self.reference is not None
         return engine.complete(1).strip() == self.reference.split()[0]
 
-    def full_answer_ok(self, engine: wake.EngineProc, sample: Sample) -> None:
-        full = engine.complete(wake.MAX_TOKENS)
+    def full_answer_ok(self, engine: EngineProc, sample: Sample) -> None:
+        full = engine.complete(MAX_TOKENS)
         sample.correct = sample.correct is not False and full == self.reference
         if full != self.reference:
             sample.error = f"wrong answer: {full!r} instead of {self.reference!r}"
 
     async def cold(self, pod: SnapshotPod, sample: Sample) -> None:
-        if self.args.drop_caches and not wake.drop_caches():
+        if self.args.drop_caches and not drop_caches():
             self.report.note("could not drop the page cache before the cold start")
         started = time.monotonic()
         ready = await asyncio.to_thread(pod.start, 300 + 4 * self.args.size)
         first = pod.complete(1)
         done = time.monotonic()
         if self.reference is None:  # asked after the first token, so as not to count it
-            self.reference = pod.complete(wake.MAX_TOKENS)
+            self.reference = pod.complete(MAX_TOKENS)
             self.report.note(f"the awake answer: {self.reference!r}")
         sample.correct = first.strip() == self.reference.split()[0]
         timings = pod.timings()
@@ -467,7 +468,7 @@ class Bench:
                 raise LevelError(problem, rolled_back=False)
 
         def check(_: object) -> None:
-            asyncio.run_coroutine_threadsafe(wake_and_compare(), loop).result(wake.POD_ENGINE_TIMEOUT_S + 60)
+            asyncio.run_coroutine_threadsafe(wake_and_compare(), loop).result(POD_ENGINE_TIMEOUT_S + 60)
 
         claimed = time.monotonic()
         outcome = await asyncio.to_thread(levels.restore_snapshot, ref, MODEL, spec_hash(argv), check)
@@ -503,7 +504,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pause", type=float, default=0.5, help="seconds at level 4 in place")
     p.add_argument("--work-dir", default="/var/tmp/hibernate-bench", help="weights and images (local disk)")
     p.add_argument("--log-dir", default=None, help="engine logs (default <work-dir>/logs)")
-    p.add_argument("--results", default=str(wake.ROOT / "bench" / "RESULTS.md"))
+    p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--json", default=None, help="also write every sample as JSON here")
     p.add_argument("--section", default=None, help="RESULTS.md section (default snapshot-bench:gpu or :cpu)")
     p.add_argument(
@@ -530,7 +531,7 @@ def header(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
             f"{platform.node()}, {os.cpu_count()} cores, {now}): not GPU numbers"
         )
     else:
-        ident = wake.gpu_identity()
+        ident = gpu_identity()
         title = (
             f"## Snapshot restore into a new pod: {ident.get('name', '?')}, driver {ident.get('driver', '?')}, "
             f"{args.size:g} GiB reference engine ({now})"
@@ -549,7 +550,7 @@ def header(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
         f"torch {torch_version or '?'}",
         f"- command: `bench/snapshot_restore.py {' '.join(argv)}`",
         f"- the reference engine, {args.size:g} GiB of weights (KV {args.kv_gib:g} GiB, {args.readers} readers, "
-        f"no pinned host copy), weights under {weights} ({wake.fs_type(weights if weights.exists() else weights.parent)}"
+        f"no pinned host copy), weights under {weights} ({fs_type(weights if weights.exists() else weights.parent)}"
         f"{', the page cache dropped before each cold start and restore' if args.drop_caches else ', in the page cache'}); "
         "each pod a simulated one (hibernate.localnode.simpod: own pid, mount, ipc, uts namespaces and cgroup, "
         "host network), every step the agent's own code (Levels with a real PodRef, WakeCheck); the engine's "

@@ -15,7 +15,7 @@ seed, `--weights-dir none`, and its level-1 host copy pinned at start, `--pinned
 
 Who performs the levels (`--standin`): `engine-api` (the default on the CPU) is the tests' stand-in,
 which calls the engine's sleep API only (CudaSuspend and Checkpoint are the engine's level 1 there);
-`agent` (the default on a GPU) moves each engine with the agent's own `Levels` (bench/wake.py's
+`agent` (the default on a GPU) moves each engine with the agent's own `Levels` (bench/level_adapters.py's
 AgentLevels: HTTP to the engine with the agent's hints, and for CudaSuspend the CUDA driver's
 checkpoint of the engine process: root and driver >= 570), so a CudaSuspend row there is a real one.
 Checkpoint (CRIU in a pod) is measured by bench/wake.py's pod rows, not here.
@@ -89,7 +89,7 @@ def fake_engine_command(model: str, port: int, weights_mib: int) -> list[str]:
 
 @dataclass
 class _EngineRef:
-    """What bench/wake.py's AgentLevels reads of an engine: its URL, port, pid and command line."""
+    """What bench/level_adapters.py's AgentLevels reads of an engine: its URL, port, pid and command line."""
 
     url: str
     port: int
@@ -102,7 +102,7 @@ class _EngineRef:
 
 class AgentLevelsStandin(AgentStandin):
     """The tests' stand-in (the kubelet's part, the reports) whose agent part moves each engine with
-    the agent's own `Levels` (bench/wake.py's AgentLevels on the bare engine process), so that
+    the agent's own `Levels` (bench/level_adapters.py's AgentLevels on the bare engine process), so that
     CudaSuspend checkpoints the engine's CUDA context through the driver as the agent does.
 
     Engines get `startup_timeout` to answer /health (a 16 GiB reference engine pins its host copy at
@@ -136,7 +136,7 @@ class AgentLevelsStandin(AgentStandin):
             raise RuntimeError(f"{type(e).__name__}: {e}") from e
 
     def _start_engine(self, slot: _Model) -> FakeEngine:
-        import wake  # bench/wake.py: the agent's Levels on a bare engine process
+        import level_adapters  # the agent's Levels on a bare engine process
 
         command = [
             *(
@@ -158,8 +158,8 @@ class AgentLevelsStandin(AgentStandin):
             raise
         slot.engine_starts += 1
         ref = _EngineRef(engine.url, slot.port, engine.pid, command)
-        self._levels[slot.name] = wake.AgentLevels(
-            wake.Target(engine=ref, image_dir=self.workdir / slot.name)
+        self._levels[slot.name] = level_adapters.AgentLevels(
+            level_adapters.Target(engine=ref, image_dir=self.workdir / slot.name)
         )
         return engine
 
