@@ -381,6 +381,7 @@ class EngineDouble:
     def __init__(self) -> None:
         self.sleeping = False
         self.hints: list[str | None] = []
+        self.calls: list[str] = []  # the requests the agent made, by the client's method
 
     async def __aenter__(self) -> EngineDouble:
         return self
@@ -389,13 +390,16 @@ class EngineDouble:
         return None
 
     async def is_sleeping(self) -> bool:
+        self.calls.append("is_sleeping")
         return self.sleeping
 
     async def sleep_level(self, level: int, prepare: str | None = None) -> None:
+        self.calls.append("sleep_level")
         self.hints.append(prepare)
         self.sleeping = True
 
     async def wake(self, level: int) -> None:
+        self.calls.append("wake")
         self.sleeping = False
 
 
@@ -419,6 +423,18 @@ def two_processes(tmp_path: Path, driver: FakeDriver) -> tuple[Levels, TwoProces
     host = TwoProcesses(proc_root=str(tmp_path), cuda_api=lambda: driver)
     ref = PodRef.from_pod(run({}, L.CUDA_SUSPEND).pod())
     return Levels(host), host, ref
+
+
+def test_the_wake_from_cuda_suspend_asks_the_engine_once_whether_it_sleeps(tmp_path: Path) -> None:
+    """Every request before the engine's wake delays the first token: one GET /is_sleeping says both
+    that the engine has the sleep API and that it sleeps (issue 17, the agent's overhead)."""
+    driver = FakeDriver({101: RUNNING, 102: RUNNING})
+    levels, host, ref = two_processes(tmp_path, driver)
+    asyncio.run(levels.sleep(ref, L.CUDA_SUSPEND))
+    host.double.calls.clear()
+    asyncio.run(levels.wake(ref, L.CUDA_SUSPEND))
+    assert host.double.calls == ["is_sleeping", "wake"]
+    assert driver.states == {101: RUNNING, 102: RUNNING} and not host.double.sleeping
 
 
 def test_levels_report_a_partial_cuda_rollback_as_partial(tmp_path: Path) -> None:

@@ -168,15 +168,19 @@ class Host:
         return [*found, *suspended]
 
 
-async def _has_sleep_api(engine: EngineClient) -> bool:
-    """vLLM without dev mode (or another engine) has no /is_sleeping: the plain paths serve it."""
+async def _sleeping(engine: EngineClient) -> bool | None:
+    """Whether the engine sleeps, in one request; None where it has no sleep API (vLLM without dev
+    mode, another engine: no /is_sleeping), which the plain paths serve."""
     try:
-        await engine.is_sleeping()
+        return await engine.is_sleeping()
     except EngineError as e:
         if e.status == 404:
-            return False
+            return None
         raise
-    return True
+
+
+async def _has_sleep_api(engine: EngineClient) -> bool:
+    return await _sleeping(engine) is not None
 
 
 class Levels:
@@ -226,7 +230,7 @@ class Levels:
             fault_point("agent.after-cuda-resume")
             under = self.engine_level_under_cuda.get(pod.key, SleepLevel.L1)
             async with self.host.engine(pod) as engine:
-                if await _has_sleep_api(engine) and await engine.is_sleeping():
+                if await _sleeping(engine):
                     await engine.wake(int(under))
             self.engine_level_under_cuda.pop(pod.key, None)
             return {"path": "cuda", "cuda_seconds": round(report.seconds, 3)}
@@ -423,7 +427,7 @@ class Levels:
                 functools.partial(cuda.resume_all, pids, api=self.host.cuda_api(), gpu_pairs=pairs)
             )
         async with self.host.engine(pod) as engine:
-            if await _has_sleep_api(engine) and await engine.is_sleeping():
+            if await _sleeping(engine):
                 await engine.wake(2)
 
     async def _checkpoint(self, pod: PodRef, snapshot: tuple[Path, str] | None = None) -> dict[str, Any]:
@@ -556,7 +560,7 @@ class Levels:
             await asyncio.to_thread(cuda.resume_all, pids, api=self.host.cuda_api())
         fault_point("agent.after-cuda-resume")
         async with self.host.engine(pod) as engine:
-            if await _has_sleep_api(engine) and await engine.is_sleeping():
+            if await _sleeping(engine):
                 await engine.wake(2)
         await asyncio.to_thread(criu.remove_image, image)
         details: dict[str, Any] = {"path": "criu", "criu_seconds": round(result.seconds, 3), **cgroup}
@@ -632,7 +636,7 @@ class Levels:
                     await asyncio.to_thread(cuda.resume_all, pids, api=api)
         async with self.host.engine(pod) as engine:
             try:
-                if not await _has_sleep_api(engine) or not await engine.is_sleeping():
+                if not await _sleeping(engine):
                     return SleepLevel.AWAKE
             except EngineError:
                 return claimed if claimed is not None else SleepLevel.AWAKE
