@@ -33,7 +33,17 @@ from tests.faultkit import (
     service_account_ready,
     watch_until,
 )
-from tests.modeldeployments import apply, get, pods, set_level
+from tests.modeldeployments import apply, events_for, get, pods, set_level
+from tests.test_stop_snapshot import (  # noqa: F401 (operator_with_tools is a fixture)
+    CANARY,
+    answer,
+    model,
+    node_of,
+    operator_with_tools,
+    replicas_of,
+    requests,
+    running_on_nodes,
+)
 
 NODE = "restart-test-node"
 CONVERGE_S = 30.0
@@ -169,3 +179,45 @@ def test_the_api_server_restarted_mid_transition_converges_within_30_s_of_its_re
     eventually(lambda: _settled(cluster, namespace, "Awake"), timeout=CONVERGE_S)
     assert complete(f"http://127.0.0.1:{port}") == baseline, "serving the same answers after the wakes"
     print("converged after the API server's restart (s):", {k: round(v, 2) for k, v in took.items()})
+
+
+def test_a_stop_waiting_for_its_snapshot_waits_on_through_an_api_server_restart(
+    cluster: Cluster,
+    namespace: str,
+    operator_with_tools: Process,  # noqa: F811
+) -> None:
+    """The operator's wait for a snapshot reads the pod every half second: reads that fail while the
+    API server is away do not end the wait (no 'No snapshot', no cold wake); the agent's answer,
+    written once the server is back, is recorded and the Stop goes on."""
+    apply(cluster, namespace, model("m", replicas=1, timeoutSeconds=120))
+    (pod,) = running_on_nodes(cluster, namespace, "m", 1)
+    set_level(cluster, namespace, "m", "Stop")
+    request = eventually(lambda: requests(cluster, namespace, "m").get(pod), what="a snapshot request")
+    api = ApiServer(cluster)
+    api.stop()
+    try:
+        time.sleep(DOWN_S)  # four polls fail
+    finally:
+        api.start()
+    try:
+        answered = time.monotonic()
+        taken = "2026-01-02T03:04:05.000Z"
+        node = node_of(cluster, namespace, pod)
+        snapshot = {"id": request["id"], "node": node, "specHash": request["specHash"], "bytes": 1 << 30}
+        answer(cluster, namespace, pod, {**snapshot, "taken": taken, "seconds": 2.5, "check": CANARY})
+        eventually(
+            lambda: replicas_of(cluster, namespace, "m") == 0, what="scaled to zero after the snapshot"
+        )
+        recorded = eventually(lambda: get(cluster, namespace, "m")["status"].get("snapshot"), what="recorded")
+        # Well within the operator's 30 s resync, which would find the answer on the pod anyway.
+        assert time.monotonic() - answered < 15
+        assert (recorded["node"], recorded["taken"]) == (node, taken)
+        warnings = [e.message for e in events_for(cluster, namespace, "m") if e.type == "Warning"]
+        assert not [w for w in warnings if "No snapshot" in w], warnings
+        said = operator_with_tools.output()
+        assert f"pod {pod} could not be read" in said and "the wait goes on" in said
+        assert "the snapshot before Stop failed" not in said
+    finally:
+        print(
+            f"the controller-manager acts on new objects again after {controllers_caught_up(cluster):.1f} s"
+        )

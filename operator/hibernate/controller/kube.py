@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from hibernate.api import constants as c
@@ -167,9 +168,10 @@ def post_event(md: dict[str, Any], kind: str, reason: str, message: str) -> None
     }
     try:
         core().create_namespaced_event(meta["namespace"], kubernetes.client.CoreV1Event.model_validate(body))
-    except ApiException as e:
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:  # the API server away, too
+        why = e.reason if isinstance(e, ApiException) else type(e).__name__
         logging.getLogger(__name__).warning(
-            "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e.reason
+            "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], why
         )
 
 

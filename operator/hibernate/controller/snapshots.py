@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
 from hibernate.api import auto_level
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
@@ -391,28 +394,48 @@ def _take(
     name = pod["metadata"]["name"]
     requested = _parse_time(request.get("requested")) or datetime.now(UTC)
     deadline = requested + timedelta(seconds=timeout)
+    unread: str | None = None  # why the last read of the pod failed: the API server away a moment
     while not cancel.is_set():
-        current = kube.read_pod(namespace, name)
-        if current is None or (current.get("metadata") or {}).get("deletionTimestamp"):
-            return (
-                "Warning",
-                REASON_FAILED,
-                f"No snapshot: pod {name} went away before its agent answered; scaling to zero without one",
-                None,
-            )
-        answer = answer_of(current, str(request["id"]))
-        if answer is not None:
-            return _outcome(name, request, answer)
+        try:
+            current = kube.read_pod(namespace, name)
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            if unread is None:  # once, not every poll; the agent's answer waits on the pod
+                log.warning("%s/%s: pod %s could not be read (%s); the wait goes on", *key, name, _brief(e))
+            unread = _brief(e)
+        else:
+            unread = None
+            if current is None or (current.get("metadata") or {}).get("deletionTimestamp"):
+                return (
+                    "Warning",
+                    REASON_FAILED,
+                    f"No snapshot: pod {name} went away before its agent answered; scaling to zero without one",
+                    None,
+                )
+            answer = answer_of(current, str(request["id"]))
+            if answer is not None:
+                return _outcome(name, request, answer)
         if datetime.now(UTC) >= deadline:
+            late = (
+                f"pod {name} could not be read ({unread})"
+                if unread
+                else f"the agent of pod {name} did not answer"
+            )
             return (
                 "Warning",
                 REASON_FAILED,
-                f"No snapshot: the agent of pod {name} did not answer within {timeout} s "
-                "(spec.stop.timeoutSeconds); scaling to zero without one",
+                f"No snapshot: {late} within {timeout} s (spec.stop.timeoutSeconds); scaling to zero "
+                "without one",
                 None,
             )
         cancel.wait(POLL_SECONDS)
     return None
+
+
+def _brief(e: Exception) -> str:
+    """An API error in one line: its status and reason, not the response's headers and body."""
+    if isinstance(e, ApiException):
+        return f"HTTP {e.status} {e.reason}"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _outcome(
