@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,6 +255,19 @@ def agent_image(
     write_private(image / criu.METADATA, b'{"format": 1}')
     write_private(image / "pages-1.img", b"\0" * 4096)
     return image
+
+
+def removed_while_checked(monkeypatch: pytest.MonkeyPatch, image: Path) -> None:
+    """Another node's sweep, or the worker's own thread, gets there first: `image` is removed right
+    before criu.check_private reads its owner and modes (listed, then gone)."""
+    real = criu.check_private
+
+    def removed_first(path: Path, root: Path | None = None) -> list[str]:
+        if path == image:
+            shutil.rmtree(image)
+        return real(path, root)
+
+    monkeypatch.setattr(criu, "check_private", removed_first)
 
 
 def service_account_ready(cluster: Cluster, namespace: str) -> None:

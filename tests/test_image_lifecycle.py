@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -36,6 +35,7 @@ from tests.faultkit import (
     assert_truth,
     engine_pod,
     need_root_and_criu,
+    removed_while_checked,
     reported,
 )
 from tests.pods import create_engine_pod, ensure_node, pod_events
@@ -116,14 +116,7 @@ def test_an_image_removed_while_the_sweep_looks_at_it_is_passed_over(
     root = tmp_path / "checkpoints"
     vanishing = agent_image(root, "team", "a-deleted-pod")
     staying = agent_image(root, "team", "b-pod")
-    real = criu.check_private
-
-    def removed_by_the_worker_first(image: Path, root: Path | None = None) -> list[str]:
-        if image == vanishing:
-            shutil.rmtree(image)
-        return real(image, root)
-
-    monkeypatch.setattr(criu, "check_private", removed_by_the_worker_first)
+    removed_while_checked(monkeypatch, vanishing)
     assert [found.path for found in sweep.find(root)] == [staying]
 
 

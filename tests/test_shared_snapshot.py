@@ -33,7 +33,7 @@ from hibernate.api import constants as c
 from hibernate.localnode.simpod import SimPod
 from tests.cluster import Cluster, Process, eventually, hibernate_process
 from tests.engine_fixtures import complete, free_port
-from tests.faultkit import need_root_and_criu
+from tests.faultkit import need_root_and_criu, removed_while_checked
 from tests.modeldeployments import apply, condition, get, pods, set_level
 from tests.pods import (
     ask_snapshot,
@@ -282,19 +282,10 @@ def test_a_snapshot_that_another_node_removes_while_this_one_looks_at_it_is_pass
 ) -> None:
     """The race that two sweeps of one volume run into: a snapshot listed, then removed by the other
     node before its owner and modes are read. It is gone, not an error that ends this sweep."""
-    import shutil
-
     shared = tmp_path / "shared"
     vanishing = sealed_snapshot(shared, "team", "a-vanishing")
     staying = sealed_snapshot(shared, "team", "b-staying")
-    real = criu.check_private
-
-    def removed_by_another_node_first(image: Path, root: Path | None = None) -> list[str]:
-        if image == vanishing:
-            shutil.rmtree(image)
-        return real(image, root)
-
-    monkeypatch.setattr(criu, "check_private", removed_by_another_node_first)
+    removed_while_checked(monkeypatch, vanishing)
     assert _sweeper(NODE_A, shared).sweep() == [str(staying)]
     assert not vanishing.exists() and not staying.exists()
 
