@@ -25,7 +25,11 @@
 # The node image (local/kind-node:<k8s version>-<key>) is saved to $CACHE/node-*.tar: a warm run with
 # the image still in docker costs nothing, one with only the tarball a `docker load`.
 #   KIND_VERSION, CRICTL_VERSION, K8S_ASSETS, HIBERNATE_KIND_CACHE override the defaults below.
+#
+#   hack/kind-node-image.sh --prefetch   only what needs no dockerd (kind, crictl, the root filesystem's
+#                                        tarball), into the same cache; prints nothing (hack/prebuild-e2e.sh)
 set -euo pipefail
+PREFETCH=; [ "${1:-}" = --prefetch ] && PREFETCH=1
 KIND_VERSION=${KIND_VERSION:-v0.33.0}
 CRICTL_VERSION=${CRICTL_VERSION:-v1.34.0}
 CACHE=${HIBERNATE_KIND_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hibernate-kind}
@@ -50,6 +54,28 @@ fi
 KIND_SRC=$(go env GOMODCACHE)/sigs.k8s.io/kind@$KIND_VERSION
 [ -d "$KIND_SRC/images/base/files" ] || GOFLAGS=-mod=mod go mod download "sigs.k8s.io/kind@$KIND_VERSION" >&2
 [ -d "$KIND_SRC/images/base/files" ] || die "no $KIND_SRC/images/base/files after go mod download"
+
+# --- the root filesystem: debootstrap (kind's base packages + containerd, runc, CNI plugins) ---
+PKGS=systemd,dbus,conntrack,iptables,nftables,iproute2,ethtool,util-linux,mount,kmod,libseccomp2,pigz,bash
+PKGS=$PKGS,ca-certificates,curl,jq,procps,e2fsprogs,containerd,runc,containernetworking-plugins
+ROOTFS_TAR=$CACHE/rootfs-bookworm-$(echo "$PKGS" | sha256sum | cut -c1-12).tar
+rootfs_tar() {  # debootstrap into a directory of its own, the tarball renamed into place: a second
+  # builder at the same time (a prefetch still running) wastes work but breaks nothing
+  [ -f "$ROOTFS_TAR" ] && return
+  local dir; dir=$(mktemp -d "${TMPDIR:-/var/tmp}/hibernate-kind-rootfs.XXXXXX")
+  command -v debootstrap >/dev/null || { log "apt-get install debootstrap"; apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >/dev/null; }
+  MIRROR=$(apt-get indextargets --no-release-info --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
+           awk '$2 == "bookworm" { print $1; exit }')
+  [ -n "$MIRROR" ] || die "no apt source for bookworm in the system's apt config"
+  log "debootstrap bookworm minbase + $PKGS ($MIRROR)"
+  debootstrap --variant=minbase --include="$PKGS" bookworm "$dir/rootfs" "$MIRROR" >"$dir/debootstrap.log" 2>&1 ||
+    { tail -20 "$dir/debootstrap.log" >&2; rm -rf "$dir"; die "debootstrap failed"; }
+  rm -rf "$dir"/rootfs/var/cache/apt/archives/*.deb "$dir"/rootfs/var/lib/apt/lists/*
+  tar -C "$dir/rootfs" -cf "$dir/rootfs.tar" . && mv "$dir/rootfs.tar" "$ROOTFS_TAR"
+  rm -rf "$dir"
+}
+if [ -n "$PREFETCH" ]; then rootfs_tar; log "prefetched: kind, crictl, $ROOTFS_TAR"; exit 0; fi
 
 # --- Kubernetes binaries ---
 BINS=(kubelet kubeadm kubectl kube-apiserver kube-controller-manager kube-scheduler etcd)
@@ -82,23 +108,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --- the root filesystem: debootstrap (kind's base packages + containerd, runc, CNI plugins) ---
-PKGS=systemd,dbus,conntrack,iptables,nftables,iproute2,ethtool,util-linux,mount,kmod,libseccomp2,pigz,bash
-PKGS=$PKGS,ca-certificates,curl,jq,procps,e2fsprogs,containerd,runc,containernetworking-plugins
-ROOTFS_TAR=$CACHE/rootfs-bookworm-$(echo "$PKGS" | sha256sum | cut -c1-12).tar
-if [ ! -f "$ROOTFS_TAR" ]; then
-  command -v debootstrap >/dev/null || { log "apt-get install debootstrap"; apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >/dev/null; }
-  MIRROR=$(apt-get indextargets --no-release-info --format '$(REPO_URI) $(RELEASE)' 2>/dev/null |
-           awk '$2 == "bookworm" { print $1; exit }')
-  [ -n "$MIRROR" ] || die "no apt source for bookworm in the system's apt config"
-  log "debootstrap bookworm minbase + $PKGS ($MIRROR)"
-  debootstrap --variant=minbase --include="$PKGS" bookworm "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 ||
-    { tail -20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
-  rm -rf "$WORK"/rootfs/var/cache/apt/archives/*.deb "$WORK"/rootfs/var/lib/apt/lists/*
-  tar -C "$WORK/rootfs" -cf "$ROOTFS_TAR.new" . && mv "$ROOTFS_TAR.new" "$ROOTFS_TAR"
-  rm -rf "$WORK/rootfs"
-fi
+rootfs_tar
 ROOTFS_IMAGE=local/kind-rootfs:bookworm-$(basename "$ROOTFS_TAR" .tar | sed 's/.*-//')
 if ! have "$ROOTFS_IMAGE"; then
   log "docker import $ROOTFS_TAR -> $ROOTFS_IMAGE"
