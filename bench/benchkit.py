@@ -59,14 +59,6 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def reap(pid: int, timeout: float = 10.0) -> None:
     """Collect `pid` if it is our (possibly adopted) child and has ended."""
     deadline = time.monotonic() + timeout

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from benchkit import OPERATOR, PROMPT, ROOT, Skip, alive, free_port, http, reap
+from benchkit import OPERATOR, PROMPT, ROOT, Skip, free_port, http, reap
 from hibernate.agent import cuda
+from hibernate.agent.criu.nsexec import alive
 from wake_report import say
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from benchkit import Skip, alive, http
+from benchkit import Skip, http
 from engine_proc import EngineProc, PodEngineProc
 from hibernate.agent import criu, cuda
+from hibernate.agent.criu.nsexec import alive
 from hibernate.api import constants as c
 from wake_report import say
 
