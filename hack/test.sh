@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # hack/test.sh: install what is missing, then the checks CI runs: generated files up to date, ruff,
 # mypy, and the whole test suite against a real control plane. Extra arguments go to pytest.
-# pytest runs on PYTEST_WORKERS pytest-xdist workers (default 2, `--dist worksteal`), each with its
+# pytest runs on PYTEST_WORKERS pytest-xdist workers (default 3, `--dist worksteal`), each with its
 # own control plane (tests/conftest.py); PYTEST_WORKERS=0 runs it serially in one process, as for
-# debugging (-x, --pdb, -s, one operator log at a time). Two workers take 61-70 % of the serial time on
-# the 2-core CI machine (docs/e2e.md, "CI times").
+# debugging (-x, --pdb, -s, one operator log at a time). Most tests wait (on the API server, engines,
+# `eventually`), so three workers beat two even on the 2-core CI machine: 599 s against 758 s on
+# 2026-12-06 (docs/e2e.md, "CI times"); the 30 slowest tests are listed at the end.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -14,7 +15,7 @@ echo "== generated CRD is up to date" && $V/hibernate crds --check -o crds/model
 $V/hibernate crds --check --resource gpugroups -o crds/gpugroups.hibernate.dev.yaml
 echo "== ruff" && $V/ruff check operator tests bench && $V/ruff format --check operator tests bench
 echo "== mypy" && $V/mypy
-WORKERS=${PYTEST_WORKERS:-2}
+WORKERS=${PYTEST_WORKERS:-3}
 XDIST=()
 [ "$WORKERS" = 0 ] || XDIST=(-n "$WORKERS" --dist worksteal)
 # In CI, what the walks would build on a fresh machine is built beside pytest on the core it leaves
@@ -27,7 +28,7 @@ if [ "${CI:-}" = true ]; then
 fi
 echo "== pytest${XDIST[*]:+ ${XDIST[*]}}"
 set +e
-$V/pytest "${XDIST[@]}" "$@"
+$V/pytest "${XDIST[@]}" --durations=30 "$@"
 rc=$?
 set -e
 if [ -n "$PREBUILD" ]; then

@@ -19,9 +19,9 @@ from tests.cluster import (
     stop_cluster,
 )
 
-# pytest-xdist (hack/test.sh runs two workers, each with its own control plane): each worker picks
+# pytest-xdist (hack/test.sh runs three workers, each with its own control plane): each worker picks
 # loopback ports from a range of its own (tests/ports.py), its control plane's included, so that no
-# port one worker picked is taken by the other before it is bound.
+# port one worker picked is taken by another before it is bound.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ[ports.ENV] = ports.worker_range(
         os.environ["PYTEST_XDIST_WORKER"], int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
