@@ -143,6 +143,19 @@ def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     )
 
 
+# What a call to the API server raises when the server answers an error, or when it cannot be reached
+# at all (restarting, the connection refused or reset, a timeout).
+API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
+
+
+def brief(e: BaseException) -> str:
+    """An API error in one line: its status and reason, not the response's headers and body."""
+    if isinstance(e, ApiException):
+        return f"HTTP {e.status} {e.reason}"
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def post_event(md: dict[str, Any], kind: str, reason: str, message: str) -> None:
     """An Event on a ModelDeployment, from outside a kopf handler (kopf.event needs the handler's
     context). Never fails the caller: an Event is for humans."""
@@ -168,10 +181,9 @@ def post_event(md: dict[str, Any], kind: str, reason: str, message: str) -> None
     }
     try:
         core().create_namespaced_event(meta["namespace"], kubernetes.client.CoreV1Event.model_validate(body))
-    except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:  # the API server away, too
-        why = e.reason if isinstance(e, ApiException) else type(e).__name__
+    except API_ERRORS as e:
         logging.getLogger(__name__).warning(
-            "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], why
+            "could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], brief(e)
         )
 
 

@@ -27,9 +27,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import urllib3
-from kubernetes.client.exceptions import ApiException
-
 from hibernate.api import auto_level
 from hibernate.api import constants as c
 from hibernate.api.levels import InvalidSleepLevel, SleepLevel
@@ -398,10 +395,11 @@ def _take(
     while not cancel.is_set():
         try:
             current = kube.read_pod(namespace, name)
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+        except kube.API_ERRORS as e:
+            why = kube.brief(e)
             if unread is None:  # once, not every poll; the agent's answer waits on the pod
-                log.warning("%s/%s: pod %s could not be read (%s); the wait goes on", *key, name, _brief(e))
-            unread = _brief(e)
+                log.warning("%s/%s: pod %s could not be read (%s); the wait goes on", *key, name, why)
+            unread = why
         else:
             unread = None
             if current is None or (current.get("metadata") or {}).get("deletionTimestamp"):
@@ -429,13 +427,6 @@ def _take(
             )
         cancel.wait(POLL_SECONDS)
     return None
-
-
-def _brief(e: Exception) -> str:
-    """An API error in one line: its status and reason, not the response's headers and body."""
-    if isinstance(e, ApiException):
-        return f"HTTP {e.status} {e.reason}"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _outcome(
