@@ -12,9 +12,12 @@ again while copying it back. This script measures the pieces, for SIZE GiB of ho
   hugetlbfs pages of 2 MiB or 1 GiB (`hugetlb-2m`, `hugetlb-1g`: fewer pages to pin, if the kernel's
   pool can give them; the script grows the pool for the run and puts it back after);
 - `pipelined`: pieces registered on N threads, each copied as soon as it is pinned (the engine's wake);
-- `ring`: the buffer left pageable, N threads each copy through two pinned 64 MiB buffers of their own.
+- `ring`: the buffer left pageable, N threads each copy through two pinned 64 MiB buffers of their own;
+- `both ends`: one thread pins pieces from the front and copies each as it is pinned (`pipelined`, one
+  thread), while N ring threads copy pieces from the back, until they meet (`--ring-threads` of the
+  reference engine).
 
-    python3 bench/pinning.py [--size-gib 16] [--threads 1 2 4 8 16] [--pages thp 4k hugetlb-2m hugetlb-1g]
+    python3 bench/pinning.py [--size-gib 16] [--threads 1 2 4 8 16] [--ring-threads 1 2 4] [--pages thp 4k hugetlb-2m hugetlb-1g]
                              [--results RESULTS.md --section S]
 
 It needs torch and a GPU; the table goes to stdout, and with --results into that markdown file.
@@ -29,6 +32,7 @@ import mmap
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -67,14 +71,20 @@ class HostBuffer:
         self.tensor.fill_(7)
         self.ptr = self.tensor.data_ptr()
         self.pieces = [(off, min(PIECE, nbytes - off)) for off in range(0, nbytes, PIECE)]
+        self.registered: set[int] = set()  # offsets of the pieces pinned now
 
     def register(self, piece: tuple[int, int]) -> None:
         rc = torch.cuda.cudart().cudaHostRegister(self.ptr + piece[0], piece[1], 0)
         if int(rc) != 0:
             raise RuntimeError(f"cudaHostRegister failed: {rc}")
+        self.registered.add(piece[0])
 
     def unregister(self, piece: tuple[int, int]) -> None:
         torch.cuda.cudart().cudaHostUnregister(self.ptr + piece[0])
+        self.registered.discard(piece[0])
+
+    def unregister_all(self) -> None:
+        on_threads(8, self.unregister, [p for p in self.pieces if p[0] in self.registered])
 
     def view(self, piece: tuple[int, int]) -> torch.Tensor:
         return self.tensor[piece[0] : piece[0] + piece[1]]
@@ -108,28 +118,74 @@ def pipelined(buf: HostBuffer, device: torch.Tensor, streams: list[torch.cuda.St
                 device[piece[0] : piece[0] + piece[1]].copy_(buf.view(piece), non_blocking=True)
 
 
-def ring(buf: HostBuffer, device: torch.Tensor, threads: int) -> None:
-    nbytes = buf.tensor.numel()
-    chunks = [(off, min(RING, nbytes - off)) for off in range(0, nbytes, RING)]
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        try:
-            stream = torch.cuda.Stream()
-            pair = [torch.empty(RING, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            done = [torch.cuda.Event(), torch.cuda.Event()]
-            for n, (off, length) in enumerate(chunks[index::threads]):
-                slot = n % 2
+def ring_copy(
+    buf: HostBuffer,
+    device: torch.Tensor,
+    take: Callable[[], tuple[int, int] | None],
+    errors: list[BaseException],
+) -> None:
+    """One ring thread: copy each piece `take` gives through two pinned 64 MiB buffers, until None."""
+    try:
+        stream = torch.cuda.Stream()
+        pair = [torch.empty(RING, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        done = [torch.cuda.Event(), torch.cuda.Event()]
+        slot = 0
+        while (piece := take()) is not None:
+            for off in range(piece[0], piece[0] + piece[1], RING):
+                length = min(RING, piece[0] + piece[1] - off)
                 done[slot].synchronize()
                 pair[slot][:length].copy_(buf.tensor[off : off + length])
                 with torch.cuda.stream(stream):
                     device[off : off + length].copy_(pair[slot][:length], non_blocking=True)
                     done[slot].record(stream)
-            stream.synchronize()
-        except BaseException as exc:  # reported by the caller
-            errors.append(exc)
+                slot ^= 1
+        stream.synchronize()
+    except BaseException as exc:  # reported by the caller
+        errors.append(exc)
 
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+
+def both_ends(
+    buf: HostBuffer, device: torch.Tensor, streams: list[torch.cuda.Stream], ring_threads: int
+) -> None:
+    """`ring_threads` threads copy through rings from the back while this one pins from the front."""
+    pending = deque(buf.pieces)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def take(front: bool) -> tuple[int, int] | None:
+        with lock:
+            return (pending.popleft() if front else pending.pop()) if pending else None
+
+    workers = [
+        threading.Thread(target=ring_copy, args=(buf, device, lambda: take(False), errors))
+        for _ in range(ring_threads)
+    ]
+    for w in workers:
+        w.start()
+    turn = 0
+    while (piece := take(True)) is not None:
+        buf.register(piece)
+        with torch.cuda.stream(streams[turn % len(streams)]):
+            device[piece[0] : piece[0] + piece[1]].copy_(buf.view(piece), non_blocking=True)
+        turn += 1
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+
+
+def ring(buf: HostBuffer, device: torch.Tensor, threads: int) -> None:
+    """`threads` ring threads, each given every `threads`-th 64 MiB piece."""
+    nbytes = buf.tensor.numel()
+    errors: list[BaseException] = []
+    shares = [
+        deque((off, min(RING, nbytes - off)) for off in range(n * RING, nbytes, threads * RING))
+        for n in range(threads)
+    ]
+    workers = [
+        threading.Thread(target=ring_copy, args=(buf, device, lambda q=q: q.popleft() if q else None, errors))
+        for q in shares
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -148,7 +204,7 @@ def registered(buf: HostBuffer, threads: int) -> Iterator[None]:
 
 
 def measure_buffer(
-    buf: HostBuffer, device: torch.Tensor, thread_counts: list[int], pages: str
+    buf: HostBuffer, device: torch.Tensor, thread_counts: list[int], ring_threads: list[int], pages: str
 ) -> list[tuple[str, str, float]]:
     streams = [torch.cuda.Stream() for _ in range(4)]
     rows: list[tuple[str, str, float]] = []
@@ -165,11 +221,18 @@ def measure_buffer(
     for n in thread_counts:
         seconds = timed(lambda n=n: pipelined(buf, device, streams, n))
         rows.append((f"pipelined register+h2d, {n} threads", pages, seconds))
-        on_threads(8, buf.unregister, buf.pieces)
+        buf.unregister_all()
     for n in thread_counts:
         rows.append(
             (f"ring 2x64 MiB per thread, {n} threads", pages, timed(lambda n=n: ring(buf, device, n)))
         )
+    for n in ring_threads:
+        seconds = timed(lambda n=n: both_ends(buf, device, streams, n))
+        pinned = len(buf.registered) * PIECE / GIB
+        rows.append(
+            (f"both ends: pipelined 1 thread + {n} ring threads ({pinned:.1f} GiB pinned)", pages, seconds)
+        )
+        buf.unregister_all()
     return rows
 
 
@@ -197,7 +260,9 @@ def hugetlb_pool(pages: str, nbytes: int) -> Iterator[str]:
             knob.write_text(str(before))
 
 
-def measure(size_gib: float, thread_counts: list[int], kinds: list[str]) -> list[tuple[str, str, float]]:
+def measure(
+    size_gib: float, thread_counts: list[int], ring_threads: list[int], kinds: list[str]
+) -> list[tuple[str, str, float]]:
     nbytes = int(size_gib * GIB) // PIECE * PIECE
     device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     rows: list[tuple[str, str, float]] = []
@@ -207,7 +272,7 @@ def measure(size_gib: float, thread_counts: list[int], kinds: list[str]) -> list
                 print(f"{pages}: skipped, {missing}", file=sys.stderr)
                 continue
             buf = HostBuffer(nbytes, pages)
-            rows += measure_buffer(buf, device, thread_counts, pages)
+            rows += measure_buffer(buf, device, thread_counts, ring_threads, pages)
             del buf
             gc.collect()  # unmapped before the pool shrinks back
     return rows
@@ -229,11 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=16.0)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--ring-threads", type=int, nargs="*", default=[1, 2, 4], help="the both-ends rows")
     p.add_argument("--pages", nargs="+", choices=PAGE_KINDS, default=list(PAGE_KINDS))
     p.add_argument("--results", default="")
     p.add_argument("--section", default="gpu-pinning")
     args = p.parse_args(argv)
-    rows = measure(args.size_gib, args.threads, args.pages)
+    rows = measure(args.size_gib, args.threads, args.ring_threads, args.pages)
     text = table(rows, args.size_gib)
     print(text)
     if args.results:

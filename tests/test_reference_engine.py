@@ -486,6 +486,51 @@ def test_gpu_a_cuda_suspend_hint_unpins_the_host_copy_and_the_wake_pins_it_again
 
 
 @pytest.mark.gpu
+def test_gpu_ring_threads_copy_both_ways_from_both_ends_and_a_plain_sleep_pins_again(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With `--ring-threads`, the wake after a cuda-suspend sleep copies slabs back from both ends
+    at once: the ring threads' slabs come back through small pinned buffers and stay unpinned. The
+    next cuda-suspend sleep copies into those slabs through the rings too, unpinned; a plain level-1
+    sleep pins every slab again first. The weights are the same bytes after every wake."""
+    reason = _gpu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    engine = Engine(
+        tmp_path_factory.mktemp("reference-gpu-ring"),
+        "cuda:0",
+        2.0,
+        0.5,
+        "--host-alloc",
+        "register",
+        "--pinned-prealloc",
+        "--ring-threads",
+        "2",
+    )
+
+    def slabs_pinned() -> int:
+        return int(engine.memory()["pinned_slab_bytes"])
+
+    try:
+        before, checksum = engine.complete(), engine.checksum()
+        host_copy = engine.memory()["host_copy_bytes"]
+        for _ in range(2):  # the second sleep starts from slabs the rings left unpinned
+            engine.call("POST", "/sleep?level=1&hibernate=cuda-suspend")
+            assert slabs_pinned() == 0, "the host copy is unpinned for the CUDA suspend"
+            engine.call("POST", "/wake_up")
+            assert engine.complete() == before
+            assert engine.checksum() == checksum
+            assert 0 < slabs_pinned() < host_copy, "copied back from both ends"
+        engine.call("POST", "/sleep?level=1")
+        assert slabs_pinned() == host_copy, "a plain level-1 sleep pins every slab again"
+        engine.call("POST", "/wake_up")
+        assert engine.complete() == before
+        assert engine.checksum() == checksum
+    finally:
+        engine.stop()
+
+
+@pytest.mark.gpu
 def test_gpu_level2_reload_same_tokens(gpu_engine: Engine) -> None:
     before, checksum = gpu_engine.complete(), gpu_engine.checksum()
     gpu_engine.call("POST", "/sleep?level=2")

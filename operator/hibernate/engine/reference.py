@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="--host-alloc register: threads that pin (and, before a CUDA suspend, unpin) the host slabs; "
         "the driver serializes cudaHostRegister, so more threads only contend (bench/RESULTS.md)",
     )
+    p.add_argument(
+        "--ring-threads",
+        type=int,
+        default=2,
+        help="--host-alloc register: after a CUDA suspend, threads that copy unpinned slabs back through "
+        "small pinned buffers of their own, from the other end while the register threads pin (0: none; "
+        "2 was fastest on an H100: bench/RESULTS.md, issue 17)",
+    )
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=int, default=None, help="override the hidden size")
@@ -441,6 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pinned_prealloc=args.pinned_prealloc,
         host_alloc=args.host_alloc,
         pin_threads=args.register_threads,
+        ring_threads=args.ring_threads,
     )
     engine = Engine(
         cfg,

@@ -168,9 +168,10 @@ class Engine:
             started = time.monotonic()
             self._params = None
             if level == 1:
-                self.store.offload()
+                suspend_next = prepare == PREPARE_CUDA_SUSPEND and self.options.follow_hints
+                self.store.offload(pin=not suspend_next)  # unpinned slabs stay so: see WeightStore.offload
                 self.timings.record("offload", started)
-                if prepare == PREPARE_CUDA_SUSPEND and self.options.follow_hints:
+                if suspend_next:
                     # The driver's checkpoint follows: pinned host memory would be re-registered by
                     # its restore (~0.7 s for 16 GiB); unpinned here, it is pinned again slab by
                     # slab while the wake copies it back.
@@ -291,6 +292,7 @@ class Engine:
             "weights_bytes": weights,
             "kv_bytes": kv,
             "pinned_bytes": self.store.pinned_bytes(),
+            "pinned_slab_bytes": self.store.pinned_slab_bytes(),
             "host_copy_bytes": self.store.host_copy_bytes(),
             "host_copy_valid": self.store.host_valid,
             "rss_bytes": rss_bytes(),

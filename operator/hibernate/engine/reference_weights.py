@@ -27,6 +27,7 @@ import mmap
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ log = logging.getLogger("hibernate.engine.reference")
 INDEX: Final = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES: Final = 2 * 2**30
 MAX_SLAB: Final = 256 * MIB
+RING_BYTES: Final = 64 * MIB  # each of a ring thread's two pinned buffers (bench/pinning.py)
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,48 @@ class RegisteredHost:
             self.map.close()  # else freed with the last view
 
 
+class _Ring:
+    """Two pinned buffers of RING_BYTES and a stream: copies between pageable host memory and the
+    device, the CPU copy of one piece overlapping the DMA of the other."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call,unused-ignore]
+        self.stream.wait_stream(torch.cuda.default_stream(device))
+        self.pair = [torch.empty(RING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.done = [torch.cuda.Event(), torch.cuda.Event()]
+        self.turn = 0
+        self.unread: tuple[int, torch.Tensor] | None = None  # to the host: a buffer filled, not yet read
+
+    def copy(self, host: torch.Tensor, device: torch.Tensor, to_host: bool) -> None:
+        for start in range(0, host.numel(), RING_BYTES):
+            length = min(RING_BYTES, host.numel() - start)
+            buffer = self.pair[self.turn][:length]
+            if to_host:
+                with torch.cuda.stream(self.stream):
+                    buffer.copy_(device[start : start + length], non_blocking=True)
+                    self.done[self.turn].record(self.stream)
+                self._read_back()
+                self.unread = (self.turn, host[start : start + length])
+            else:
+                self.done[self.turn].synchronize()  # its last DMA out of this buffer is done
+                buffer.copy_(host[start : start + length])
+                with torch.cuda.stream(self.stream):
+                    device[start : start + length].copy_(buffer, non_blocking=True)
+                    self.done[self.turn].record(self.stream)
+            self.turn ^= 1
+
+    def _read_back(self) -> None:
+        if self.unread is not None:
+            turn, host = self.unread
+            self.done[turn].synchronize()
+            host.copy_(self.pair[turn][: host.numel()])
+            self.unread = None
+
+    def finish(self) -> None:
+        self._read_back()
+        self.stream.synchronize()
+
+
 class WeightStore:
     def __init__(
         self,
@@ -205,6 +249,7 @@ class WeightStore:
         pinned_prealloc: bool = False,
         host_alloc: str = "torch",
         pin_threads: int = 1,
+        ring_threads: int = 0,
     ) -> None:
         if host_alloc not in ("torch", "register"):
             raise ValueError(f"host_alloc must be torch or register, not {host_alloc!r}")
@@ -220,6 +265,7 @@ class WeightStore:
         self.pinned_prealloc = pinned_prealloc
         self.host_alloc = host_alloc
         self.pin_threads = max(1, pin_threads)
+        self.ring_threads = max(0, ring_threads)
         self._registered: list[RegisteredHost] = []
         self.buffers: list[torch.Tensor] | None = None
         self.slab_bytes = min(MAX_SLAB, 1 << max(0, (self.total_bytes - 1).bit_length()))
@@ -262,6 +308,14 @@ class WeightStore:
         else:
             slabs = len(self.slabs) * self.slab_bytes if self.slabs is not None else 0
         return slabs + sum(len(pair) * self.staging_bytes for pair in self._staging.values())
+
+    def pinned_slab_bytes(self) -> int:
+        """Bytes of the level-1 host slabs that are pinned now (the readers' staging not counted)."""
+        if not self.cuda or self.slabs is None:
+            return 0
+        if self._registered:
+            return sum(r.nbytes for r in self._registered if r.pinned)
+        return len(self.slabs) * self.slab_bytes
 
     def host_copy_bytes(self) -> int:
         """Bytes of host slabs (pinned on CUDA) that hold or can hold an offloaded copy."""
@@ -477,12 +531,19 @@ class WeightStore:
         if had:
             self._free_slabs()
 
-    def offload(self) -> None:
-        """Copy the buffers into the host slabs, then free the buffers."""
+    def offload(self, pin: bool = True) -> None:
+        """Copy the buffers into the host slabs, then free the buffers. Slabs a copy back left
+        unpinned are pinned first, unless `pin` is False and ring threads are set: then they are
+        copied through the rings unpinned (before a CUDA suspend, which wants them unpinned anyway)."""
         buffers = self._require()
         self.allocate_slabs()
         assert self.slabs is not None
-        self._copy(buffers, self.slabs, to_host=True)
+        unpinned = [i for i, r in enumerate(self._registered) if not r.pinned]
+        if unpinned and not pin and self.ring_threads:
+            self._copy_from_both_ends(buffers, self.slabs, unpinned, to_host=True)
+        else:
+            self._pin_slabs()
+            self._copy(buffers, self.slabs, to_host=True)
         self.buffers = None
         self.host_valid = True
 
@@ -497,21 +558,103 @@ class WeightStore:
 
     def restore(self) -> None:
         """Copy the host slabs back into new buffers; without prealloc the slabs are freed. Unpinned
-        slabs are pinned again on `pin_threads` threads, each slab's copy issued as soon as it is."""
+        slabs are pinned again on `pin_threads` threads, each slab's copy issued as soon as it is;
+        with `ring_threads`, those threads copy slabs from the other end at the same time, unpinned
+        (`_copy_from_both_ends`)."""
         if self.slabs is None or not self.host_valid:
             raise RuntimeError("no host copy of the weights to restore")
         self.allocate()
         buffers = self._require()
-        unpinned = [r for r in self._registered if not r.pinned]
-        if unpinned:
+        unpinned = [i for i, r in enumerate(self._registered) if not r.pinned]
+        if unpinned and self.ring_threads:
+            self._copy_from_both_ends(buffers, self.slabs, unpinned, to_host=False)
+        elif unpinned:
             with ThreadPoolExecutor(max_workers=self.pin_threads, thread_name_prefix="pin") as pool:
-                ready = {i: pool.submit(r.pin) for i, r in enumerate(self._registered) if not r.pinned}
+                ready = {i: pool.submit(self._registered[i].pin) for i in unpinned}
                 self._copy(buffers, self.slabs, to_host=False, ready=ready)
         else:
             self._copy(buffers, self.slabs, to_host=False)
         self.host_valid = False
         if not self.pinned_prealloc:
             self._free_slabs()
+
+    def _copy_from_both_ends(
+        self,
+        buffers: Sequence[torch.Tensor],
+        slabs: Sequence[torch.Tensor],
+        unpinned: Sequence[int],
+        to_host: bool,
+    ) -> None:
+        """Copy the slabs two ways at once, meeting in the middle. `ring_threads` threads take
+        unpinned slabs from the back and copy them through two small pinned buffers of their own:
+        CPU copies, but no pinning. Meanwhile this thread queues the pinned slabs' copies, then takes
+        unpinned slabs from the front: back to the device it pins each and queues its copy (the
+        driver serializes pinning, so one thread pins as fast as many); to the host, where the slabs
+        are about to be unpinned for a CUDA suspend, it copies through a ring as well. The slabs the
+        rings copied stay unpinned; a later `offload()` with `pin` pins them."""
+        by_slab: dict[int, list[_Segment]] = {}
+        for seg in self._segments():
+            by_slab.setdefault(seg.slab, []).append(seg)
+        pinned = [seg for i, r in enumerate(self._registered) if r.pinned for seg in by_slab.get(i, [])]
+        pending = deque(unpinned)
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def take(front: bool) -> int | None:
+            with lock:
+                if not pending or errors:
+                    return None
+                return pending.popleft() if front else pending.pop()
+
+        def through_ring(front: bool) -> None:
+            try:
+                torch.cuda.set_device(self.device)  # a new thread's current device is the first
+                slab = take(front)  # claimed first: allocating the ring takes longer than a pin
+                ring = _Ring(self.device)
+                while slab is not None:
+                    for seg in by_slab.get(slab, []):
+                        ring.copy(
+                            slabs[seg.slab][seg.slab_offset : seg.slab_offset + seg.length],
+                            buffers[seg.shard][seg.buffer_offset : seg.buffer_offset + seg.length],
+                            to_host,
+                        )
+                    slab = take(front)
+                ring.finish()
+            except BaseException as exc:  # raised on the calling thread below
+                with lock:
+                    errors.append(exc)
+
+        workers = [
+            threading.Thread(target=through_ring, args=(False,), name=f"ring-{n}", daemon=True)
+            for n in range(self.ring_threads)
+        ]
+        for worker in workers:
+            worker.start()
+        streams = self._streams_after_default()
+        try:
+            turn = self._issue(buffers, slabs, pinned, to_host)
+            if to_host:
+                through_ring(front=True)
+            while (slab := take(front=True)) is not None:
+                self._registered[slab].pin()
+                turn = self._issue(buffers, slabs, by_slab.get(slab, []), to_host, turn)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+        finally:
+            for worker in workers:
+                worker.join()
+            for stream in streams:
+                stream.synchronize()
+        if errors:
+            raise errors[0]
+
+    def _pin_slabs(self) -> None:
+        """Pin the registered slabs a copy back left unpinned, before the next offload copies into them."""
+        unpinned = [r for r in self._registered if not r.pinned]
+        if unpinned:
+            with ThreadPoolExecutor(max_workers=self.pin_threads, thread_name_prefix="pin") as pool:
+                list(pool.map(RegisteredHost.pin, unpinned))
 
     def _copy(
         self,
@@ -529,6 +672,17 @@ class WeightStore:
                 host = slabs[seg.slab][seg.slab_offset : seg.slab_offset + seg.length]
                 (host if to_host else device).copy_(device if to_host else host)
             return
+        streams = self._streams_after_default()
+        turn = 0
+        for seg in segments:
+            if ready is not None and seg.slab in ready:
+                ready[seg.slab].result()
+            turn = self._issue(buffers, slabs, [seg], to_host, turn)
+        for stream in streams:
+            stream.synchronize()
+
+    def _streams_after_default(self) -> list[torch.cuda.Stream]:
+        """The copy streams, each made to wait for what the default stream queued so far (the buffers)."""
         if not self._copy_streams:
             self._copy_streams = [
                 torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call,unused-ignore]
@@ -537,16 +691,26 @@ class WeightStore:
         default = torch.cuda.default_stream(self.device)
         for stream in self._copy_streams:
             stream.wait_stream(default)
-        for i, seg in enumerate(segments):
-            if ready is not None and seg.slab in ready:
-                ready[seg.slab].result()
-            stream = self._copy_streams[i % len(self._copy_streams)]
+        return self._copy_streams
+
+    def _issue(
+        self,
+        buffers: Sequence[torch.Tensor],
+        slabs: Sequence[torch.Tensor],
+        segments: Sequence[_Segment],
+        to_host: bool,
+        turn: int = 0,
+    ) -> int:
+        """Queue the copies of `segments` on the copy streams, round robin from `turn`, without
+        waiting for them; returns the turn after the last."""
+        for seg in segments:
+            stream = self._copy_streams[turn % len(self._copy_streams)]
+            turn += 1
             with torch.cuda.stream(stream):
                 device = buffers[seg.shard][seg.buffer_offset : seg.buffer_offset + seg.length]
                 host = slabs[seg.slab][seg.slab_offset : seg.slab_offset + seg.length]
                 (host if to_host else device).copy_(device if to_host else host, non_blocking=True)
-        for stream in self._copy_streams:
-            stream.synchronize()
+        return turn
 
     # --- checks --------------------------------------------------------------------------------
 
