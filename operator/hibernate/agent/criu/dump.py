@@ -14,6 +14,7 @@ a container restarted cold after an abandoned image is reachable.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -24,10 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from hibernate.agent import gpumap
-from hibernate.agent.criu import images, nsexec
+from hibernate.agent.criu import images, nsexec, zeropages
 from hibernate.agent.criu.bundle import Bundle, CriuError, locate, version
 from hibernate.agent.criu.images import DUMP_LOG, GpuInfo, ImageMetadata
 from hibernate.faults import fault_point
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ def dump(
     bundle: Bundle | None = None,
     extra_args: Sequence[str] = (),
     checkpoint_root: Path | None = None,
+    leave_out_zero_pages: bool = True,
 ) -> DumpResult:
     """Checkpoints the process tree rooted at `pid` into `image`; the tree ends.
 
@@ -70,6 +74,9 @@ def dump(
     the container needs no iptables. tcp_close instead: connections are neither dumped nor locked,
     and a restore brings them back closed (a snapshot restored into a pod with another address).
     spec_hash: recorded in the metadata, for a snapshot (snapshot.restore_into checks it).
+    leave_out_zero_pages: once criu is done, the image's pages of zero bytes are left out
+    (zeropages.py: most of what a CUDA checkpoint adds); should that fail, the image stays as
+    criu wrote it, which restores the same.
     """
     started = time.monotonic()
     bundle = bundle or locate()
@@ -135,9 +142,15 @@ def dump(
             raise CriuError(
                 f"criu dump of pid {pid} left an incomplete image{_fate(host_pid)}: {'; '.join(problems)}"
             )
+        left_out = _leave_out_zero_pages(tmp) if leave_out_zero_pages else 0
         images.seal(tmp)
         meta = ImageMetadata(
-            **{**asdict(meta), "image_bytes": images.image_bytes(tmp), "files": images.file_sizes(tmp)}
+            **{
+                **asdict(meta),
+                "image_bytes": images.image_bytes(tmp),
+                "files": images.file_sizes(tmp),
+                "zero_pages_left_out": left_out,
+            }
         )
         meta.write(tmp)
         images.replace_dir(tmp, image)
@@ -149,6 +162,23 @@ def dump(
         raise
     _wait_gone(tree, reaped=pod is not None)
     return DumpResult(image, meta, time.monotonic() - started, image / DUMP_LOG)
+
+
+def _leave_out_zero_pages(image: Path) -> int:
+    """Pages of zero bytes left out of `image`; 0 where that failed (the image is then as criu wrote it)."""
+    try:
+        done = zeropages.leave_out_zero_pages(image)
+    except (zeropages.ImageFormatError, OSError) as e:
+        log.warning("kept the zero pages of %s: %s", image.name, e)
+        return 0
+    log.info(
+        "left %d of %d pages out of %s: %.0f MiB of zero bytes",
+        done.pages_left_out,
+        done.pages_before,
+        image.name,
+        done.bytes_saved / 2**20,
+    )
+    return done.pages_left_out
 
 
 def task_pids(host_pids: Sequence[int]) -> list[int]:

@@ -106,6 +106,8 @@ class ImageMetadata:
     # The GPUs of the pod when it was dumped ({"uuid", "model"}, by PCI bus; agent/gpumap.py): a
     # snapshot restored into a pod given other GPUs has its CUDA state mapped onto them.
     gpus: list[dict[str, Any]] = field(default_factory=list)
+    # Pages of zero bytes left out of the image after the dump (zeropages.py); they restore as zero.
+    zero_pages_left_out: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,318 @@
+"""Leave pages of zero bytes out of a CRIU image, after the dump.
+
+A driver checkpoint copies the CUDA context's device memory into the process before the dump, and
+most of it is zero bytes: 681 of the 688 MiB it added to the reference engine on an H100
+(bench/image_anatomy.py, bench/RESULTS.md). CRIU skips only pages mapped to the kernel's shared
+zero page; pages that were written with zeros it writes like any other. This module rewrites each
+process's page map without them: in a private anonymous mapping a page the image does not list is
+restored as a fresh page, zero bytes, and in a mapping inherited from the parent process CRIU drops
+the parent's copy of a page the child does not list (criu/mem.c, restore_priv_vma_content), so that
+too reads zero. Pages of other mappings (a private file mapping's copied-on-write pages, which would
+otherwise read back from the file) are kept, as are entries that are not plain present pages.
+
+The rewrite never leaves a mixed image to an agent that dies. (Like criu's own files, nothing is
+synced to the disk: an image does not outlive its node's crash anyway.) The kept pages go to a new pages file; the new page map,
+which names that file, replaces the old one by rename; only then is the old pages file removed.
+An agent that dies half-way leaves a consistent image and at most one unused file.
+
+The image format (criu/include/magic.h, images/pagemap.proto, images/mm.proto): an image file is two
+32-bit magics and then entries, each a 32-bit length and a protobuf message; a pages file is raw
+pages in page map order. Only the few varint fields used here are decoded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+IMG_COMMON_MAGIC: Final = 0x54564319
+PAGEMAP_MAGIC: Final = 0x56084025
+MM_MAGIC: Final = 0x57492820
+
+PE_PARENT: Final = 1 << 0  # the pages are in a parent image (incremental dumps; none here)
+PE_LAZY: Final = 1 << 1  # criu marks private anonymous pages so: a lazy restore may fetch them later
+PE_PRESENT: Final = 1 << 2  # the entry's pages are in the pages file
+VMA_ANON_PRIVATE: Final = 1 << 9
+# Anonymous private mappings whose content criu restores by other means than fresh pages.
+VMA_SPECIAL: Final = (1 << 2) | (1 << 3) | (1 << 12) | (1 << 13) | (1 << 15) | (1 << 27) | (1 << 31)
+
+PAGEMAP_FILE: Final = re.compile(r"^pagemap-(\d+)\.img$")
+PAGES_FILE: Final = re.compile(r"^pages-(\d+)\.img$")
+BLOCK_PAGES: Final = 16  # left out only as whole blocks of zero bytes (see _Copier)
+CHUNK_BLOCKS: Final = 256  # read 16 MiB at a time
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
+
+
+class ImageFormatError(ValueError):
+    """The image is not in the format this module knows; it is left as it was."""
+
+
+# -- protobuf, the few varint fields these messages have ----------------------------------------------
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ImageFormatError("a protobuf varint runs past its message")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _fields(message: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each field: an int for varint and fixed fields, bytes for length-delimited."""
+    pos = 0
+    while pos < len(message):
+        key, pos = _varint(message, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(message, pos)
+            yield number, value
+        elif wire == 2:
+            length, pos = _varint(message, pos)
+            yield number, message[pos : pos + length]
+            pos += length
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            yield number, int.from_bytes(message[pos : pos + size], "little")
+            pos += size
+        else:
+            raise ImageFormatError(f"protobuf wire type {wire} is not expected in a CRIU image")
+
+
+# -- image files ------------------------------------------------------------------------------------
+
+
+def read_entries(path: Path, magic: int) -> list[bytes]:
+    data = path.read_bytes()
+    if len(data) < 8 or struct.unpack_from("<II", data) != (IMG_COMMON_MAGIC, magic):
+        raise ImageFormatError(f"{path.name} does not start with the magic of its kind")
+    entries, pos = [], 8
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise ImageFormatError(f"{path.name} ends inside an entry's length")
+        (length,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if pos + length > len(data):
+            raise ImageFormatError(f"{path.name} ends inside an entry")
+        entries.append(data[pos : pos + length])
+        pos += length
+    return entries
+
+
+def image_file(magic: int, entries: list[bytes]) -> bytes:
+    return struct.pack("<II", IMG_COMMON_MAGIC, magic) + b"".join(
+        struct.pack("<I", len(entry)) + entry for entry in entries
+    )
+
+
+@dataclass(frozen=True)
+class PagemapEntry:
+    vaddr: int
+    nr_pages: int
+    flags: int
+
+    @classmethod
+    def decode(cls, message: bytes) -> PagemapEntry:
+        fields = dict(_fields(message))
+        if 1 not in fields:
+            raise ImageFormatError("a pagemap entry without vaddr")
+        # in_parent (3) marks a PE_PARENT entry in images older than the flags field (4).
+        flags = PE_PARENT if fields.get(3) else int(fields.get(4, PE_PRESENT))
+        return cls(int(fields[1]), int(fields.get(5, fields.get(2, 0))), flags)
+
+    def encode(self) -> bytes:
+        # As criu 4 writes them: compat_nr_pages 0, flags and nr_pages set.
+        return b"".join(
+            (
+                b"\x08" + _encode_varint(self.vaddr),
+                b"\x10\x00",
+                b"\x20" + _encode_varint(self.flags),
+                b"\x28" + _encode_varint(self.nr_pages),
+            )
+        )
+
+
+def anonymous_ranges(mm: Path) -> list[tuple[int, int]]:
+    """[start, end) of the private anonymous mappings whose pages restore as fresh ones."""
+    entries = read_entries(mm, MM_MAGIC)
+    if len(entries) != 1:
+        raise ImageFormatError(f"{mm.name} holds {len(entries)} entries, not one")
+    ranges = []
+    for number, value in _fields(entries[0]):
+        if number != 14 or not isinstance(value, bytes):  # repeated vma_entry vmas = 14
+            continue
+        vma = dict(_fields(value))
+        status = int(vma.get(7, 0))
+        if status & VMA_ANON_PRIVATE and not status & VMA_SPECIAL:
+            ranges.append((int(vma[1]), int(vma[2])))
+    return sorted(ranges)
+
+
+# -- the rewrite ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compaction:
+    pages_before: int
+    pages_left_out: int
+    page_size: int
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.pages_left_out * self.page_size
+
+
+def leave_out_zero_pages(image: Path, page_size: int | None = None) -> Compaction:
+    """Rewrite every process's page map and pages in `image` without the pages of zero bytes of its
+    private anonymous mappings. Raises ImageFormatError (or OSError) with the image unchanged, or
+    consistent: each page map names exactly the pages its pages file holds."""
+    page = page_size or os.sysconf("SC_PAGE_SIZE")
+    before = left_out = 0
+    used = {int(m.group(1)) for p in image.iterdir() if (m := PAGES_FILE.match(p.name))}
+    for pagemap in sorted(image.iterdir()):
+        match = PAGEMAP_FILE.match(pagemap.name)
+        if not match:
+            continue
+        fresh = max(used, default=0) + 1
+        used.add(fresh)
+        total, dropped = _rewrite(image, pagemap, image / f"mm-{match.group(1)}.img", fresh, page)
+        before += total
+        left_out += dropped
+    return Compaction(before, left_out, page)
+
+
+def _rewrite(image: Path, pagemap: Path, mm: Path, fresh_id: int, page: int) -> tuple[int, int]:
+    entries = read_entries(pagemap, PAGEMAP_MAGIC)
+    if not entries:
+        raise ImageFormatError(f"{pagemap.name} has no head")
+    pages_id = dict(_fields(entries[0])).get(1)
+    if not isinstance(pages_id, int):
+        raise ImageFormatError(f"{pagemap.name}'s head names no pages file")
+    old_pages = image / f"pages-{pages_id}.img"
+    anonymous = anonymous_ranges(mm)
+    listed = [PagemapEntry.decode(raw) for raw in entries[1:]]
+    total = sum(e.nr_pages for e in listed if e.flags & PE_PRESENT)
+    new_pages = image / f"pages-{fresh_id}.img"
+    try:
+        with open(old_pages, "rb", buffering=0) as src, open(new_pages, "xb", buffering=0) as dst:
+            os.fchmod(dst.fileno(), 0o600)
+            size = os.fstat(src.fileno()).st_size
+            if size != total * page:
+                raise ImageFormatError(
+                    f"{old_pages.name} holds {size} bytes, its page map names {total * page}"
+                )
+            copier = _Copier(src.fileno(), dst.fileno(), page, anonymous)
+            kept = [kept for entry in listed for kept in copier.entry(entry)]
+    except BaseException:
+        with contextlib.suppress(OSError):
+            new_pages.unlink()
+        raise
+    staged = pagemap.with_name(f".{pagemap.name}.new")
+    try:
+        head = b"\x08" + _encode_varint(fresh_id)
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, image_file(PAGEMAP_MAGIC, [head, *(e.encode() for e in kept)]))
+        finally:
+            os.close(fd)
+        os.replace(staged, pagemap)  # from here the image uses the new pages file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        new_pages.unlink()
+        raise
+    old_pages.unlink()
+    return total, copier.dropped
+
+
+class _Copier:
+    """Copies one pages file into another but the zero blocks of anonymous mappings.
+
+    The source is read a chunk at a time into one buffer; each block of BLOCK_PAGES pages is
+    compared with zero bytes by memcmp, and the runs kept are written out of the same buffer.
+    Blocks, not single pages: a loop over every page costs more in Python than the pages it saves
+    (a lone zero page among data is rare; the big zero runs, a CUDA checkpoint's, are blocks)."""
+
+    def __init__(self, src: int, dst: int, page: int, anonymous: list[tuple[int, int]]) -> None:
+        self.src, self.dst, self.page, self.anonymous = src, dst, page, anonymous
+        self.block = BLOCK_PAGES * page
+        self.buffer = bytearray(CHUNK_BLOCKS * self.block)
+        self.view = memoryview(self.buffer)
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+        self.zero = ctypes.create_string_buffer(self.block)
+        self.dropped = 0
+
+    def entry(self, entry: PagemapEntry) -> list[PagemapEntry]:
+        """The entries that list what is kept of `entry` (itself, when nothing is left out)."""
+        if not entry.flags & PE_PRESENT:
+            return [entry]  # no data in the pages file
+        plain = entry.flags & ~PE_LAZY == PE_PRESENT  # in this image, not a parent's
+        kept: list[PagemapEntry] = []
+        run_start = run_pages = 0  # the run of kept pages, in pages from the entry's start
+        for chunk_first in range(0, entry.nr_pages, CHUNK_BLOCKS * BLOCK_PAGES):
+            chunk_pages = min(CHUNK_BLOCKS * BLOCK_PAGES, entry.nr_pages - chunk_first)
+            self._read(chunk_pages * self.page)
+            written = 0  # bytes of this chunk written out (or left out) so far
+            for first in range(chunk_first, chunk_first + chunk_pages, BLOCK_PAGES):
+                count = min(BLOCK_PAGES, chunk_first + chunk_pages - first)
+                at = (first - chunk_first) * self.page
+                vaddr = entry.vaddr + first * self.page
+                if plain and self._zero(at, count) and self._anonymous(vaddr, vaddr + count * self.page):
+                    self._write(written, at)
+                    written = at + count * self.page
+                    self.dropped += count
+                    if run_pages:
+                        kept.append(PagemapEntry(entry.vaddr + run_start * self.page, run_pages, entry.flags))
+                    run_start, run_pages = first + count, 0
+                else:
+                    run_pages += count
+            self._write(written, chunk_pages * self.page)
+        if run_pages:
+            kept.append(PagemapEntry(entry.vaddr + run_start * self.page, run_pages, entry.flags))
+        return kept
+
+    def _read(self, length: int) -> None:
+        done = 0
+        while done < length:
+            got = os.readv(self.src, [self.view[done:length]])
+            if got <= 0:
+                raise ImageFormatError("a pages file ends before its page map does")
+            done += got
+
+    def _write(self, start: int, end: int) -> None:
+        while start < end:
+            start += os.write(self.dst, self.view[start:end])
+
+    def _zero(self, at: int, count: int) -> bool:
+        return int(_memcmp(self.base + at, self.zero, count * self.page)) == 0
+
+    def _anonymous(self, start: int, end: int) -> bool:
+        index = bisect.bisect_right(self.anonymous, (start, 2**64)) - 1
+        return index >= 0 and self.anonymous[index][0] <= start and end <= self.anonymous[index][1]
