@@ -119,6 +119,35 @@ def test_blocks_of_zero_pages_of_anonymous_memory_are_left_out_and_the_rest_kept
     )
 
 
+def test_many_entries_split_over_the_threads_come_out_in_order_with_every_kept_byte(tmp_path: Path) -> None:
+    block = zeropages.BLOCK_PAGES
+    entries, pages, expected_entries, expected = [], [], [], []
+    for n in range(40):  # entries of two blocks: data/data, zero/data, data/zero, zero/zero
+        vaddr = ANON + n * 2 * block * PAGE
+        halves = [[data(n)] * block if (n >> k) % 2 == 0 else [ZERO] * block for k in (0, 1)]
+        entries.append(PagemapEntry(vaddr, 2 * block, PE_PRESENT | PE_LAZY))
+        pages += halves[0] + halves[1]
+        kept = [k for k in (0, 1) if halves[k][0] != ZERO]
+        if kept == [0, 1]:
+            expected_entries.append(PagemapEntry(vaddr, 2 * block, PE_PRESENT | PE_LAZY))
+        elif kept:
+            expected_entries.append(PagemapEntry(vaddr + kept[0] * block * PAGE, block, PE_PRESENT | PE_LAZY))
+        expected += [p for k in kept for p in halves[k]]
+    vmas = field(14, field(1, ANON) + field(2, ANON + 80 * block * PAGE) + field(7, VMA_ANON_PRIVATE))
+    (tmp_path / "mm-1.img").write_bytes(zeropages.image_file(zeropages.MM_MAGIC, [vmas]))
+    (tmp_path / "pagemap-1.img").write_bytes(
+        zeropages.image_file(zeropages.PAGEMAP_MAGIC, [field(1, 1), *(e.encode() for e in entries)])
+    )
+    (tmp_path / "pages-1.img").write_bytes(b"".join(pages))
+
+    done = zeropages.leave_out_zero_pages(tmp_path, page_size=PAGE)
+
+    pages_id, written = page_map(tmp_path)
+    assert written == expected_entries
+    assert (tmp_path / f"pages-{pages_id}.img").read_bytes() == b"".join(expected)
+    assert done.pages_left_out == len(pages) - len(expected)
+
+
 def test_a_pages_file_shorter_than_its_page_map_is_refused_and_the_image_left_as_it_was(
     tmp_path: Path,
 ) -> None:

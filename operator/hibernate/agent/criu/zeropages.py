@@ -29,6 +29,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -47,7 +48,8 @@ VMA_SPECIAL: Final = (1 << 2) | (1 << 3) | (1 << 12) | (1 << 13) | (1 << 15) | (
 PAGEMAP_FILE: Final = re.compile(r"^pagemap-(\d+)\.img$")
 PAGES_FILE: Final = re.compile(r"^pages-(\d+)\.img$")
 BLOCK_PAGES: Final = 16  # left out only as whole blocks of zero bytes (see _Copier)
-CHUNK_BLOCKS: Final = 256  # read 16 MiB at a time
+CHUNK_BLOCKS: Final = 64  # read 4 MiB at a time
+THREADS: Final = 4
 _memcmp = ctypes.CDLL(None).memcmp
 _memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 _memcmp.restype = ctypes.c_int
@@ -228,8 +230,7 @@ def _rewrite(image: Path, pagemap: Path, mm: Path, fresh_id: int, page: int) -> 
                 raise ImageFormatError(
                     f"{old_pages.name} holds {size} bytes, its page map names {total * page}"
                 )
-            copier = _Copier(src.fileno(), dst.fileno(), page, anonymous)
-            kept = [kept for entry in listed for kept in copier.entry(entry)]
+            kept, dropped = _copy_without_zero_blocks(src.fileno(), dst.fileno(), listed, page, anonymous)
     except BaseException:
         with contextlib.suppress(OSError):
             new_pages.unlink()
@@ -249,70 +250,157 @@ def _rewrite(image: Path, pagemap: Path, mm: Path, fresh_id: int, page: int) -> 
         new_pages.unlink()
         raise
     old_pages.unlink()
-    return total, copier.dropped
+    return total, dropped
 
 
-class _Copier:
-    """Copies one pages file into another but the zero blocks of anonymous mappings.
+@dataclass(frozen=True)
+class _Piece:
+    """Pages kept of one entry: where they are in the old pages file, and the entry that lists them."""
 
-    The source is read a chunk at a time into one buffer; each block of BLOCK_PAGES pages is
-    compared with zero bytes by memcmp, and the runs kept are written out of the same buffer.
-    Blocks, not single pages: a loop over every page costs more in Python than the pages it saves
-    (a lone zero page among data is rare; the big zero runs, a CUDA checkpoint's, are blocks)."""
+    source: int  # byte offset in the old pages file
+    entry: PagemapEntry
 
-    def __init__(self, src: int, dst: int, page: int, anonymous: list[tuple[int, int]]) -> None:
-        self.src, self.dst, self.page, self.anonymous = src, dst, page, anonymous
-        self.block = BLOCK_PAGES * page
-        self.buffer = bytearray(CHUNK_BLOCKS * self.block)
-        self.view = memoryview(self.buffer)
-        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
-        self.zero = ctypes.create_string_buffer(self.block)
-        self.dropped = 0
 
-    def entry(self, entry: PagemapEntry) -> list[PagemapEntry]:
-        """The entries that list what is kept of `entry` (itself, when nothing is left out)."""
-        if not entry.flags & PE_PRESENT:
-            return [entry]  # no data in the pages file
+def _copy_without_zero_blocks(
+    src: int, dst: int, listed: list[PagemapEntry], page: int, anonymous: list[tuple[int, int]]
+) -> tuple[list[PagemapEntry], int]:
+    """Copy the pages of `listed` from `src` to `dst` but the zero blocks of anonymous mappings;
+    returns the entries that list what was kept, in order, and how many pages were left out.
+
+    Two passes, each on THREADS threads over contiguous shares of the entries: the first reads the
+    pages and finds the zero blocks (pread and memcmp let go of the GIL), the second copies the kept
+    pieces in the kernel (copy_file_range) to offsets the first pass made known. Blocks, not single
+    pages: a Python loop over every page costs more than the pages it saves (a lone zero page among
+    data is rare; the big zero runs, a CUDA checkpoint's, are blocks)."""
+    offsets, at = [], 0
+    for entry in listed:
+        offsets.append(at)
+        at += entry.nr_pages * page if entry.flags & PE_PRESENT else 0
+    shares = _shares(listed, THREADS)
+    with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="zeropages") as pool:
+        scanned = list(
+            pool.map(
+                lambda share: _scan(src, [(offsets[i], listed[i]) for i in share], page, anonymous), shares
+            )
+        )
+        pieces = [piece for share in scanned for piece in share[0]]
+        dropped = sum(share[1] for share in scanned)
+        copies, written = [], 0
+        for piece in pieces:
+            if piece.entry.flags & PE_PRESENT:
+                copies.append((piece.source, written, piece.entry.nr_pages * page))
+                written += piece.entry.nr_pages * page
+        list(pool.map(lambda share: _copy(src, dst, share), _split(_coalesce(copies), THREADS)))
+    return [piece.entry for piece in pieces], dropped
+
+
+def _shares(listed: list[PagemapEntry], count: int) -> list[range]:
+    """`count` contiguous ranges of entry indices with about as many pages each."""
+    total = sum(e.nr_pages for e in listed) or 1
+    shares: list[range] = []
+    start = pages = 0
+    for i, entry in enumerate(listed):
+        pages += entry.nr_pages
+        if pages * count >= total * (len(shares) + 1) and len(shares) < count - 1:
+            shares.append(range(start, i + 1))
+            start = i + 1
+    shares.append(range(start, len(listed)))
+    return shares
+
+
+def _scan(
+    src: int, share: list[tuple[int, PagemapEntry]], page: int, anonymous: list[tuple[int, int]]
+) -> tuple[list[_Piece], int]:
+    """The pieces of `share`'s entries to keep, and how many pages are left out."""
+    block = BLOCK_PAGES * page
+    buffer = bytearray(CHUNK_BLOCKS * block)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    zero = ctypes.create_string_buffer(block)
+    pieces: list[_Piece] = []
+    dropped = 0
+    for source, entry in share:
         plain = entry.flags & ~PE_LAZY == PE_PRESENT  # in this image, not a parent's
-        kept: list[PagemapEntry] = []
+        if not plain:
+            pieces.append(_Piece(source, entry))  # kept whole; PE_PRESENT or not, as it was
+            continue
         run_start = run_pages = 0  # the run of kept pages, in pages from the entry's start
         for chunk_first in range(0, entry.nr_pages, CHUNK_BLOCKS * BLOCK_PAGES):
             chunk_pages = min(CHUNK_BLOCKS * BLOCK_PAGES, entry.nr_pages - chunk_first)
-            self._read(chunk_pages * self.page)
-            written = 0  # bytes of this chunk written out (or left out) so far
+            _read_at(src, memoryview(buffer)[: chunk_pages * page], source + chunk_first * page)
             for first in range(chunk_first, chunk_first + chunk_pages, BLOCK_PAGES):
                 count = min(BLOCK_PAGES, chunk_first + chunk_pages - first)
-                at = (first - chunk_first) * self.page
-                vaddr = entry.vaddr + first * self.page
-                if plain and self._zero(at, count) and self._anonymous(vaddr, vaddr + count * self.page):
-                    self._write(written, at)
-                    written = at + count * self.page
-                    self.dropped += count
+                vaddr = entry.vaddr + first * page
+                at = base + (first - chunk_first) * page
+                if _memcmp(at, zero, count * page) == 0 and _anonymous(
+                    anonymous, vaddr, vaddr + count * page
+                ):
+                    dropped += count
                     if run_pages:
-                        kept.append(PagemapEntry(entry.vaddr + run_start * self.page, run_pages, entry.flags))
+                        pieces.append(_piece(source, entry, run_start, run_pages, page))
                     run_start, run_pages = first + count, 0
                 else:
                     run_pages += count
-            self._write(written, chunk_pages * self.page)
         if run_pages:
-            kept.append(PagemapEntry(entry.vaddr + run_start * self.page, run_pages, entry.flags))
-        return kept
+            pieces.append(_piece(source, entry, run_start, run_pages, page))
+    return pieces, dropped
 
-    def _read(self, length: int) -> None:
-        done = 0
-        while done < length:
-            got = os.readv(self.src, [self.view[done:length]])
-            if got <= 0:
-                raise ImageFormatError("a pages file ends before its page map does")
-            done += got
 
-    def _write(self, start: int, end: int) -> None:
-        while start < end:
-            start += os.write(self.dst, self.view[start:end])
+def _piece(source: int, entry: PagemapEntry, first: int, count: int, page: int) -> _Piece:
+    return _Piece(source + first * page, PagemapEntry(entry.vaddr + first * page, count, entry.flags))
 
-    def _zero(self, at: int, count: int) -> bool:
-        return int(_memcmp(self.base + at, self.zero, count * self.page)) == 0
 
-    def _anonymous(self, start: int, end: int) -> bool:
-        index = bisect.bisect_right(self.anonymous, (start, 2**64)) - 1
-        return index >= 0 and self.anonymous[index][0] <= start and end <= self.anonymous[index][1]
+def _read_at(fd: int, into: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(into):
+        got = os.preadv(fd, [into[done:]], offset + done)
+        if got <= 0:
+            raise ImageFormatError("a pages file ends before its page map does")
+        done += got
+
+
+def _coalesce(copies: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(source, destination, length) copies, adjacent ones joined."""
+    joined: list[tuple[int, int, int]] = []
+    for source, destination, length in copies:
+        if (
+            joined
+            and joined[-1][0] + joined[-1][2] == source
+            and joined[-1][1] + joined[-1][2] == destination
+        ):
+            joined[-1] = (joined[-1][0], joined[-1][1], joined[-1][2] + length)
+        else:
+            joined.append((source, destination, length))
+    return joined
+
+
+def _split(copies: list[tuple[int, int, int]], count: int) -> list[list[tuple[int, int, int]]]:
+    """`copies` cut into `count` lists of about as many bytes each (a long copy cut in pieces)."""
+    total = sum(c[2] for c in copies)
+    share = max(1, -(-total // count))
+    pieces: list[tuple[int, int, int]] = []
+    for source, destination, length in copies:
+        while length:
+            n = min(length, share)
+            pieces.append((source, destination, n))
+            source, destination, length = source + n, destination + n, length - n
+    lists: list[list[tuple[int, int, int]]] = [[] for _ in range(count)]
+    done = 0
+    for piece in pieces:
+        lists[min(count - 1, done // share)].append(piece)
+        done += piece[2]
+    return lists
+
+
+def _copy(src: int, dst: int, copies: list[tuple[int, int, int]]) -> None:
+    for source, destination, length in copies:
+        while length:
+            n = os.copy_file_range(src, dst, length, source, destination)
+            if n <= 0:
+                raise OSError(f"copy_file_range copied {n} bytes")
+            source, destination, length = source + n, destination + n, length - n
+
+
+def _anonymous(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one of `ranges` (sorted, disjoint)."""
+    index = bisect.bisect_right(ranges, (start, 2**64)) - 1
+    return index >= 0 and ranges[index][0] <= start and end <= ranges[index][1]
