@@ -36,6 +36,10 @@ from tests.pods import annotations, create_engine_pod, ensure_node, reached, sta
 NODE = "fault-test-node"
 ENGINE_WEIGHTS_MIB = 64
 ENGINE_KV_MIB = 16
+# Host memory of zero bytes the engine keeps, as a driver checkpoint leaves a CUDA context's device
+# memory: enough of the image (about 40 %) for the agent to leave its zero pages out, so every dump
+# here also rewrites its page map (hibernate/agent/criu/zeropages.py).
+ENGINE_ZERO_HOST_MIB = 16
 
 
 def need_root_and_criu() -> criu.Bundle:
@@ -222,7 +226,7 @@ def engine_pod(
     cid = uuid.uuid4().hex * 2
     cmd = [sys.executable, "-m", "hibernate.engine.fake", "--model", "fake-model", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--weights-mib", str(ENGINE_WEIGHTS_MIB), "--kv-mib", str(ENGINE_KV_MIB)]
-    cmd += ["--enable-sleep-mode", *engine_args]
+    cmd += ["--zero-host-mib", str(ENGINE_ZERO_HOST_MIB), "--enable-sleep-mode", *engine_args]
     if prelude:
         cmd = ["sh", "-c", f'{prelude}; exec "$@"', "sh", *cmd]
     with SimPod.start(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -47,6 +48,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--enable-sleep-mode", action="store_true")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per generated token")
     parser.add_argument("--load-delay", type=float, default=0.0, help="seconds of 'loading' before serving")
+    parser.add_argument(
+        "--zero-host-mib",
+        type=int,
+        default=0,
+        help="host memory written with zero bytes and kept, as a CUDA driver's checkpoint leaves a context's "
+        "(mostly zero) device memory in the process: its CRIU image has zero pages to leave out",
+    )
     for fault in ("fail-sleep", "hang-sleep", "fail-wake", "hang-wake", "wrong-after-wake", "refuse-hints"):
         parser.add_argument(f"--{fault}", action="store_true", help="fault injection for tests")
     return parser.parse_known_args(argv)
@@ -57,6 +65,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _zero_host_memory(size: int) -> mmap.mmap | None:
+    """`size` bytes of private anonymous memory, every page written (present) with zero bytes."""
+    if size <= 0:
+        return None
+    zeros = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    zeros.write(bytes(size))
+    return zeros
 
 
 def _dev_mode() -> bool:
@@ -89,6 +106,7 @@ async def serve(args: argparse.Namespace) -> None:
         args.weights_file or default_weights_file(args.model, weights_bytes),
     )
     model.load()
+    zeros = _zero_host_memory(args.zero_host_mib * MIB)
     faults = Faults.parse(os.environ.get(FAULTS_ENV, ""))
     faults.update({name: True for name in vars(faults) if getattr(args, name)})
     config = ServerConfig(
@@ -128,6 +146,8 @@ async def serve(args: argparse.Namespace) -> None:
         await runner.cleanup()
     finally:
         model.close()
+        if zeros is not None:
+            zeros.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
