@@ -67,6 +67,7 @@ SLEEP_STEPS = {
         "agent.after-cuda-suspend",
         "agent.criu-dump-running",
         "agent.criu-after-dump",
+        "agent.zero-pages-after-rename",
         "agent.after-dump",
         "agent.before-report",
     ],

@@ -148,6 +148,18 @@ def test_many_entries_split_over_the_threads_come_out_in_order_with_every_kept_b
     assert done.pages_left_out == len(pages) - len(expected)
 
 
+def test_an_image_with_too_few_zero_blocks_is_left_as_criu_wrote_it(tmp_path: Path) -> None:
+    block = zeropages.BLOCK_PAGES
+    pages = [ZERO] * block + [data(i) for i in range(8 * block - 1)]  # one zero block in eight, less 1
+    write_image(tmp_path, pages, [PagemapEntry(ANON, len(pages), PE_PRESENT | PE_LAZY)])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    done = zeropages.leave_out_zero_pages(tmp_path, page_size=PAGE)
+
+    assert (done.pages_before, done.pages_left_out) == (len(pages), 0)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_a_pages_file_shorter_than_its_page_map_is_refused_and_the_image_left_as_it_was(
     tmp_path: Path,
 ) -> None:
@@ -170,26 +182,26 @@ def test_a_file_that_is_no_criu_image_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "pages-1.img").exists() and len(list(tmp_path.glob("pages-*.img"))) == 1
 
 
-# The process tree under test: 256 pages of private anonymous memory (10 random, 190 written with
-# zero bytes, 56 never touched) and a private mapping of a file with one page overwritten with zero
+# The process tree under test: 4096 pages of private anonymous memory (10 random, 3990 written with
+# zero bytes, 96 never touched: more than an eighth of the image, zeropages.MIN_SHARE) and a private mapping of a file with one page overwritten with zero
 # bytes; then a forked child overwrites page 5 with zeros and page 20 with random bytes, so its
 # copy of the mapping differs from its parent's both ways. /check has each process compare every
 # page with what it wrote.
 TREE = r"""
 import http.server, json, mmap, os, sys
 PAGE = mmap.PAGESIZE
-anon = mmap.mmap(-1, 256 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+anon = mmap.mmap(-1, 4096 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 want = {i: os.urandom(PAGE) for i in range(10)}
 for i, page in want.items():
     anon[i * PAGE:(i + 1) * PAGE] = page
-anon[10 * PAGE:200 * PAGE] = bytes(190 * PAGE)
+anon[10 * PAGE:4000 * PAGE] = bytes(3990 * PAGE)
 fd = os.open("/.hibernate/data.bin", os.O_RDONLY)
 backed = mmap.mmap(fd, 4 * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 backed[PAGE:2 * PAGE] = bytes(PAGE)
 file_want = [b"x" * PAGE, bytes(PAGE), b"x" * PAGE, b"x" * PAGE]
 
 def check():
-    bad = [i for i in range(256) if anon[i * PAGE:(i + 1) * PAGE] != want.get(i, bytes(PAGE))]
+    bad = [i for i in range(4096) if anon[i * PAGE:(i + 1) * PAGE] != want.get(i, bytes(PAGE))]
     bad += [f"file {i}" for i in range(4) if backed[i * PAGE:(i + 1) * PAGE] != file_want[i]]
     return {"pid": os.getpid(), "bad": bad}
 
@@ -238,9 +250,9 @@ def test_a_restored_tree_reads_back_every_page_it_wrote_with_the_zero_pages_left
             image, pod.engine_ns_pid(), criu.Pod(pod.init_pid), checkpoint_root=image.parents[2]
         )
 
-        # Whole blocks of the 190 pages each process wrote with zeros (in the child, page 5 is zero
-        # and page 20 is not): at least 10 blocks of 16 in the parent and 9 in the child.
-        assert result.metadata.zero_pages_left_out >= 19 * zeropages.BLOCK_PAGES
+        # Whole blocks of the 3990 pages each process wrote with zeros (in the child, page 5 is zero
+        # and page 20 is not): at least 247 blocks of 16 in the parent and 246 in the child.
+        assert result.metadata.zero_pages_left_out >= (247 + 246) * zeropages.BLOCK_PAGES
         assert criu.check_image(image) == [] and criu.verify_image(image).files == result.metadata.files
         criu.restore(image, criu.Pod(pod.init_pid))
         after = pod.get_json("/check")
