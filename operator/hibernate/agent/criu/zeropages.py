@@ -10,11 +10,12 @@ the parent's copy of a page the child does not list (criu/mem.c, restore_priv_vm
 too reads zero. Pages of other mappings (a private file mapping's copied-on-write pages, which would
 otherwise read back from the file) are kept, as are entries that are not plain present pages.
 
-The rewrite never leaves a mixed image to an agent that dies. (Like criu's own files, nothing is
-synced to the disk: an image does not outlive its node's crash anyway.) The kept pages go to a new pages file; the new page map,
-which names that file, replaces the old one by rename; only then is the old pages file removed.
-An agent that dies half-way leaves a consistent image and at most one unused file
-(tests/test_faults.py kills the agent right after the rename and wakes the engine from that image).
+The rewrite never leaves a mixed image to an agent that dies. The kept pages go to a new pages
+file; the new page map, which names that file, replaces the old one by rename; only then is the old
+pages file removed. An agent that dies half-way leaves a consistent image and at most one unused
+file (tests/test_faults.py kills the agent right after the rename and wakes the engine from that
+image). Like criu's own files, nothing is synced to the disk: an image does not outlive its node's
+crash anyway. A page map with less than MIN_SHARE of its pages to leave out is not rewritten.
 
 The image format (criu/include/magic.h, images/pagemap.proto, images/mm.proto): an image file is two
 32-bit magics and then entries, each a 32-bit length and a protobuf message; a pages file is raw
@@ -45,12 +46,13 @@ PE_PARENT: Final = 1 << 0  # the pages are in a parent image (incremental dumps;
 PE_LAZY: Final = 1 << 1  # criu marks private anonymous pages so: a lazy restore may fetch them later
 PE_PRESENT: Final = 1 << 2  # the entry's pages are in the pages file
 VMA_ANON_PRIVATE: Final = 1 << 9
-# Anonymous private mappings whose content criu restores by other means than fresh pages.
+# Anonymous private mappings whose content criu restores by other means than fresh pages: vsyscall,
+# vDSO, vvar, an AIO ring, a shadow stack, a plugin's, an unsupported one (criu/include/image.h).
 VMA_SPECIAL: Final = (1 << 2) | (1 << 3) | (1 << 12) | (1 << 13) | (1 << 15) | (1 << 27) | (1 << 31)
 
 PAGEMAP_FILE: Final = re.compile(r"^pagemap-(\d+)\.img$")
 PAGES_FILE: Final = re.compile(r"^pages-(\d+)\.img$")
-BLOCK_PAGES: Final = 16  # left out only as whole blocks of zero bytes (see _Copier)
+BLOCK_PAGES: Final = 16  # left out only as whole blocks of zero bytes (see _find_zero_blocks)
 CHUNK_BLOCKS: Final = 64  # read 4 MiB at a time
 THREADS: Final = 4
 # A page map is rewritten only when at least this share of its pages is left out: below it, the copy
@@ -199,9 +201,10 @@ class Compaction:
 
 
 def leave_out_zero_pages(image: Path, page_size: int | None = None) -> Compaction:
-    """Rewrite every process's page map and pages in `image` without the pages of zero bytes of its
-    private anonymous mappings. Raises ImageFormatError (or OSError) with the image unchanged, or
-    consistent: each page map names exactly the pages its pages file holds."""
+    """Rewrite every process's page map and pages in `image` without the blocks of zero bytes of its
+    private anonymous mappings (where they are at least MIN_SHARE of its pages). Raises
+    ImageFormatError (or OSError) with the image unchanged, or consistent: each page map names
+    exactly the pages its pages file holds."""
     page = page_size or os.sysconf("SC_PAGE_SIZE")
     before = left_out = 0
     used = {int(m.group(1)) for p in image.iterdir() if (m := PAGES_FILE.match(p.name))}
