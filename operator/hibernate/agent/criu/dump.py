@@ -32,6 +32,8 @@ from hibernate.faults import fault_point
 
 log = logging.getLogger(__name__)
 
+FULL_BELOW = 1 << 20  # bytes free after a failed dump that say the disk filled
+
 
 @dataclass(frozen=True)
 class DumpResult:
@@ -210,14 +212,19 @@ def _wait_gone(host_pids: Sequence[int], reaped: bool, timeout: float = 5.0) -> 
 
 
 def _cause(text: str, directory: Path) -> str:
-    """The reason of a failed dump, first in the message (criu's log follows), where it is a known one."""
-    if "No space left on device" in text or "Disk quota exceeded" in text:
-        free = ""
-        with contextlib.suppress(OSError):
-            st = os.statvfs(directory)
-            free = (
-                f", {st.f_bavail * st.f_frsize // 2**20} MiB free of {st.f_blocks * st.f_frsize // 2**20} MiB"
-            )
+    """The reason of a failed dump, first in the message (criu's log follows), where it is a known one.
+
+    A full disk is known by criu's words, or by the space left where the image was being written (the
+    partial image is still there): its log is on the same disk, and its last lines, the error among
+    them, may not have fit."""
+    free = ""
+    full = False
+    with contextlib.suppress(OSError):
+        st = os.statvfs(directory)
+        # f_bfree: what root may still write (criu runs as root), reserved blocks included.
+        full = st.f_bfree * st.f_frsize < FULL_BELOW
+        free = f", {st.f_bfree * st.f_frsize // 2**20} MiB free of {st.f_blocks * st.f_frsize // 2**20} MiB"
+    if full or "No space left on device" in text or "Disk quota exceeded" in text:
         return f": No space left on device for the image under {directory}{free}"
     return ""
 
