@@ -301,13 +301,12 @@ class WeightStore:
         return views
 
     def pinned_bytes(self) -> int:
+        """Bytes of pinned host memory: the slabs pinned now and the readers' staging."""
         if not self.cuda:
             return 0
-        if self._registered:
-            slabs = sum(r.nbytes for r in self._registered if r.pinned)
-        else:
-            slabs = len(self.slabs) * self.slab_bytes if self.slabs is not None else 0
-        return slabs + sum(len(pair) * self.staging_bytes for pair in self._staging.values())
+        return self.pinned_slab_bytes() + sum(
+            len(pair) * self.staging_bytes for pair in self._staging.values()
+        )
 
     def pinned_slab_bytes(self) -> int:
         """Bytes of the level-1 host slabs that are pinned now (the readers' staging not counted)."""
