@@ -56,7 +56,6 @@ def dump(
     bundle: Bundle | None = None,
     extra_args: Sequence[str] = (),
     checkpoint_root: Path | None = None,
-    leave_out_zero_pages: bool = True,
 ) -> DumpResult:
     """Checkpoints the process tree rooted at `pid` into `image`; the tree ends.
 
@@ -71,14 +70,14 @@ def dump(
     error says so. The directories from `checkpoint_root` (default: the image's parent) down are
     made root-only (0700).
 
+    Once criu is done, the image's pages of zero bytes are left out (zeropages.py: most of what a
+    CUDA checkpoint adds); should that fail, the image stays as criu wrote it, which restores the same.
+
     tcp_established: connections to the engine (probes, the gateway) are dumped and restored
     instead of failing the dump; the network is locked with nftables, which criu links in, so
     the container needs no iptables. tcp_close instead: connections are neither dumped nor locked,
     and a restore brings them back closed (a snapshot restored into a pod with another address).
     spec_hash: recorded in the metadata, for a snapshot (snapshot.restore_into checks it).
-    leave_out_zero_pages: once criu is done, the image's pages of zero bytes are left out
-    (zeropages.py: most of what a CUDA checkpoint adds); should that fail, the image stays as
-    criu wrote it, which restores the same.
     """
     started = time.monotonic()
     bundle = bundle or locate()
@@ -144,7 +143,7 @@ def dump(
             raise CriuError(
                 f"criu dump of pid {pid} left an incomplete image{_fate(host_pid)}: {'; '.join(problems)}"
             )
-        left_out = _leave_out_zero_pages(tmp) if leave_out_zero_pages else 0
+        left_out = _leave_out_zero_pages(tmp)
         images.seal(tmp)
         meta = ImageMetadata(
             **{
