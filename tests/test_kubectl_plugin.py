@@ -515,6 +515,7 @@ def test_status_wait_watches_until_the_spec_level_is_reached(
     # The change comes once the first frame, the one under way, has been drawn (however slow the
     # plugin is to start on a loaded machine).
     head = read_until(proc, lambda line: "phase Sleeping" in line)
+    assert proc.poll() is None, "still waiting"
     report(cluster, namespace, "llama-a", 1, c.STATE_ASLEEP)
     write_status(cluster, namespace, "llama", "Asleep", "L1", gen)
     rc, rest, err = finish(proc)
