@@ -105,14 +105,16 @@ echo "e2e-kind: work dir $DIR (logs in $DIR/logs)"
 # --- cleanup, whatever happens from here on ---
 KC=$DIR/kubeconfig; KIND=$CACHE/bin/kind; NODE_ID=; ROUTE=; HELM=; NETWORK_MADE=
 K() { "$K8S_ASSETS/kubectl" --kubeconfig "$KC" "$@"; }
+KEPT=$CACHE/kept-$CLUSTER   # written by a KEEP=1 run: the work dir of the cluster it left running
+delete_cluster() {  # NODE_ID: the node container's id (its cgroups)
+  "$KIND" delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
+  # systemd in the node is killed, not stopped: remove the cgroups it left (cgroup v1, private cgroupns)
+  for c in /sys/fs/cgroup/*/docker/"$1"; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done || true
+}
 teardown() {  # what this script changed; the state is in DIR too, for --stop after KEEP=1
   "$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py" stop --dir "$DIR/prometheus" 2>/dev/null || true
   [ -z "$ROUTE" ] || ip route del $ROUTE 2>/dev/null || true
-  if [ -n "$NODE_ID" ]; then
-    "$KIND" delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
-    # systemd in the node is killed, not stopped: remove the cgroups it left (cgroup v1, private cgroupns)
-    for c in /sys/fs/cgroup/*/docker/"$NODE_ID"; do [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done || true
-  fi
+  [ -z "$NODE_ID" ] || { delete_cluster "$NODE_ID"; rm -f "$KEPT"; }
   [ -z "$NETWORK_MADE" ] || docker network rm kind >/dev/null 2>&1 || true   # kind's docker network, if it made it
   if [ -f "$DIR/sysctl.orig" ]; then sysctl -q -p "$DIR/sysctl.orig" >/dev/null 2>&1 || true; fi
   if [ -f "$DIR/dockerd.pid" ]; then
@@ -132,6 +134,7 @@ cleanup() {
     printf 'CLUSTER=%q\nNODE_ID=%q\nROUTE=%q\nNETWORK_MADE=%q\n' "$CLUSTER" "$NODE_ID" "$ROUTE" "$NETWORK_MADE" > "$DIR/state"
     printf '\nKEEP=1: cluster %s left running (the e2e lock is released).\n  export KUBECONFIG=%s\n  kubectl: %s\n  stop: %s --stop %s\n' \
       "$CLUSTER" "$KC" "$K8S_ASSETS/kubectl" "$0" "$DIR"
+    mkdir -p "$CACHE"; echo "$DIR" > "$KEPT"
     exit "$rc"
   fi
   step "cleanup"
@@ -239,7 +242,16 @@ docker build -t "$HOSTILE_IMAGE" "$DIR/hostile" >"$DIR/logs/build-hostile.log" 2
 
 # --- the cluster ---
 step "kind create cluster --name $CLUSTER --image $NODE_IMAGE"
-"$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER" && { echo "cluster $CLUSTER exists already; delete it or set CLUSTER" >&2; exit 1; }
+# A cluster of this name that no KEEP=1 run kept is left over from a run that was killed before its
+# cleanup (this run holds the e2e lock, so no other run is using it): delete it and go on.
+if "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
+  kept=$(cat "$KEPT" 2>/dev/null || true)
+  if [ -n "$kept" ] && [ -f "$kept/state" ]; then
+    echo "cluster $CLUSTER was kept by a KEEP=1 run: stop it with $0 --stop $kept, or set CLUSTER" >&2; exit 1
+  fi
+  echo "cluster $CLUSTER is left over from an interrupted run (no KEEP=1 run kept it): deleting it"
+  delete_cluster "$(docker inspect -f '{{.Id}}' "$NODE" 2>/dev/null || echo none)"; rm -f "$KEPT"
+fi
 for s in "${SYSCTLS[@]}"; do echo "$s = $(sysctl -n "$s")"; done > "$DIR/sysctl.orig"
 cat > "$DIR/kind.yaml" <<EOF
 kind: Cluster
