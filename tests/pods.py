@@ -16,6 +16,8 @@ import json
 import uuid
 from typing import Any
 
+import kubernetes
+
 from hibernate.api import constants as c
 from tests.cluster import Cluster, eventually
 
@@ -25,6 +27,20 @@ def ensure_node(cluster: Cluster, name: str) -> None:
     nodes = {n.metadata.name for n in cluster.core.list_node().items}
     if name not in nodes:
         cluster.core.create_node({"metadata": {"name": name, "labels": {"hibernate.dev/test": "true"}}})
+
+
+def bind(cluster: Cluster, namespace: str, pod: str, node: str) -> None:
+    """What the scheduler does: the pod's Binding to `node`. A 409 that finds the pod on that node
+    already is the same binding made twice (the request reached the API server, its answer did not),
+    so the pod is bound as asked; a pod on another node fails with both names."""
+    binding = {"metadata": {"name": pod}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+    try:
+        cluster.core.create_namespaced_pod_binding(pod, namespace, binding, _preload_content=False)
+    except kubernetes.client.ApiException as e:
+        if e.status != 409:
+            raise
+        on = cluster.core.read_namespaced_pod(pod, namespace).spec.node_name
+        assert on == node, f"pod {pod} is bound to {on!r}, not to {node!r}: {e.body}"
 
 
 Ref = dict[str, str]  # an object as an ownerReference names it: apiVersion, kind, name, uid

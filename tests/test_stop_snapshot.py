@@ -31,7 +31,7 @@ from tests.modeldeployments import (
     report,
     set_level,
 )
-from tests.pods import ensure_node
+from tests.pods import bind, ensure_node
 
 TOOLS_IMAGE = "ghcr.io/example/hibernate-tools:test"
 # The engine's answer before the snapshot, as the agent reports it with the snapshot (agent/wakecheck.py).
@@ -76,11 +76,7 @@ def running_on_nodes(cluster: Cluster, ns: str, name: str, replicas: int) -> lis
         # collector, once the node's name has been seen missing for 40 s (earlier tests on this
         # session's cluster): the ReplicaSet's new pod then has no node, and the test hangs.
         ensure_node(cluster, f"node-{i}")
-        binding = {
-            "metadata": {"name": pod},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": f"node-{i}"},
-        }
-        cluster.core.create_namespaced_pod_binding(pod, ns, binding, _preload_content=False)
+        bind(cluster, ns, pod, f"node-{i}")
         mark_ready(cluster, ns, pod)
         report(cluster, ns, pod, 0, c.STATE_AWAKE)
     eventually(lambda: get(cluster, ns, name)["status"].get("phase") == "Awake", what="Awake")
