@@ -56,6 +56,25 @@ def test_a_member_woken_less_than_min_awake_seconds_ago_or_busy_is_not_put_to_sl
     assert decide(spec, old, group, "b", NOW, 120).victim == "a"
 
 
+def test_min_awake_seconds_count_from_when_the_member_serves_and_a_waking_member_is_not_put_to_sleep() -> (
+    None
+):
+    """A wake slower than minAwakeSeconds (a loaded node, a Checkpoint restore) must not be undone
+    before the woken member served the request another gateway replica holds for it."""
+    spec = GpuGroupSpec(max_awake=1, min_awake_seconds=30)
+    given_long_ago = [LeaseEntry(name="a", since=NOW - 100)]
+    waking = {"a": Member(name="a", holds=True, waking=True), "b": Member(name="b", holds=False)}
+    decision = decide(spec, given_long_ago, waking, "b", NOW, 120)
+    assert decision.action == "wait" and decision.until == NOW + 0.5
+    served_just_now = {**waking, "a": Member(name="a", holds=True, awake_since=NOW - 10)}
+    decision = decide(spec, given_long_ago, served_just_now, "b", NOW, 120)
+    assert decision.action == "wait" and decision.until == NOW + 20
+    served_long_ago = {**waking, "a": Member(name="a", holds=True, awake_since=NOW - 40)}
+    assert decide(spec, given_long_ago, served_long_ago, "b", NOW, 120).victim == "a"
+    # A wake that hangs past the switch timeout no longer keeps the GPU from the others.
+    assert decide(spec, given_long_ago, waking, "b", NOW, 60).victim == "a"
+
+
 def test_a_holder_making_room_counts_until_it_is_asleep_and_nobody_else_takes_its_place() -> None:
     spec = GpuGroupSpec(max_awake=1, min_awake_seconds=0)
     group = members("a", "b", "c", awake=("a",))

@@ -74,7 +74,10 @@ class GpuGroupSpec(_Model):
         ),
     )
     min_awake_seconds: int = Field(
-        default=30, ge=0, le=86400, description="A member just woken is not put to sleep for this long."
+        default=30,
+        ge=0,
+        le=86400,
+        description="A member that serves is not put to sleep for this long after it first served.",
     )
     switch_timeout_seconds: int = Field(
         default=120,
@@ -217,6 +220,8 @@ class Member:
     last_used: float = 0.0  # epoch seconds of its last request
     memory: int | None = None  # spec.gpuGroup.gpuMemory in bytes
     busy: bool = False  # requests in flight through this gateway
+    waking: bool = False  # set to Awake and not serving yet: the request that woke it still waits
+    awake_since: float = 0.0  # epoch seconds it has served since (its Ready condition), 0 if not serving
 
 
 @dataclass(frozen=True)
@@ -257,7 +262,12 @@ def decide(
     switch_timeout: float,
 ) -> Decision:
     """Whether `want` may take the GPU now, and if not, who goes to sleep for it (least recently used
-    first, never one woken less than minAwakeSeconds ago, nor one with requests in flight)."""
+    first, never one woken less than minAwakeSeconds ago, nor one with requests in flight).
+
+    "Woken" counts from when the member serves, not from when it was given the GPU: a wake slower
+    than minAwakeSeconds would otherwise be undone before it served the request it was woken for (a
+    request another gateway replica holds, whose in-flight count this one cannot see). A member
+    still waking is not put to sleep either, for up to `switch_timeout` after it was given the GPU."""
     if any(e.name == want and e.handover_to is None for e in holders):
         return Decision("hold")
     pending = [e for e in holders if e.handover_to is not None]
@@ -281,7 +291,11 @@ def decide(
         if entry.handover_to is not None and now - (entry.handover_since or 0.0) < switch_timeout * 2:
             continue  # someone is making room with it now
         member = members.get(entry.name)
-        free_at = entry.since + spec.min_awake_seconds
+        if member is not None and member.waking and now - entry.since < switch_timeout:
+            protected_until.append(now + 0.5)
+            continue
+        woken = max(entry.since, member.awake_since if member else 0.0)
+        free_at = woken + spec.min_awake_seconds
         if free_at > now:
             protected_until.append(free_at)
             continue

@@ -290,6 +290,8 @@ class GpuSwitch:
                 last_used=self.last_used.get(view.key, 0.0),
                 memory=view.gpu_memory,
                 busy=self.busy(view.key),
+                waking=view.effective == SleepLevel.AWAKE and not view.serving,
+                awake_since=view.ready_since if view.serving else 0.0,
             )
         return out
 

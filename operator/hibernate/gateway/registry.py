@@ -21,7 +21,7 @@ from kubernetes import watch
 
 from hibernate.api import auto_level
 from hibernate.api import constants as c
-from hibernate.api.gpu_group import parse_bytes
+from hibernate.api.gpu_group import parse_bytes, parse_time
 from hibernate.api.levels import SleepLevel
 from hibernate.controller import kube
 
@@ -68,6 +68,7 @@ class ModelView:
     gpu_group: str | None = None  # spec.gpuGroup.name: it takes turns on one GPU with the group
     make_room_level: SleepLevel | None = None  # spec.gpuGroup.makeRoomLevel, when it overrides the group's
     gpu_memory: int | None = None  # spec.gpuGroup.gpuMemory in bytes
+    ready_since: float = 0.0  # epoch seconds of the Ready condition's last change to True (0: not True)
 
     @property
     def key(self) -> Key:
@@ -125,6 +126,7 @@ class ModelView:
             gpu_group=str(group["name"]) if group.get("name") else None,
             make_room_level=SleepLevel.parse_or_none(group.get("makeRoomLevel")),
             gpu_memory=_bytes_or_none(group.get("gpuMemory")),
+            ready_since=parse_time(ready.get("lastTransitionTime")) if ready.get("status") == "True" else 0.0,
         )
 
 
