@@ -56,6 +56,7 @@ def dump(
     bundle: Bundle | None = None,
     extra_args: Sequence[str] = (),
     checkpoint_root: Path | None = None,
+    zero_pages_now: bool = True,
 ) -> DumpResult:
     """Checkpoints the process tree rooted at `pid` into `image`; the tree ends.
 
@@ -72,6 +73,8 @@ def dump(
 
     Once criu is done, the image's pages of zero bytes are left out (zeropages.py: most of what a
     CUDA checkpoint adds); should that fail, the image stays as criu wrote it, which restores the same.
+    zero_pages_now=False leaves them for the caller to take out later (shrink.py: a Checkpoint sleep
+    is reported first), as criu wrote them.
 
     tcp_established: connections to the engine (probes, the gateway) are dumped and restored
     instead of failing the dump; the network is locked with nftables, which criu links in, so
@@ -143,7 +146,7 @@ def dump(
             raise CriuError(
                 f"criu dump of pid {pid} left an incomplete image{_fate(host_pid)}: {'; '.join(problems)}"
             )
-        left_out = _leave_out_zero_pages(tmp)
+        left_out = _leave_out_zero_pages(tmp) if zero_pages_now else 0
         images.seal(tmp)
         meta = ImageMetadata(
             **{

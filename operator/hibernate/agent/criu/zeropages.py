@@ -30,6 +30,7 @@ import ctypes
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ PAGEMAP_FILE: Final = re.compile(r"^pagemap-(\d+)\.img$")
 PAGES_FILE: Final = re.compile(r"^pages-(\d+)\.img$")
 BLOCK_PAGES: Final = 16  # left out only as whole blocks of zero bytes (see _find_zero_blocks)
 CHUNK_BLOCKS: Final = 64  # read 4 MiB at a time
+COPY_BYTES: Final = 64 << 20  # one copy_file_range at most: a stop is seen within one of these
 THREADS: Final = 4
 # A page map is rewritten only when at least this share of its pages is left out: below it, the copy
 # costs the sleep more than the smaller image saves the wake (a fake engine: 4 %; a driver-checkpointed
@@ -66,6 +68,15 @@ _memcmp.restype = ctypes.c_int
 
 class ImageFormatError(ValueError):
     """The image is not in the format this module knows; it is left as it was."""
+
+
+class Stopped(Exception):
+    """The caller's `stop` was set: the rewrite ended early, the image left consistent (as above)."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped()
 
 
 # -- protobuf, the few varint fields these messages have ----------------------------------------------
@@ -200,11 +211,14 @@ class Compaction:
         return self.pages_left_out * self.page_size
 
 
-def leave_out_zero_pages(image: Path, page_size: int | None = None) -> Compaction:
+def leave_out_zero_pages(
+    image: Path, page_size: int | None = None, stop: threading.Event | None = None
+) -> Compaction:
     """Rewrite every process's page map and pages in `image` without the blocks of zero bytes of its
     private anonymous mappings (where they are at least MIN_SHARE of its pages). Raises
     ImageFormatError (or OSError) with the image unchanged, or consistent: each page map names
-    exactly the pages its pages file holds."""
+    exactly the pages its pages file holds. Once `stop` is set it raises Stopped, within one read
+    of CHUNK_BLOCKS blocks or one copy of COPY_BYTES, the image as consistent."""
     page = page_size or os.sysconf("SC_PAGE_SIZE")
     before = left_out = 0
     used = {int(m.group(1)) for p in image.iterdir() if (m := PAGES_FILE.match(p.name))}
@@ -214,13 +228,16 @@ def leave_out_zero_pages(image: Path, page_size: int | None = None) -> Compactio
             continue
         fresh = max(used, default=0) + 1
         used.add(fresh)
-        total, dropped = _rewrite(image, pagemap, image / f"mm-{match.group(1)}.img", fresh, page)
+        _check(stop)
+        total, dropped = _rewrite(image, pagemap, image / f"mm-{match.group(1)}.img", fresh, page, stop)
         before += total
         left_out += dropped
     return Compaction(before, left_out, page)
 
 
-def _rewrite(image: Path, pagemap: Path, mm: Path, fresh_id: int, page: int) -> tuple[int, int]:
+def _rewrite(
+    image: Path, pagemap: Path, mm: Path, fresh_id: int, page: int, stop: threading.Event | None
+) -> tuple[int, int]:
     entries = read_entries(pagemap, PAGEMAP_MAGIC)
     if not entries:
         raise ImageFormatError(f"{pagemap.name} has no head")
@@ -236,13 +253,13 @@ def _rewrite(image: Path, pagemap: Path, mm: Path, fresh_id: int, page: int) -> 
         size = os.fstat(src.fileno()).st_size
         if size != total * page:
             raise ImageFormatError(f"{old_pages.name} holds {size} bytes, its page map names {total * page}")
-        pieces, dropped = _find_zero_blocks(src.fileno(), listed, page, anonymous)
+        pieces, dropped = _find_zero_blocks(src.fileno(), listed, page, anonymous, stop)
         if dropped < total * MIN_SHARE:
             return total, 0  # too little to leave out to pay for the copy
         try:
             with open(new_pages, "xb", buffering=0) as dst:
                 os.fchmod(dst.fileno(), 0o600)
-                _copy_pieces(src.fileno(), dst.fileno(), pieces, page)
+                _copy_pieces(src.fileno(), dst.fileno(), pieces, page, stop)
         except BaseException:
             with contextlib.suppress(OSError):
                 new_pages.unlink()
@@ -282,7 +299,11 @@ class _Piece:
 
 
 def _find_zero_blocks(
-    src: int, listed: list[PagemapEntry], page: int, anonymous: list[tuple[int, int]]
+    src: int,
+    listed: list[PagemapEntry],
+    page: int,
+    anonymous: list[tuple[int, int]],
+    stop: threading.Event | None = None,
 ) -> tuple[list[_Piece], int]:
     """The pieces of `listed` to keep, in order, and how many pages are left out."""
     offsets, at = [], 0
@@ -292,14 +313,14 @@ def _find_zero_blocks(
     with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="zeropages") as pool:
         scanned = list(
             pool.map(
-                lambda share: _scan(src, [(offsets[i], listed[i]) for i in share], page, anonymous),
+                lambda share: _scan(src, [(offsets[i], listed[i]) for i in share], page, anonymous, stop),
                 _shares(listed, THREADS),
             )
         )
     return [piece for share in scanned for piece in share[0]], sum(share[1] for share in scanned)
 
 
-def _copy_pieces(src: int, dst: int, pieces: list[_Piece], page: int) -> None:
+def _copy_pieces(src: int, dst: int, pieces: list[_Piece], page: int, stop: threading.Event | None) -> None:
     """Write the kept pieces' pages one after the other into `dst`."""
     copies, written = [], 0
     for piece in pieces:
@@ -307,7 +328,7 @@ def _copy_pieces(src: int, dst: int, pieces: list[_Piece], page: int) -> None:
             copies.append((piece.source, written, piece.entry.nr_pages * page))
             written += piece.entry.nr_pages * page
     with ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="zeropages") as pool:
-        list(pool.map(lambda share: _copy(src, dst, share), _split(_coalesce(copies), THREADS)))
+        list(pool.map(lambda share: _copy(src, dst, share, stop), _split(_coalesce(copies), THREADS)))
 
 
 def _shares(listed: list[PagemapEntry], count: int) -> list[range]:
@@ -325,7 +346,11 @@ def _shares(listed: list[PagemapEntry], count: int) -> list[range]:
 
 
 def _scan(
-    src: int, share: list[tuple[int, PagemapEntry]], page: int, anonymous: list[tuple[int, int]]
+    src: int,
+    share: list[tuple[int, PagemapEntry]],
+    page: int,
+    anonymous: list[tuple[int, int]],
+    stop: threading.Event | None = None,
 ) -> tuple[list[_Piece], int]:
     """The pieces of `share`'s entries to keep, and how many pages are left out."""
     block = BLOCK_PAGES * page
@@ -341,6 +366,7 @@ def _scan(
             continue
         run_start = run_pages = 0  # the run of kept pages, in pages from the entry's start
         for chunk_first in range(0, entry.nr_pages, CHUNK_BLOCKS * BLOCK_PAGES):
+            _check(stop)
             chunk_pages = min(CHUNK_BLOCKS * BLOCK_PAGES, entry.nr_pages - chunk_first)
             _read_at(src, memoryview(buffer)[: chunk_pages * page], source + chunk_first * page)
             for first in range(chunk_first, chunk_first + chunk_pages, BLOCK_PAGES):
@@ -407,10 +433,11 @@ def _split(copies: list[tuple[int, int, int]], count: int) -> list[list[tuple[in
     return lists
 
 
-def _copy(src: int, dst: int, copies: list[tuple[int, int, int]]) -> None:
+def _copy(src: int, dst: int, copies: list[tuple[int, int, int]], stop: threading.Event | None) -> None:
     for source, destination, length in copies:
         while length:
-            n = os.copy_file_range(src, dst, length, source, destination)
+            _check(stop)
+            n = os.copy_file_range(src, dst, min(length, COPY_BYTES), source, destination)
             if n <= 0:
                 raise OSError(f"copy_file_range copied {n} bytes")
             source, destination, length = source + n, destination + n, length - n
