@@ -67,7 +67,6 @@ SLEEP_STEPS = {
         "agent.after-cuda-suspend",
         "agent.criu-dump-running",
         "agent.criu-after-dump",
-        "agent.zero-pages-after-rename",
         "agent.after-dump",
         "agent.before-report",
     ],
@@ -104,6 +103,9 @@ CHANGE_OF_MIND = [
     (4, "sleep", "agent.criu-dump-running", 1),  # criu finishes alone: its image is adopted, then woken
     (4, "wake", "agent.after-restore", 3),  # restored, still CUDA-suspended: that is level 3 now
 ]
+# Behind a Checkpoint sleep, its image losing its zero pages (criu/shrink.py): in the rewrite of the
+# copy, and with the copy complete, before it takes the image's place.
+SHRINK_STEPS = ["agent.zero-pages-after-rename", "agent.shrink-before-exchange"]
 # A sleep that failed and could not be undone escalates; the agent is killed before the next step.
 ESCALATION_CASES = ["agent.before-escalation-step"]
 # The wake check, a cold start (the discarded checkpoint of hibernate.dev/discard-checkpoint) and the
@@ -141,6 +143,7 @@ def test_every_fault_point_is_registered_used_and_armed_here() -> None:
     armed = {p for _, s, w in AGENT_CASES for p in (s, w) if p} | {p for p, _, _ in OPERATOR_CASES}
     armed |= {p for _, _, p, _ in CHANGE_OF_MIND}
     armed |= set(CHECK_DISCARD_SWEEP)
+    armed |= set(SHRINK_STEPS)
     armed |= set(ESCALATION_CASES)
     armed |= set(test_snapshot.AGENT_RESTART_POINTS)  # the agent killed mid-restore into a new pod
     assert armed == set(FAULT_POINTS), f"registered but never armed: {set(FAULT_POINTS) - armed}"
@@ -183,6 +186,27 @@ def test_agent_killed_at_a_step_of_a_sleep_and_of_a_wake_recovers_the_truth(
             again = agents.start()
         else:
             pod.annotate("Awake")
+        reported(pod, 0, "Awake")
+        assert_truth(pod, 0)
+        again.stop()
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("step", SHRINK_STEPS, ids=[s.removeprefix("agent.") for s in SHRINK_STEPS])
+def test_agent_killed_while_a_checkpoint_image_loses_its_zero_pages_wakes_the_engine_from_it(
+    cluster: Cluster, namespace: str, agents: AgentRunner, step: str
+) -> None:
+    """The shrink runs behind a sleep already done: the agent killed in it leaves a whole image (criu's)
+    and a copy beside it; the restarted agent finds level 4, removes the copy, and the engine wakes."""
+    with engine_pod(cluster, namespace, agents.checkpoints, agents.fake_cuda, "Checkpoint") as pod:
+        agents.died_at(agents.start(step), step)
+        assert pod.leftovers(), "killed with the copy beside the image"
+        again = agents.start()
+        reported(pod, 4, "Asleep")
+        eventually(lambda: not pod.leftovers(), what="the copy removed by the restarted agent")
+        assert_truth(pod, 4)
+        assert criu.verify_image(pod.image).zero_pages_left_out == 0, "criu's image, as it wrote it"
+        pod.annotate("Awake")
         reported(pod, 0, "Awake")
         assert_truth(pod, 0)
         again.stop()
@@ -250,7 +274,7 @@ def test_agent_killed_during_an_escalation_goes_on_with_it_after_restart(
         assert "escalated to Checkpoint to free the GPU" in op["error"], op
         # Level 4 for real: a complete image, the engine's processes gone, the pod init waiting.
         assert pod.engine_state() is None and criu.check_image(pod.image) == [] and pod.marker()
-        assert pod.leftovers() == []
+        eventually(lambda: not pod.leftovers(), what="the copy the shrink behind the sleep made, gone")
         reasons = [e.reason for e in pod_events(cluster, namespace, pod.name)]
         assert reasons.count("Escalating") >= 2, reasons  # one per agent that took the step
         assert "Waking" not in reasons, "the deeper level was never undone to retry CudaSuspend"

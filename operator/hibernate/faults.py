@@ -24,6 +24,7 @@ FAULT_POINTS: tuple[str, ...] = (
     "agent.criu-dump-running",  # criu dump started; the agent dies, criu goes on
     "agent.criu-after-dump",  # criu dump done: a complete image in the temporary directory
     "agent.zero-pages-after-rename",  # a page map rewritten without zero pages; the old pages file still there
+    "agent.shrink-before-exchange",  # behind a Checkpoint sleep: the shrunk copy complete beside the image
     "agent.after-dump",  # the image renamed into place; the engine gone
     "agent.criu-restore-running",  # criu restore started; the agent dies, criu goes on
     "agent.after-restore",  # the engine restored, CUDA still checkpointed, image still there

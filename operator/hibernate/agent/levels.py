@@ -18,6 +18,7 @@ from typing import Any
 
 from hibernate.agent import criu, cuda, discovery, gpumap, layout, shm
 from hibernate.agent import snapshot as pod_snapshot
+from hibernate.agent.criu import shrink as criu_shrink
 from hibernate.agent.criu import snapshot as criu_snapshot
 from hibernate.agent.engine_client import EngineClient, EngineError
 from hibernate.agent.podref import PodRef
@@ -191,6 +192,8 @@ class Levels:
         self.engine_level_under_cuda: dict[tuple[str, str], SleepLevel] = {}
         # A snapshot's GPUs mapped onto a new pod's (gpu_plan), from its restore to its CUDA wake.
         self.gpu_pairs: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        # Checkpoint images losing their zero pages behind the sleep (criu/shrink.py).
+        self.shrinker = criu_shrink.Shrinker()
 
     # -- levels 1-2: the engine's own sleep API -------------------------------------------------
 
@@ -430,6 +433,15 @@ class Levels:
             if await _sleeping(engine):
                 await engine.wake(2)
 
+    async def stop_shrinking(self, pod: PodRef) -> bool:
+        """Cancel the shrink behind the pod's last Checkpoint sleep (criu/shrink.py) before anything
+        else reads or removes its image; True if one was running."""
+        try:
+            image = pod.image_dir(self.host.checkpoint_roots)
+        except PermissionError:
+            return False
+        return await asyncio.to_thread(self.shrinker.cancel, image)
+
     async def _checkpoint(self, pod: PodRef, snapshot: tuple[Path, str] | None = None) -> dict[str, Any]:
         try:
             await asyncio.to_thread(criu.version)  # a clear error before anything changes
@@ -468,6 +480,7 @@ class Levels:
                         criu.Pod(root.init.pid),
                         timeout=self.host.criu_timeout_s,
                         checkpoint_root=ckpt_root,
+                        zero_pages_now=False,
                     )
                 else:
                     result = await asyncio.to_thread(
@@ -512,6 +525,8 @@ class Levels:
         leftovers = await asyncio.to_thread(
             shm.after_dump, pod.uid, root.init.pid, image, self.host.proc_root
         )
+        if snapshot is None:
+            self.shrinker.start(image)  # the zero pages go behind the sleep; a wake cancels it
         return {
             "path": "engine+criu" if assisted else "criu",
             "image": str(image),
@@ -533,6 +548,10 @@ class Levels:
             await asyncio.to_thread(self.host.cgroup_layout, pod, init)
         except (LookupError, PermissionError, ValueError) as e:
             raise LevelError(f"cannot restore: {e}", rolled_back=True) from e
+        if await self.stop_shrinking(pod):
+            log.info(
+                "%s/%s: woken before its image lost its zero pages: restoring it as criu wrote it", *pod.key
+            )
         try:
             result = await asyncio.to_thread(
                 criu.restore,

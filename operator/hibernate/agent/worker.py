@@ -288,6 +288,7 @@ class Agent:
                 c.LABEL_MANAGED,
             )
             return
+        await self.levels.stop_shrinking(ref)
         await asyncio.to_thread(shutil.rmtree, pod_dir, True)
         log.info("removed checkpoint images of deleted pod %s/%s", ref.namespace, ref.name)
 
@@ -882,6 +883,7 @@ class Agent:
         """One look at a cold start (coldstart.py); once the new engine answers, nothing is owed to the
         old one: no wake to retry, no level to trust without a probe."""
         assert self.cold_starts is not None
+        await self.levels.stop_shrinking(ref)  # the image goes: its copy need not be finished
         wait = await self.cold_starts.advance(pod, ref, self._report, self.reporter.event)
         if wait is None:
             self.verified.discard(ref.key)
