@@ -18,6 +18,7 @@ from typing import Any, Final, Protocol
 from benchkit import Skip, http
 from engine_proc import EngineProc, PodEngineProc
 from hibernate.agent import criu, cuda
+from hibernate.agent.criu import shrink
 from hibernate.agent.criu.nsexec import alive
 from hibernate.api import constants as c
 from wake_report import say
@@ -77,12 +78,14 @@ def _assisted_sleep(level: int) -> tuple[int, str]:
 
 
 class DirectLevels:
-    """The agent's pieces composed here: EngineClient, cuda.suspend_all/resume_all, criu.dump/restore."""
+    """The agent's pieces composed here: EngineClient, cuda.suspend_all/resume_all, criu.dump/restore,
+    and the image shrunk behind the sleep (criu.shrink), as the agent's Levels do."""
 
     name = "direct"
 
     def __init__(self, target: Target) -> None:
         self.t = target
+        self.shrinker = shrink.Shrinker()
 
     async def _engine_sleep(self, level: int, prepare: str | None = None) -> float:
         started = time.monotonic()
@@ -117,11 +120,18 @@ class DirectLevels:
             result = await asyncio.to_thread(self._dump)
             details["criu_s"] = result.seconds
             details["image_bytes"] = result.metadata.image_bytes
+            self.shrinker.start(self.t.image_dir)
         return details
+
+    async def behind(self, level: int) -> dict[str, Any]:
+        """The image shrunk behind the sleep (see PodLevels.behind)."""
+        return await _shrunk(self.shrinker, self.t.image_dir) if level == 4 else {}
 
     def _dump(self) -> criu.DumpResult:
         try:
-            return criu.dump(self.t.image_dir, self.t.pid, tcp_established=self.t.tcp_established)
+            return criu.dump(
+                self.t.image_dir, self.t.pid, tcp_established=self.t.tcp_established, zero_pages_now=False
+            )
         except criu.CriuError as exc:
             text = str(exc)
             if (
@@ -135,7 +145,7 @@ class DirectLevels:
                 self.t.tcp_established = False
                 if self.t.engine_assisted:
                     cuda.suspend_all([self.t.pid])  # a failed dump resumed the tree
-                return criu.dump(self.t.image_dir, self.t.pid, tcp_established=False)
+                return criu.dump(self.t.image_dir, self.t.pid, tcp_established=False, zero_pages_now=False)
             raise
 
     async def wake(self, level: int) -> dict[str, Any]:
@@ -143,6 +153,7 @@ class DirectLevels:
             return {"engine_s": await self._engine_wake(level)}
         details: dict[str, Any] = {}
         if level == 4:
+            await asyncio.to_thread(self.shrinker.cancel, self.t.image_dir)
             result = await asyncio.to_thread(
                 criu.restore, self.t.image_dir, tcp_established=self.t.tcp_established
             )
@@ -155,6 +166,17 @@ class DirectLevels:
         if level == 4:
             await asyncio.to_thread(criu.remove_image, self.t.image_dir)
         return details
+
+
+async def _shrunk(shrinker: shrink.Shrinker, image: Path) -> dict[str, Any]:
+    """Wait for the shrink of `image`: its seconds, and the image's bytes after it where it shrank."""
+    ended = await asyncio.to_thread(shrinker.wait, image, 600.0)
+    if ended is None:
+        return {}
+    if ended.compaction is None:
+        say(f"  the image kept its zero pages: {ended.reason}")
+        return {"shrink_s": ended.seconds}
+    return {"shrink_s": ended.seconds, "image_bytes": ended.image_bytes}
 
 
 class AgentLevels:
@@ -259,6 +281,14 @@ class PodLevels:
         levels, ref = self.engine.agent()
         result: dict[str, Any] = await levels.sleep(ref, self._sleep_level(level))
         return result
+
+    async def behind(self, level: int) -> dict[str, Any]:
+        """What the agent does behind a sleep it reported, waited for outside the sleep's time: at
+        level 4 the image losing its zero pages (criu/shrink.py). Its seconds and the image after it."""
+        if level != 4:
+            return {}
+        levels, ref = self.engine.agent()
+        return await _shrunk(levels.shrinker, ref.image_dir(levels.host.checkpoint_roots))
 
     async def wake(self, level: int) -> dict[str, Any]:
         levels, ref = self.engine.agent()
