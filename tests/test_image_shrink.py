@@ -11,7 +11,6 @@ a shrink and wakes the engine after its restart.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -20,16 +19,15 @@ import pytest
 from hibernate.agent import criu
 from hibernate.agent.criu import images, shrink, zeropages
 from hibernate.agent.criu.zeropages import PE_LAZY, PE_PRESENT, PagemapEntry
-from hibernate.localnode.simpod import SimPod
 from tests.test_zero_pages import (
     ANON,
     PAGE,
-    TREE,
     VMA_ANON_PRIVATE,
     ZERO,
     data,
     field,
     page_map,
+    tree_in_a_pod,
     write_image,
 )
 
@@ -179,18 +177,7 @@ def test_the_shrinker_cancels_a_shrink_and_records_how_each_ended(tmp_path: Path
 
 @pytest.mark.criu
 def test_a_tree_dumped_then_shrunk_behind_the_sleep_restores_every_page(tmp_path: Path) -> None:
-    try:
-        bundle = criu.locate()
-        criu.version(bundle)
-    except criu.CriuError as e:
-        pytest.skip(f"no usable CRIU bundle: {e}")
-    if os.geteuid() != 0 or bundle.nsjoin is None:
-        pytest.skip("needs root and a CRIU bundle with hibernate-nsjoin.so (hack/build-criu.sh)")
-    files = {"tree.py": TREE, "data.bin": "x" * 4 * PAGE}
-    image = criu.image_dir(tmp_path / "checkpoints", "default", "shrink-0", "engine")
-    with SimPod.start([sys.executable, "/.hibernate/tree.py"], files=files, ready_path="/check") as pod:
-        before = pod.get_json("/check")
-
+    with tree_in_a_pod(tmp_path, "shrink-0") as (pod, image, before):
         result = criu.dump(
             image,
             pod.engine_ns_pid(),

@@ -6,10 +6,13 @@ with CRIU and checks every page it wrote, in the parent and in a forked child, a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,8 +233,10 @@ http.server.HTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
 """
 
 
-@pytest.mark.criu
-def test_a_restored_tree_reads_back_every_page_it_wrote_with_the_zero_pages_left_out(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def tree_in_a_pod(tmp_path: Path, name: str) -> Iterator[tuple[SimPod, Path, dict[str, Any]]]:
+    """TREE running in a simulated pod, where its image would go, and what it reads before a dump;
+    skips without root or a CRIU bundle with hibernate-nsjoin.so."""
     try:
         bundle = criu.locate()
         criu.version(bundle)
@@ -240,12 +245,17 @@ def test_a_restored_tree_reads_back_every_page_it_wrote_with_the_zero_pages_left
     if os.geteuid() != 0 or bundle.nsjoin is None:
         pytest.skip("needs root and a CRIU bundle with hibernate-nsjoin.so (hack/build-criu.sh)")
     files = {"tree.py": TREE, "data.bin": "x" * 4 * PAGE}
-    image = criu.image_dir(tmp_path / "checkpoints", "default", "zero-0", "engine")
+    image = criu.image_dir(tmp_path / "checkpoints", "default", name, "engine")
     with SimPod.start([sys.executable, "/.hibernate/tree.py"], files=files, ready_path="/check") as pod:
         before = pod.get_json("/check")
         assert before == {"parent": {"pid": pod.engine_ns_pid(), "bad": []}, "child": before["child"]}
         assert before["child"]["bad"] == []
+        yield pod, image, before
 
+
+@pytest.mark.criu
+def test_a_restored_tree_reads_back_every_page_it_wrote_with_the_zero_pages_left_out(tmp_path: Path) -> None:
+    with tree_in_a_pod(tmp_path, "zero-0") as (pod, image, before):
         result = criu.dump(
             image, pod.engine_ns_pid(), criu.Pod(pod.init_pid), checkpoint_root=image.parents[2]
         )
