@@ -178,7 +178,7 @@ else
     chmod 0755 "$W.new"; mv "$W.new" "$W"
     args+=(--add-runtime "clampoom=$W" --default-runtime clampoom)
   fi
-  nohup dockerd "${args[@]}" </dev/null >"$DIR/logs/dockerd.log" 2>&1 &
+  nohup dockerd "${args[@]}" </dev/null >"$DIR/logs/dockerd.log" 2>&1 9>&- &  # not the lock: it outlives KEEP=1
   echo $! > "$DIR/dockerd.pid"
   for i in $(seq 300); do docker info >/dev/null 2>&1 && break
     [ -e "/proc/$(cat "$DIR/dockerd.pid")" ] && [ "$i" != 300 ] || { tail "$DIR/logs/dockerd.log" >&2; exit 1; }; sleep 0.1; done
@@ -305,7 +305,7 @@ step "Prometheus: the operator, agent and gateway through the chart's Services (
 PROM=("$ROOT/.venv/bin/python" "$ROOT/tests/e2e/prometheus_check.py")
 prom_rc=0
 if wants prometheus; then "${PROM[@]}" start --dir "$DIR/prometheus" --kubectl "$K8S_ASSETS/kubectl --kubeconfig $KC" --namespace "$RELEASE_NS" \
-  --release "$RELEASE" --helm "$HELM" || prom_rc=$?; fi
+  --release "$RELEASE" --helm "$HELM" 9>&- || prom_rc=$?; fi
 
 # --- the walk ---
 step "the walk (tests/e2e/walk.py)"
