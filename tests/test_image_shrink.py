@@ -123,6 +123,49 @@ def test_an_image_with_too_few_zero_pages_stays_as_criu_wrote_it(tmp_path: Path)
     assert contents(image) == written and sorted(p.name for p in image.parent.iterdir()) == ["engine"]
 
 
+def test_a_damaged_image_is_not_shrunk_and_the_wake_still_refuses_it(tmp_path: Path) -> None:
+    """A file cut short after the dump (a disk error): the copy's metadata would measure the cut file
+    and call it whole; the shrink leaves such an image alone, and the wake's size check refuses it."""
+    image = tmp_path / "pod" / "engine"
+    complete_image(image)
+    os.truncate(image / "core-1.img", 1)
+    written = contents(image)
+
+    done = shrink.shrink(image)
+
+    assert done.compaction is None and done.reason.startswith("the image is not as criu wrote it"), done
+    assert "core-1.img has 1 bytes, 4 when it was written" in done.reason
+    assert contents(image) == written and sorted(p.name for p in image.parent.iterdir()) == ["engine"]
+    with pytest.raises(criu.ImageRefused, match=r"core-1\.img has 1 bytes"):
+        criu.verify_image(image)
+
+
+def test_a_file_cut_short_during_the_shrink_is_found_and_the_copy_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy shares the files it does not rewrite with criu's image: one cut short while the pages
+    are rewritten is cut in both. Its metadata keeps the size criu recorded, so the copy fails its
+    check, criu's image stays, and the wake refuses it."""
+    image = tmp_path / "pod" / "engine"
+    complete_image(image)
+    rewrite = zeropages.leave_out_zero_pages
+
+    def rewrite_then_cut(copy: Path, **kwargs: object) -> zeropages.Compaction:
+        done = rewrite(copy, **kwargs)  # type: ignore[arg-type]
+        os.truncate(image / "core-1.img", 1)
+        return done
+
+    monkeypatch.setattr(zeropages, "leave_out_zero_pages", rewrite_then_cut)
+
+    done = shrink.shrink(image)
+
+    assert done.compaction is None and "core-1.img has 1 bytes, 4 when it was written" in done.reason, done
+    assert criu.ImageMetadata.load(image).zero_pages_left_out == 0, "criu's image, not the copy"
+    assert sorted(p.name for p in image.parent.iterdir()) == ["engine"]
+    with pytest.raises(criu.ImageRefused, match=r"core-1\.img has 1 bytes"):
+        criu.verify_image(image)
+
+
 def test_an_image_removed_during_the_shrink_does_not_come_back(tmp_path: Path) -> None:
     """The exchange needs the image in place: a pod deleted meanwhile (its images removed) stays gone."""
     image = tmp_path / "pod" / "engine"

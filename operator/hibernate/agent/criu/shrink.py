@@ -8,6 +8,9 @@ as criu's image is complete and verified, and the rewrite runs behind it:
   holds the flock of (as criu does its own: `wait_for_criu` waits for it, `settle` removes what an
   agent that died left of it). The rewrite never writes into a file it shares with the image: it
   writes new pages files, replaces page maps by rename and writes a new metadata.json;
+- criu's image is checked against its metadata first (a damaged image is left as it is, for the
+  wake to refuse), and a file the copy still shares with it keeps the size criu recorded in the
+  copy's metadata, so a file cut short during the shrink fails the copy's check too;
 - the copy, verified, then takes the image's place in one `renameat2(RENAME_EXCHANGE)`, which
   fails where the image is gone (a pod deleted meanwhile: nothing comes back), and the image it
   swapped out is removed;
@@ -71,6 +74,8 @@ def shrink(image: Path, stop: threading.Event | None = None) -> Shrunk:
     try:
         fd = _locked(tmp)
         meta = images.ImageMetadata.load(image)
+        if damage := images.size_problems(image, meta):  # the wake refuses it; no copy may hide that
+            return ended(f"the image is not as criu wrote it: {'; '.join(damage)}")
         for entry in os.scandir(image):
             if entry.is_file(follow_symlinks=False) and entry.name != images.METADATA:
                 os.link(entry.path, tmp / entry.name, follow_symlinks=False)
@@ -81,7 +86,7 @@ def shrink(image: Path, stop: threading.Event | None = None) -> Shrunk:
             **{
                 **asdict(meta),
                 "image_bytes": images.image_bytes(tmp),
-                "files": images.file_sizes(tmp),
+                "files": _sizes_as_written(tmp, image, meta),
                 "zero_pages_left_out": done.pages_left_out,
             }
         ).write(tmp)
@@ -108,6 +113,21 @@ def shrink(image: Path, stop: threading.Event | None = None) -> Shrunk:
         shutil.rmtree(tmp, ignore_errors=True)
         if fd >= 0:
             os.close(fd)
+
+
+def _sizes_as_written(copy: Path, image: Path, meta: images.ImageMetadata) -> dict[str, int]:
+    """The copy's files and their sizes for its metadata: a file it still shares with criu's image
+    (a hard link) keeps the size criu's metadata recorded, so that a file cut short during the shrink
+    is still found by the size check (`size_problems`), before the exchange and at the wake; only the
+    files the rewrite wrote are measured."""
+    sizes = images.file_sizes(copy)
+    for name in sizes:
+        with contextlib.suppress(OSError):
+            if name in meta.files and os.path.samestat(
+                os.stat(copy / name, follow_symlinks=False), os.stat(image / name, follow_symlinks=False)
+            ):
+                sizes[name] = meta.files[name]
+    return sizes
 
 
 def _locked(path: Path) -> int:
