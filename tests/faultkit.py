@@ -174,6 +174,18 @@ class EnginePod:
             return []
         return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
+    def shrunk(self) -> criu.ImageMetadata:
+        """The level-4 image once the agent's shrink behind the sleep is done (criu/shrink.py): its
+        zero pages left out, no copy beside it. Wait for it before changing the image: the copy takes
+        the image's place with the metadata it read first."""
+
+        def done() -> criu.ImageMetadata | None:
+            meta = criu.ImageMetadata.load(self.image)
+            return meta if meta.zero_pages_left_out > 0 and not self.leftovers() else None
+
+        result: criu.ImageMetadata = eventually(done, what=f"the zero pages left out of {self.image}")
+        return result
+
     def marker(self) -> bool:
         return (self.sim.root / ".hibernate" / "checkpointed").exists()
 

@@ -625,6 +625,7 @@ def test_gpu_pod_failed_restore_leaves_no_half_engine(gpu_env: Env, pods: Pods) 
     level = SleepLevel.CHECKPOINT
     details = _run(pe.levels.sleep(pe.ref, level))
     image = pe.image()
+    pe.levels.shrinker.wait(image, timeout=120)  # the file cut is then the one the wake reads
     pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
     size = pages.stat().st_size
     os.truncate(pages, size // 2)

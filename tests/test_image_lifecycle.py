@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from hibernate.agent import criu, shm, sweep
-from hibernate.agent.criu.images import ImageMetadata
 from hibernate.api import constants as c
 from hibernate.localnode import simpod
 from tests.cluster import Cluster, eventually
@@ -173,7 +172,7 @@ def test_a_restore_refused_for_another_gpu_is_said_once_and_discard_checkpoint_s
         agent = agents.start()
         reported(pod, 4, "Asleep", timeout=90)
         # The image names another GPU and driver, as after a driver upgrade under a sleeping model.
-        meta = ImageMetadata.load(pod.image)
+        meta = pod.shrunk()
         replace(meta, gpu_model="NVIDIA A100-SXM4-80GB", driver_version="570.86.15").write(pod.image)
 
         pod.annotate("Awake")
