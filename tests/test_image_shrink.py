@@ -166,6 +166,25 @@ def test_a_file_cut_short_during_the_shrink_is_found_and_the_copy_dropped(
         criu.verify_image(image)
 
 
+def test_a_shrink_that_would_leave_the_disk_short_for_other_dumps_does_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy writes up to the image's pages while criu's image stays: it starts only where twice
+    that is free, so another pod's dump on the same disk does not fail for it."""
+    image = tmp_path / "pod" / "engine"
+    complete_image(image)
+    written = contents(image)
+    pages = sum(p.stat().st_size for p in image.glob("pages-*.img"))
+    monkeypatch.setattr(shrink, "_free_bytes", lambda path: 2 * pages - 1)
+
+    done = shrink.shrink(image)
+
+    assert done.compaction is None and done.reason.startswith("too little free disk"), done
+    assert contents(image) == written and sorted(p.name for p in image.parent.iterdir()) == ["engine"]
+    monkeypatch.setattr(shrink, "_free_bytes", lambda path: 2 * pages)
+    assert shrink.shrink(image).compaction is not None, "with twice the pages free it runs"
+
+
 def test_an_image_removed_during_the_shrink_does_not_come_back(tmp_path: Path) -> None:
     """The exchange needs the image in place: a pod deleted meanwhile (its images removed) stays gone."""
     image = tmp_path / "pod" / "engine"

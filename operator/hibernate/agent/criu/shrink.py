@@ -14,6 +14,8 @@ as criu's image is complete and verified, and the rewrite runs behind it:
 - the copy, verified, then takes the image's place in one `renameat2(RENAME_EXCHANGE)`, which
   fails where the image is gone (a pod deleted meanwhile: nothing comes back), and the image it
   swapped out is removed;
+- it needs disk space for the pages it keeps while criu's image is still there: it starts only
+  where twice the image's pages are free, so that as much stays free for other pods' dumps;
 - a wake (or a deletion) `cancel`s it first: the rewrite stops within a few MiB and the image is
   the one criu wrote, which restores the same, only slower.
 
@@ -65,6 +67,16 @@ def shrink(image: Path, stop: threading.Event | None = None) -> Shrunk:
     def ended(reason: str) -> Shrunk:
         return Shrunk(image, round(time.monotonic() - started, 3), reason=reason)
 
+    try:
+        pages = sum(p.stat().st_size for p in image.glob("pages-*.img"))
+        free = _free_bytes(image.parent)
+    except OSError as e:
+        return ended(f"cannot read the image: {e}")
+    if free < 2 * pages:  # the copy writes up to `pages`; as much stays free for other pods' dumps
+        return ended(
+            f"too little free disk: {free >> 20} MiB free, the copy may write {pages >> 20} MiB and "
+            "leaves as much free for other dumps"
+        )
     tmp = image.with_name(f".{image.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(mode=images.DIR_MODE)
@@ -128,6 +140,11 @@ def _sizes_as_written(copy: Path, image: Path, meta: images.ImageMetadata) -> di
             ):
                 sizes[name] = meta.files[name]
     return sizes
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def _locked(path: Path) -> int:
