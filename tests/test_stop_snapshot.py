@@ -55,7 +55,11 @@ def operator_with_tools(
 def model(name: str, replicas: int = 2, **stop: Any) -> dict[str, Any]:
     """A ModelDeployment with `spec.stop` as given: snapshots are on by default (the operator runs with
     the pod init)."""
-    body = manifest(name, replicas=replicas)
+    # No node matches: the tests bind the pods themselves (running_on_nodes), and the scheduler must
+    # not bind one first to a Ready node another test left on this cluster (a CI run found a pod on
+    # test_apiserver_restart's node, deleted at that test's end, most likely still in the scheduler's
+    # cache after the API server's restart).
+    body = manifest(name, replicas=replicas, nodeSelector={"hibernate.dev/test-no-node": "true"})
     if stop:
         body["spec"]["stop"] = stop
     return body
