@@ -94,18 +94,18 @@ def shrink(image: Path, stop: threading.Event | None = None) -> Shrunk:
         done = zeropages.leave_out_zero_pages(tmp, stop=stop)
         if not done.pages_left_out:
             return ended("too few zero pages to leave out")
-        images.ImageMetadata(
+        shrunk = images.ImageMetadata(
             **{
                 **asdict(meta),
                 "image_bytes": images.image_bytes(tmp),
                 "files": _sizes_as_written(tmp, image, meta),
                 "zero_pages_left_out": done.pages_left_out,
             }
-        ).write(tmp)
-        if problems := images.check_image(tmp) + images.size_problems(tmp, images.ImageMetadata.load(tmp)):
+        )
+        shrunk.write(tmp)
+        if problems := images.check_image(tmp) + images.size_problems(tmp, shrunk):
             return ended(f"the shrunk copy is not complete: {'; '.join(problems)}")
-        if stop is not None and stop.is_set():
-            return ended("cancelled")
+        zeropages.raise_if_stopped(stop)
         fault_point("agent.shrink-before-exchange")
         _exchange(tmp, image)
         return Shrunk(

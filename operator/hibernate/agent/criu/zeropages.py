@@ -74,7 +74,8 @@ class Stopped(Exception):
     """The caller's `stop` was set: the rewrite ended early, the image left consistent (as above)."""
 
 
-def _check(stop: threading.Event | None) -> None:
+def raise_if_stopped(stop: threading.Event | None) -> None:
+    """Stopped once `stop` is set (the rewrite's own checks, and shrink.py's before its exchange)."""
     if stop is not None and stop.is_set():
         raise Stopped()
 
@@ -228,7 +229,7 @@ def leave_out_zero_pages(
             continue
         fresh = max(used, default=0) + 1
         used.add(fresh)
-        _check(stop)
+        raise_if_stopped(stop)
         total, dropped = _rewrite(image, pagemap, image / f"mm-{match.group(1)}.img", fresh, page, stop)
         before += total
         left_out += dropped
@@ -366,7 +367,7 @@ def _scan(
             continue
         run_start = run_pages = 0  # the run of kept pages, in pages from the entry's start
         for chunk_first in range(0, entry.nr_pages, CHUNK_BLOCKS * BLOCK_PAGES):
-            _check(stop)
+            raise_if_stopped(stop)
             chunk_pages = min(CHUNK_BLOCKS * BLOCK_PAGES, entry.nr_pages - chunk_first)
             _read_at(src, memoryview(buffer)[: chunk_pages * page], source + chunk_first * page)
             for first in range(chunk_first, chunk_first + chunk_pages, BLOCK_PAGES):
@@ -436,7 +437,7 @@ def _split(copies: list[tuple[int, int, int]], count: int) -> list[list[tuple[in
 def _copy(src: int, dst: int, copies: list[tuple[int, int, int]], stop: threading.Event | None) -> None:
     for source, destination, length in copies:
         while length:
-            _check(stop)
+            raise_if_stopped(stop)
             n = os.copy_file_range(src, dst, min(length, COPY_BYTES), source, destination)
             if n <= 0:
                 raise OSError(f"copy_file_range copied {n} bytes")
