@@ -155,6 +155,36 @@ def test_version_refuses_old_criu(tmp_path: Path) -> None:
         criu.version(b)
 
 
+def test_the_end_of_a_criu_run_wakes_the_agent_instead_of_being_polled_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Popen.wait(timeout) sleeps up to 50 ms between looks: each dump and restore paid for it.
+    from hibernate.agent.criu import nsexec
+
+    def no_sleeping(seconds: float) -> None:
+        raise AssertionError(f"polled with a {seconds} s sleep")
+
+    monkeypatch.setattr(time, "sleep", no_sleeping)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import os, select; select.select([], [], [], 0.3); os._exit(7)"]
+    )
+    assert nsexec.wait_exit(proc, timeout=30) == 7
+    assert proc.returncode == 7
+
+
+def test_a_criu_run_past_its_timeout_raises_and_is_left_for_the_caller_to_kill() -> None:
+    from hibernate.agent.criu import nsexec
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            nsexec.wait_exit(proc, timeout=0.2)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_image_dir_layout(tmp_path: Path) -> None:
     assert criu.image_dir(tmp_path, "ns", "pod-1", "engine") == tmp_path / "ns" / "pod-1" / "engine"
     for bad in ("..", "a/b", "", ".hidden"):
