@@ -119,6 +119,8 @@ class DirectLevels:
             _need_criu()
             result = await asyncio.to_thread(self._dump)
             details["criu_s"] = result.seconds
+            details["criu_run_s"] = result.steps["criu"]
+            details["criu_gone_s"] = result.steps["gone"]
             details["image_bytes"] = result.metadata.image_bytes
             self.shrinker.start(self.t.image_dir)
         return details

@@ -69,6 +69,9 @@ class Row:
     details: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     skipped: str | None = None
+    # A median row's cycles, each as measured (timings and details), for results.json only: what
+    # the median hides (one slow cycle, or all of them).
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -263,6 +266,10 @@ def median_row(rows: Sequence[Row]) -> Row:
         details[key] = statistics.median(values) if len(values) == len(rows) else middle.details[key]
     details["cycles"] = len(rows)
     out.details = details
+    out.samples = [
+        {"sleep_s": r.sleep_s, "wake_s": r.wake_s, "first_token_s": r.first_token_s, **r.details}
+        for r in rows
+    ]
     return out
 
 

@@ -66,6 +66,9 @@ def test_repeated_cycles_are_reported_as_their_median_and_correct_only_if_every_
     row = wr.median_row(cycles)
     assert (row.sleep_s, row.wake_s, row.first_token_s) == (1.2, 0.9, 1.0), "each timing its own median"
     assert row.details == {"cuda_s": 0.5, "cycles": 3} and row.correct
+    assert [(c["sleep_s"], c["cuda_s"]) for c in row.samples] == [(1.0, 0.5), (5.0, 0.4), (1.2, 0.6)], (
+        "every cycle kept as measured, for results.json"
+    )
     cycles[2].correct = False
     assert not wr.median_row(cycles).correct, "one wrong answer makes the row wrong"
 

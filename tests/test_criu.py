@@ -235,6 +235,9 @@ def test_plain_process_dump_and_restore(bundle: criu.Bundle, tmp_path: Path) -> 
         result = criu.dump(image, engine.pid, bundle=bundle)
         assert engine.wait(timeout=5) == -signal.SIGKILL  # criu ends the tree after a good dump
         assert result.metadata.engine_pid == engine.pid
+        assert list(result.steps) == ["prepare", "criu", "verify", "gone"], "where the dump's time went"
+        assert sum(result.steps.values()) == pytest.approx(result.seconds)
+        assert result.steps["criu"] > 0
         restored = criu.restore(image, bundle=bundle)
         assert restored.pid == engine.pid and restored.warnings == []
         after = json.loads(urllib.request.urlopen(url, timeout=5).read())

@@ -532,6 +532,9 @@ class Levels:
             "image": str(image),
             "image_bytes": result.metadata.image_bytes,
             "criu_seconds": round(result.seconds, 3),
+            # criu's own run and the wait for the tree's end, apart (the rest: checks around them)
+            "criu_run_seconds": round(result.steps["criu"], 3),
+            "criu_gone_seconds": round(result.steps["gone"], 3),
             "cgroup": cgroup.report(),
             **leftovers,
         }

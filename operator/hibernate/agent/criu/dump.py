@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,6 +41,9 @@ class DumpResult:
     metadata: ImageMetadata
     seconds: float
     log: Path
+    # Where the seconds went: "prepare" (up to criu's start), "criu" (its run), "verify" (the image
+    # checked, sealed, its metadata written, renamed into place), "gone" (the tree's end awaited).
+    steps: dict[str, float] = field(default_factory=dict)
 
 
 def dump(
@@ -130,7 +133,9 @@ def dump(
             elif tcp_established:
                 args += ["--tcp-established", "--network-lock", "nftables"]
             launched = nsexec.launch(pod, bundle, "dump", fd, [*args, *extra_args])
+            criu_started = time.monotonic()
             rc, out = nsexec.run(launched, fd, timeout, "dump", fault="agent.criu-dump-running")
+            criu_ended = time.monotonic()
         finally:
             os.close(fd)
         if rc == 0:
@@ -158,6 +163,7 @@ def dump(
         )
         meta.write(tmp)
         images.replace_dir(tmp, image)
+        verified = time.monotonic()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if marked and pod is not None and nsexec.alive(host_pid):
@@ -165,7 +171,20 @@ def dump(
                 pod.remove_marker()  # the engine still runs: back to normal
         raise
     _wait_gone(tree, reaped=pod is not None)
-    return DumpResult(image, meta, time.monotonic() - started, image / DUMP_LOG)
+    ended = time.monotonic()
+    steps = {
+        "prepare": criu_started - started,
+        "criu": criu_ended - criu_started,
+        "verify": verified - criu_ended,
+        "gone": ended - verified,
+    }
+    log.info(
+        "dumped pid %d in %.3f s: %s",
+        pid,
+        ended - started,
+        ", ".join(f"{k} {v:.3f} s" for k, v in steps.items()),
+    )
+    return DumpResult(image, meta, ended - started, image / DUMP_LOG, steps)
 
 
 def _leave_out_zero_pages(image: Path) -> int:
