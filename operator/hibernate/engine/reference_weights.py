@@ -464,12 +464,15 @@ class WeightStore:
     def _staging_pair(self, reader: int) -> list[torch.Tensor]:
         with self._lock:
             pair = self._staging.get(reader)
-            if pair is None:
-                pair = [
-                    torch.empty(self.staging_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
-                ]
-                self._staging[reader] = pair
-            return pair
+        if pair is None:
+            # Pinned outside the lock: after a Checkpoint restore (staging released before the dump)
+            # every reader pins its pair at once instead of waiting for the readers before it.
+            fresh = [
+                torch.empty(self.staging_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)
+            ]
+            with self._lock:
+                pair = self._staging.setdefault(reader, fresh)
+        return pair
 
     def release_staging(self) -> None:
         with self._lock:
