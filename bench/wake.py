@@ -187,8 +187,9 @@ class Bench:
                     # one-off costs (lazy CUDA paths, staging buffers) that would be charged to
                     # whichever path ran first, making the agent-vs-raw overhead meaningless.
                     await self.step(engine, size, kv, level, "warmup", "raw", str(level))
-                await self.step(engine, size, kv, level, "agent", self.adapter_name(level), str(level))
-                await self.step(engine, size, kv, level, "raw", "raw", str(level))
+                await self.side_by_side(
+                    engine, size, kv, level, [("agent", self.adapter_name(level)), ("raw", "raw")], str(level)
+                )
                 if level == 2:
                     await self.step(
                         engine, size, kv, 2, "readers-1", "raw", "readers-1", reload={"readers": 1}
@@ -350,6 +351,31 @@ class Bench:
             if row.error or row.skipped:
                 break
         self.report.add(median_row(rows) if len(rows) > 1 else rows[0])
+
+    async def side_by_side(
+        self,
+        engine: EngineProc,
+        size: float,
+        kv: float,
+        level: int,
+        paths: Sequence[tuple[str, str]],
+        estimate: str,
+    ) -> None:
+        """Rows the goals compare with each other (the agent beside raw), their cycles taken in turn
+        (agent, raw, agent, raw, ...): what drifts over a run reaches both alike. The driver's
+        checkpoint and criu's dump each vary by up to 0.1-0.2 s from one minute to the next on one
+        card, and three agent cycles followed by three raw
+        ones turned that drift into an agent overhead of +11 % in one call and -6 % in the next.
+        A path whose cycle fails or is skipped stops there; the others go on."""
+        rows: dict[str, list[Row]] = {path: [] for path, _ in paths}
+        for _ in range(max(1, self.args.cycles)):
+            for path, adapter in paths:
+                done = rows[path]
+                if done and (done[-1].error or done[-1].skipped):
+                    continue
+                done.append(await self.one_cycle(engine, size, kv, level, path, adapter, estimate))
+        for done in rows.values():
+            self.report.add(median_row(done) if len(done) > 1 else done[0])
 
     async def one_cycle(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import sys
@@ -117,3 +118,38 @@ def test_the_goals_table_checks_each_size_against_its_own_goals() -> None:
         wr.goals(64, big)
     )
     assert wr.goals(2, big) == [], "no goal is set for 2 GiB"
+
+
+def test_the_agent_and_raw_cycles_of_a_level_are_taken_in_turn_and_a_failed_path_stops_alone(
+    tmp_path: Path,
+) -> None:
+    # Drift over a run (the driver's checkpoint, criu's dump) must reach both paths alike.
+    wr = _wake_report()
+    wake = importlib.import_module("wake")
+    args = wake.parse_args(["--device", "cpu", "--cycles", "3", "--work-dir", str(tmp_path)])
+    report = wr.Report(tmp_path / "RESULTS.md", None, "test", [])
+    bench = wake.Bench(args, report)
+    taken: list[str] = []
+
+    async def one_cycle(
+        engine: Any, size: float, kv: float, level: int, path: str, adapter: str, est: str
+    ) -> Any:
+        taken.append(path)
+        failed = path == "raw" and taken.count("raw") == 2
+        return wr.Row(
+            size,
+            path,
+            adapter,
+            level,
+            sleep_s=1.0,
+            wake_s=1.0,
+            correct=True,
+            error="boom" if failed else None,
+        )
+
+    bench.one_cycle = one_cycle
+    asyncio.run(bench.side_by_side(None, 16, 4, 3, [("agent", "agent"), ("raw", "raw")], "3"))
+    assert taken == ["agent", "raw", "agent", "raw", "agent"]
+    agent, raw = report.sizes[16]
+    assert agent.details["cycles"] == 3 and len(agent.samples) == 3
+    assert raw.error == "boom", "the failed cycle is the raw row, never hidden by a median"
