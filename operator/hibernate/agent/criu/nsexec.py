@@ -187,8 +187,8 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
     """`proc.wait(timeout)`, woken by the kernel the moment the process exits (a pidfd).
 
     Popen.wait with a timeout polls before Python 3.14, sleeping up to 50 ms between looks: every
-    criu dump and restore of the agent came back up to 50 ms after criu was done (measured: the
-    agent's level-4 sleep over bare criu on an H200, bench/RESULTS.md). Raises TimeoutExpired.
+    criu dump and restore of the agent came back up to 50 ms after criu was done (on the 2-core VM,
+    34 ms late at the median against 4 ms on a pidfd; bench/RESULTS.md). Raises TimeoutExpired.
     """
     try:
         pidfd = os.pidfd_open(proc.pid)
