@@ -325,9 +325,10 @@ def detached_dir(path: Path) -> int:
         os.close(tree)
 
 
-def locked_dir(path: Path) -> int:
-    """A detached fd of `path` holding an exclusive flock, for criu to inherit (nsexec.run)."""
-    fd = detached_dir(path)
+def locked_dir(path: Path, *, detached: bool = True) -> int:
+    """An fd of `path` holding an exclusive flock: detached, for criu to inherit (nsexec.run), or a
+    plain one where no criu is given it (shrink.py's copy, locked as criu's own directories are)."""
+    fd = detached_dir(path) if detached else open_dir(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

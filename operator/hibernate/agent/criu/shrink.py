@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import logging
 import os
 import shutil
@@ -84,7 +83,7 @@ def shrink(image: Path, stop: threading.Event | None = None) -> Shrunk:
         return ended(f"cannot make {tmp.name}: {e.strerror}")
     fd = -1
     try:
-        fd = _locked(tmp)
+        fd = images.locked_dir(tmp, detached=False)  # as criu holds its own (wait_for_criu)
         meta = images.ImageMetadata.load(image)
         if damage := images.size_problems(image, meta):  # the wake refuses it; no copy may hide that
             return ended(f"the image is not as criu wrote it: {'; '.join(damage)}")
@@ -145,18 +144,6 @@ def _sizes_as_written(copy: Path, image: Path, meta: images.ImageMetadata) -> di
 def _free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
-
-
-def _locked(path: Path) -> int:
-    """An fd of the new directory `path` holding its flock, as criu holds its own (wait_for_criu)."""
-    fd = images.open_dir(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in images.CANNOT_LOCK_DIRS:  # NFS: the directory is named for this shrink alone
-            os.close(fd)
-            raise
-    return fd
 
 
 def _exchange(new: Path, old: Path) -> None:
