@@ -341,16 +341,8 @@ class Bench:
         estimate: str,
         **options: Any,
     ) -> None:
-        """One reported row: `--cycles` cycles for the paths the goals compare (their median), one
-        for the others; the first cycle that fails or is skipped ends the repetition."""
-        cycles = self.args.cycles if path in REPEATED_PATHS else 1
-        rows: list[Row] = []
-        for _ in range(max(1, cycles)):
-            row = await self.one_cycle(engine, size, kv, level, path, adapter, estimate, **options)
-            rows.append(row)
-            if row.error or row.skipped:
-                break
-        self.report.add(median_row(rows) if len(rows) > 1 else rows[0])
+        """One reported row (see `side_by_side`)."""
+        await self.side_by_side(engine, size, kv, level, [(path, adapter)], estimate, **options)
 
     async def side_by_side(
         self,
@@ -360,20 +352,25 @@ class Bench:
         level: int,
         paths: Sequence[tuple[str, str]],
         estimate: str,
+        **options: Any,
     ) -> None:
-        """Rows the goals compare with each other (the agent beside raw), their cycles taken in turn
-        (agent, raw, agent, raw, ...): what drifts over a run reaches both alike. The driver's
-        checkpoint and criu's dump each vary by up to 0.1-0.2 s from one minute to the next on one
-        card, and three agent cycles followed by three raw
-        ones turned that drift into an agent overhead of +11 % in one call and -6 % in the next.
-        A path whose cycle fails or is skipped stops there; the others go on."""
+        """One reported row per path: `--cycles` cycles for the paths the goals compare (their
+        median), one for the others; the first cycle of a path that fails or is skipped ends its
+        repetition, the other paths go on.
+
+        Rows compared with each other (the agent beside raw) take their cycles in turn (agent, raw,
+        agent, raw, ...): what drifts over a run reaches both alike. The driver's checkpoint and
+        criu's dump each vary by up to 0.1-0.2 s from one minute to the next on one card, and three
+        agent cycles followed by three raw ones turned that drift into an agent overhead of +11 %
+        in one call and -6 % in the next."""
+        wanted = {path: max(1, self.args.cycles) if path in REPEATED_PATHS else 1 for path, _ in paths}
         rows: dict[str, list[Row]] = {path: [] for path, _ in paths}
-        for _ in range(max(1, self.args.cycles)):
+        for cycle in range(max(wanted.values())):
             for path, adapter in paths:
                 done = rows[path]
-                if done and (done[-1].error or done[-1].skipped):
+                if cycle >= wanted[path] or (done and (done[-1].error or done[-1].skipped)):
                     continue
-                done.append(await self.one_cycle(engine, size, kv, level, path, adapter, estimate))
+                done.append(await self.one_cycle(engine, size, kv, level, path, adapter, estimate, **options))
         for done in rows.values():
             self.report.add(median_row(done) if len(done) > 1 else done[0])
 
