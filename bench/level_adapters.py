@@ -33,6 +33,11 @@ class Levels(Protocol):
 
     async def wake(self, level: int) -> dict[str, Any]: ...
 
+    async def behind(self, level: int) -> dict[str, Any]:
+        """What the adapter does behind a sleep it reported (the image shrunk), waited for apart from
+        the sleep's time; {} where it does nothing there."""
+        ...
+
 
 @dataclass
 class Target:
@@ -256,6 +261,9 @@ class AgentLevels:
         result: dict[str, Any] = await self.levels.wake(self.pod, self._sleep_level(level))
         return result
 
+    async def behind(self, level: int) -> dict[str, Any]:
+        return {}
+
 
 class PodLevels:
     """The agent's own `Levels` with a real `PodRef`, on the engine inside a simulated pod (levels 1-4).
@@ -376,6 +384,9 @@ class RawLevels:
 
     async def wake(self, level: int) -> dict[str, Any]:
         return await asyncio.to_thread(self._wake, level)
+
+    async def behind(self, level: int) -> dict[str, Any]:
+        return {}
 
     def _wake(self, level: int) -> dict[str, Any]:
         if level in (1, 2):

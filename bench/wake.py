@@ -441,13 +441,11 @@ class Bench:
             row.image_bytes = int(details.get("image_bytes") or criu_image_bytes(image_dir))
         # The work an adapter does behind a sleep it reported (PodLevels: the image shrunk), timed
         # apart; the wake below is that of an engine that slept at least this long.
-        behind = getattr(impl, "behind", None)
-        if behind is not None:
-            after = await behind(level)
-            if "image_bytes" in after:  # the image column and its detail: the image after the shrink
-                row.details["image_bytes_criu"] = row.image_bytes
-                row.image_bytes = int(after["image_bytes"])
-            row.details.update(after)
+        after = await impl.behind(level)
+        if "image_bytes" in after:  # the image column and its detail: the image after the shrink
+            row.details["image_bytes_criu"] = row.image_bytes
+            row.image_bytes = int(after["image_bytes"])
+        row.details.update(after)
         # What the sleeping engine holds.
         row.card_asleep_mib = card_used_mib()
         row.engine_asleep_mib = (
