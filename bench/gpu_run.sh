@@ -51,6 +51,14 @@ mkdir -p "$OUT"
 [[ -f $OUT/RESULTS.md ]] || cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null || true
 PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"
+# Pure-Python wheels of the agent's runtime dependencies that this python lacks, carried at
+# .carry/wheels (bench/README.md) and imported from the wheel file itself (zipimport). sniffio above
+# all: without it every request the agent makes to an engine costs a search of the import path.
+for whl in "$ROOT"/.carry/wheels/*-py3-none-any.whl; do
+  [[ -f $whl ]] || continue
+  module=$(basename "$whl"); module=${module%%-*}
+  "${PYTHON:-python3}" -c "import $module" 2>/dev/null || PYTHONPATH="$whl:$PYTHONPATH"
+done
 export PYTHONUNBUFFERED=1
 left() { echo $((START + BUDGET - $(date +%s))); }
 say() { echo "[gpu_run $(($(date +%s) - START))s] $*"; }
@@ -64,6 +72,8 @@ say() { echo "[gpu_run $(($(date +%s) - START))s] $*"; }
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || true
   "$PY" -c 'import sys, torch; print(sys.executable, sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())' 2>&1
   "$PY" -c 'import httpx; print("httpx", httpx.__version__)' 2>&1 || true
+  "$PY" -c 'import anyio, importlib.metadata as m; print("anyio", m.version("anyio"))' 2>&1 || true
+  "$PY" -c 'import sniffio; print("sniffio", sniffio.__version__, "from", sniffio.__file__)' 2>&1 || true
   nproc
   free -g
   df -h / /var/tmp /dev/shm 2>&1

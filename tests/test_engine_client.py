@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.abc
 import json
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,6 +90,38 @@ def test_wake_from_level2_reloads_the_weights_and_resets_the_prefix_cache() -> N
 
         run(cycle())
         assert complete(engine) == before
+
+
+class _ImportWatch(importlib.abc.MetaPathFinder):
+    """A finder first on sys.meta_path: it sees every module that Python searches for, finds none."""
+
+    def __init__(self) -> None:
+        self.searched: list[str] = []
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        self.searched.append(fullname)
+        return None
+
+
+def test_a_request_to_the_engine_searches_the_import_path_for_nothing() -> None:
+    # httpcore imports sniffio on every lock it makes; where sniffio is missing that import fails
+    # each time, uncached, and costs a search of sys.path per request (encode/httpcore#1103).
+    watch = _ImportWatch()
+    with start_fake_engine(weights_mib=4, kv_mib=1) as engine:
+
+        async def calls() -> None:
+            async with EngineClient(engine.url, timeout=5) as client:
+                await client.is_sleeping()  # the first request imports what it needs once
+                sys.meta_path.insert(0, watch)
+                try:
+                    for _ in range(3):
+                        await client.is_sleeping()
+                        await client.wake_up()
+                finally:
+                    sys.meta_path.remove(watch)
+
+        run(calls())
+    assert watch.searched == []
 
 
 def test_api_030_empty_bodies_are_accepted() -> None:
