@@ -13,7 +13,7 @@ hack/setup.sh
 V=.venv/bin
 echo "== generated CRD is up to date" && $V/hibernate crds --check -o crds/modeldeployments.hibernate.dev.yaml
 $V/hibernate crds --check --resource gpugroups -o crds/gpugroups.hibernate.dev.yaml
-echo "== ruff" && $V/ruff check operator tests bench && $V/ruff format --check operator tests bench
+echo "== ruff" && $V/ruff check operator tests bench helm && $V/ruff format --check operator tests bench helm
 echo "== mypy" && $V/mypy
 WORKERS=${PYTEST_WORKERS:-3}
 XDIST=()

@@ -36,11 +36,17 @@ def main(argv: list[str]) -> int:
             if not doc:
                 continue
             if doc.get("kind") != "CustomResourceDefinition":
-                print(f"{path}: skipping a {doc.get('kind')}, not a CustomResourceDefinition", file=sys.stderr)
+                print(
+                    f"{path}: skipping a {doc.get('kind')}, not a CustomResourceDefinition", file=sys.stderr
+                )
                 continue
             name = doc["metadata"]["name"]
             api.patch_custom_resource_definition(
-                name, doc, field_manager=FIELD_MANAGER, force=True, _content_type="application/apply-patch+yaml"
+                name,
+                doc,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
             )
             print(f"customresourcedefinition {name} applied", flush=True)
     return 0
