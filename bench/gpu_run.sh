@@ -57,7 +57,7 @@ export PYTHONPATH="$ROOT/operator${PYTHONPATH:+:$PYTHONPATH}"
 for whl in "$ROOT"/.carry/wheels/*-py3-none-any.whl; do
   [[ -f $whl ]] || continue
   module=$(basename "$whl"); module=${module%%-*}
-  "${PYTHON:-python3}" -c "import $module" 2>/dev/null || PYTHONPATH="$whl:$PYTHONPATH"
+  "$PY" -c "import $module" 2>/dev/null || PYTHONPATH="$whl:$PYTHONPATH"
 done
 export PYTHONUNBUFFERED=1
 left() { echo $((START + BUDGET - $(date +%s))); }
