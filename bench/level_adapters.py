@@ -77,9 +77,15 @@ def _need_criu() -> criu.Bundle:
     return bundle
 
 
+def engine_level(level: int) -> int:
+    """The engine's own sleep level under each of the agent's: 1 and 2 themselves, 1 under
+    CudaSuspend (3), 2 under Checkpoint (4)."""
+    return {3: 1, 4: 2}.get(level, level)
+
+
 def _assisted_sleep(level: int) -> tuple[int, str]:
     """The engine's sleep before CudaSuspend (3) or Checkpoint (4), with the agent's hint."""
-    return (1, c.PREPARE_CUDA_SUSPEND) if level == 3 else (2, c.PREPARE_CHECKPOINT)
+    return engine_level(level), c.PREPARE_CUDA_SUSPEND if level == 3 else c.PREPARE_CHECKPOINT
 
 
 class DirectLevels:
@@ -169,7 +175,7 @@ class DirectLevels:
         report = await asyncio.to_thread(cuda.resume_all, [self.t.pid])
         details["cuda_s"] = report.seconds
         if self.t.engine_assisted:
-            details["engine_s"] = await self._engine_wake(1 if level == 3 else 2)
+            details["engine_s"] = await self._engine_wake(engine_level(level))
         if level == 4:
             await asyncio.to_thread(criu.remove_image, self.t.image_dir)
         return details
@@ -399,7 +405,7 @@ class RawLevels:
             details["criu_s"] = self._criu("restore", args)
         details["cuda_s"] = self._cuda(["restore", "unlock"])
         if self.t.engine_assisted:
-            details["engine_s"] = self._engine_wake(1 if level == 3 else 2)
+            details["engine_s"] = self._engine_wake(engine_level(level))
         if level == 4:
             shutil.rmtree(self.t.image_dir, ignore_errors=True)
         return details

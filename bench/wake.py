@@ -76,7 +76,7 @@ from benchkit import (
 )
 from engine_proc import EngineProc, EngineSpec, PodEngineProc
 from hibernate.agent import criu, cuda
-from level_adapters import ADAPTERS, Levels, Target, engine_client
+from level_adapters import ADAPTERS, Levels, Target, engine_client, engine_level
 from wake_report import REPEATED_PATHS, Report, Row, median_row, say
 
 
@@ -483,7 +483,7 @@ class Bench:
             row.details["copy_back_s"] = after["restore"]
         # The engine's own sleep, as it timed it (an engine restored at level 4 still holds it): what
         # of `engine_s` is the engine's, and what the HTTP calls and checks around it.
-        own = f"sleep_{ {3: 1, 4: 2}.get(level, level) }"
+        own = f"sleep_{engine_level(level)}"
         if after.get(own) != before.get(own):
             row.details["engine_own_sleep_s"] = after[own]
         if not row.correct:
